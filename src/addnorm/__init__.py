@@ -1,0 +1,52 @@
+"""addnorm: Add & Norm done right.
+
+Every normalization layer and residual placement Transformers use, as drop-in
+replacements for torch.nn, running on the fastest backend for the tensor's device.
+
+    import addnorm
+    norm = addnorm.RMSNorm(512)            # a torch.nn.RMSNorm, faster
+    y = addnorm.functional.layer_norm(x, (512,), w, b)
+    addnorm.backends()                     # {'torch': True, 'numba': ..., 'triton': ...}
+    with addnorm.backend("torch"): ...     # force one backend
+"""
+
+from . import functional
+from ._backend import backend, backends
+from .modules import (
+    AddLayerNorm,
+    AddRMSNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    DyT,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+    ScaleNorm,
+    weight_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "backend",
+    "backends",
+    "LayerNorm",
+    "RMSNorm",
+    "AddLayerNorm",
+    "AddRMSNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "GroupNorm",
+    "ScaleNorm",
+    "DyT",
+    "weight_norm",
+]

@@ -1,0 +1,101 @@
+"""Which implementation runs an op: the registry of backends and the choice among them.
+
+A backend is a module exposing the kernel functions of ``addnorm.reference`` under the
+same names and signatures (``row_norm_forward``, ``row_norm_backward``, ...).  A backend
+that lacks one of them runs that op on the reference.  Backends load lazily, on first
+use, so ``import addnorm`` compiles and imports no kernel framework.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+# name -> (module that implements it, packages it needs)
+_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("addnorm.reference", ()),
+    "numba": ("addnorm.kernels.cpu", ("numba",)),
+    "triton": ("addnorm.kernels.gpu", ("triton",)),
+}
+# The fastest first: the default for a device is the first available one.
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("numba", "torch"),
+    "cuda": ("triton", "torch"),
+}
+_loaded: dict[str, ModuleType] = {"torch": reference}
+
+
+class _Choice:
+    """The backend forced by ``with addnorm.backend(name)``; None picks per device."""
+
+    forced: str | None = None
+
+
+def _probe(name: str) -> bool:
+    """Whether backend ``name`` can load here, found without importing anything."""
+    module, needs = _SOURCES[name]
+    try:
+        return all(importlib.util.find_spec(p) is not None for p in needs) and (
+            importlib.util.find_spec(module) is not None
+        )
+    except ModuleNotFoundError:
+        return False
+
+
+# Probed once, at import (a lookup, no import): ``select`` runs inside traced code,
+# where torch.compile should see a plain dict read.
+_AVAILABLE: dict[str, bool] = {name: _probe(name) for name in _SOURCES}
+
+
+def backends() -> dict[str, bool]:
+    """Every backend addnorm knows, and whether it can run here.
+
+    >>> addnorm.backends()
+    {'torch': True, 'numba': True, 'triton': False}
+    """
+    return dict(_AVAILABLE)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run every addnorm op inside the block on backend ``name``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` for a known
+    backend that is not available here.  Blocks nest; leaving one restores the
+    previous choice.
+    """
+    if name not in _SOURCES:
+        raise ValueError(f"backend must be one of {sorted(_SOURCES)}, got {name!r}")
+    if not _AVAILABLE[name]:
+        needs = ", ".join(_SOURCES[name][1]) or name
+        raise RuntimeError(f"backend {name!r} is not available here: it needs {needs}")
+    previous, _Choice.forced = _Choice.forced, name
+    try:
+        yield
+    finally:
+        _Choice.forced = previous
+
+
+def select(device: torch.device) -> str:
+    """The backend an op on a tensor of ``device`` runs on."""
+    if _Choice.forced is not None:
+        return _Choice.forced
+    for name in _PREFERENCE.get(device.type, ("torch",)):
+        if _AVAILABLE[name]:
+            return name
+    return "torch"
+
+
+def kernel(backend_name: str, function: str):
+    """The function implementing ``function`` on ``backend_name``, loaded on first use."""
+    module = _loaded.get(backend_name)
+    if module is None:
+        module = _loaded[backend_name] = importlib.import_module(_SOURCES[backend_name][0])
+    return getattr(module, function, None) or getattr(reference, function)

@@ -1,0 +1,79 @@
+"""The ``addnorm`` command.  ``addnorm info``: versions, backends, CPU and GPU."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_flags() -> str:
+    """The SIMD extensions the kernels can use, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def info(console: Console) -> None:
+    import torch
+
+    import addnorm
+
+    table = Table(title="addnorm info", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("addnorm", addnorm.__version__)
+    table.add_row("python", sys.version.split()[0])
+    table.add_row("torch", torch.__version__)
+    for package in ("numba", "triton"):
+        table.add_row(package, _version(package))
+    backends = addnorm.backends()
+    table.add_row(
+        "backends", "  ".join(f"{n}: {'yes' if ok else 'no'}" for n, ok in backends.items())
+    )
+    table.add_row(
+        "default backend",
+        f"cpu: {addnorm._backend.select(torch.device('cpu'))}"
+        + (f", cuda: {addnorm._backend.select(torch.device('cuda'))}" if torch.cuda.is_available() else ""),
+    )
+    table.add_row("cpu", f"{platform.machine()} {platform.processor() or ''}".strip())
+    table.add_row("cpu cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})")
+    table.add_row("cpu features", _cpu_flags())
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            table.add_row(f"gpu {i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        table.add_row("gpu", "none")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="addnorm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, backends, CPU features, GPU if any")
+    args = parser.parse_args(argv)
+    console = Console()
+    if args.command == "info":
+        info(console)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""The functional API: ``torch.nn.functional``'s argument order and defaults.
+
+Every function checks its arguments here, once, before any kernel runs, and raises an
+error that names the argument and what was expected; nothing is modified when it
+raises.  Then it picks a backend (``addnorm.backend``) and calls the op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._backend import select
+from .reference import update_running_stats
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "batch_norm",
+    "instance_norm",
+    "group_norm",
+    "dyt",
+    "scale_norm",
+]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks.
+# ---------------------------------------------------------------------------
+
+
+def _check_input(t: object, name: str = "input") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATING:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {t.dtype}"
+        )
+
+
+def _check_eps(eps: float, *, positive: bool = False) -> None:
+    ok = eps > 0 if positive else eps >= 0  # also False for NaN
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"eps must be {bound}, got {eps}")
+
+
+def _check_param(
+    t: Tensor | None, name: str, shape: tuple[int, ...], input: Tensor, why: str = ""
+) -> None:
+    """A parameter or statistic: the given shape, input's device, and input's dtype
+    (or float32 beside float16/bfloat16 input: the mixed precision torch accepts)."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}{why}, got {tuple(t.shape)}")
+    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
+    if t.dtype not in allowed:
+        expected = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} must have dtype {expected} (input is {input.dtype}), got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{name} must be on input's device {input.device}, got {t.device}")
+
+
+def _check_one_element(t: object, name: str, input: Tensor) -> None:
+    if not isinstance(t, Tensor) or t.numel() != 1:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a one-element tensor, got {got}")
+    _check_param(t, name, tuple(t.shape), input)
+
+
+def _check_same(t: object, name: str, x: Tensor) -> None:
+    """The second operand of an add-norm: exactly x's shape, dtype and device."""
+    _check_input(t, name)
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype or t.device != x.device:
+        raise TypeError(
+            f"{name} must have x's dtype {x.dtype} on {x.device}, got {t.dtype} on {t.device}"
+        )
+
+
+def _normalized_shape(normalized_shape: int | Sequence[int], input: Tensor) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(
+            f"normalized_shape must be a positive int or a non-empty sequence of them, "
+            f"got {normalized_shape!r}"
+        )
+    if input.ndim < len(shape) or tuple(input.shape[input.ndim - len(shape) :]) != shape:
+        raise ValueError(
+            f"normalized_shape {shape} must match the trailing dims of input, "
+            f"whose shape is {tuple(input.shape)}"
+        )
+    return shape
+
+
+def _check_channels(input: Tensor, what: str) -> int:
+    if input.ndim < 2:
+        raise ValueError(
+            f"{what} expects input of shape (N, C, *), got shape {tuple(input.shape)}"
+        )
+    return input.shape[1]
+
+
+def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
+    why = f" (one value per channel of input, input.shape[1] = {c})"
+    for name, t in tensors.items():
+        _check_param(t, name, (c,), input, why)
+    if "running_mean" in tensors and (tensors["running_mean"] is None) != (
+        tensors["running_var"] is None
+    ):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+
+
+def _channel_layout(x: Tensor) -> Tensor:
+    """Contiguous or channels-last as it is; any other striding made contiguous."""
+    if ops._memory_format(x) is not torch.contiguous_format:
+        return x
+    return x.contiguous()
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm and RMSNorm, with and without the fused residual add.
+# ---------------------------------------------------------------------------
+
+
+def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
+    _check_input(x, "x" if residual is not None else "input")
+    if residual is not None:
+        _check_same(residual, "residual", x)
+    shape = _normalized_shape(normalized_shape, x)
+    _check_param(weight, "weight", shape, x, " (normalized_shape)")
+    _check_param(bias, "bias", shape, x, " (normalized_shape)")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    _check_eps(eps)
+    d = math.prod(shape)
+    y, r, _, _ = ops.row_norm_fwd(
+        x.reshape(-1, d).contiguous(),
+        None if residual is None else residual.reshape(-1, d).contiguous(),
+        None if weight is None else weight.reshape(d),
+        None if bias is None else bias.reshape(d),
+        float(eps),
+        float(offset),
+        rms,
+        select(x.device),
+    )
+    return y.view(x.shape), None if residual is None else r.view(x.shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
+    return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    offset: float = 0.0,
+) -> Tensor:
+    """RMSNorm: y = x / sqrt(mean(x^2) + eps) * (w + offset).
+
+    ``eps=None`` is ``torch.finfo(input.dtype).eps``, as in torch; ``offset=1.0`` is
+    Gemma's ``(1 + w)`` convention.
+    """
+    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
+    return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    offset: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Fused ``r = x + residual; (rms_norm(r), r)`` in one pass."""
+    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True)
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm, InstanceNorm, GroupNorm over (N, C, *spatial).
+# ---------------------------------------------------------------------------
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """BatchNorm: per channel, batch statistics over (N, *spatial) in training (updating
+    the running statistics in place with ``momentum``), the running ones otherwise."""
+    _check_input(input)
+    c = _check_channels(input, "batch_norm")
+    _check_per_channel(
+        input, c, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    values_per_channel = input.numel() // c if c else 0
+    if training and values_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{tuple(input.shape)}"
+        )
+    _check_eps(eps, positive=training)
+    y, mean, var = ops.batch_norm_fwd(
+        _channel_layout(input), weight, bias, running_mean, running_var, training, float(eps),
+        select(input.device),
+    )
+    if training and running_mean is not None and values_per_channel > 0:
+        update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
+    return y
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """InstanceNorm: statistics per (sample, channel) over the spatial dims (GroupNorm
+    with one channel per group); with ``use_input_stats=False``, the running ones.
+    Running statistics, when given, take the mean over the batch of each sample's."""
+    if not use_input_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    _check_input(input)
+    c = _check_channels(input, "instance_norm")
+    _check_per_channel(
+        input, c, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    spatial = math.prod(input.shape[2:])
+    if spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size "
+            f"{tuple(input.shape)}"
+        )
+    _check_eps(eps)
+    y, mean, var = ops.group_norm_fwd(
+        _channel_layout(input), weight, bias, c, float(eps), select(input.device)
+    )
+    if running_mean is not None and input.numel() > 0:
+        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum)
+    return y
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """GroupNorm: statistics per (sample, group of C / num_groups channels), then a
+    per-channel affine map."""
+    _check_input(input)
+    c = _check_channels(input, "group_norm")
+    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive int dividing the number of channels "
+            f"(input.shape[1] = {c}), got {num_groups!r}"
+        )
+    _check_per_channel(input, c, weight=weight, bias=bias)
+    _check_eps(eps)
+    y, _, _ = ops.group_norm_fwd(
+        _channel_layout(input), weight, bias, num_groups, float(eps), select(input.device)
+    )
+    return y
+
+
+# ---------------------------------------------------------------------------
+# Norm-free and scalar-gain norms.
+# ---------------------------------------------------------------------------
+
+
+def dyt(
+    input: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """DyT (Dynamic Tanh, Zhu et al. 2025): y = w * tanh(alpha * x) + b, alpha a
+    one-element tensor; w and b cover the trailing dims whose shape they have."""
+    _check_input(input)
+    _check_one_element(alpha, "alpha", input)
+    given = weight if weight is not None else bias
+    shape = _normalized_shape(tuple(input.shape[-1:] if given is None else given.shape), input)
+    _check_param(weight, "weight", shape, input)
+    _check_param(bias, "bias", shape, input)
+    d = math.prod(shape)
+    y = ops.dyt_fwd(
+        input.reshape(-1, d).contiguous(),
+        alpha,
+        None if weight is None else weight.reshape(d),
+        None if bias is None else bias.reshape(d),
+        select(input.device),
+    )
+    return y.view(input.shape)
+
+
+def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """ScaleNorm (Nguyen & Salazar 2019): y = g * x / max(||x||_2, eps) over the last
+    dim, g a one-element tensor."""
+    _check_input(input)
+    if input.ndim == 0:
+        raise ValueError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
+    _check_one_element(weight, "weight", input)
+    _check_eps(eps)
+    y, _ = ops.scale_norm_fwd(
+        input.reshape(-1, input.shape[-1]).contiguous(), weight, float(eps), select(input.device)
+    )
+    return y.view(input.shape)

@@ -1,0 +1,267 @@
+"""nn.Module classes: drop-ins for torch.nn, running on addnorm's kernels.
+
+Each class that has a torch.nn twin subclasses it, so the constructor signature,
+defaults, parameters, buffers, ``state_dict`` keys, ``repr`` and ``isinstance`` checks
+are torch's own, and only ``forward`` changes: it calls ``addnorm.functional``.
+A model's norms can be swapped both ways with ``load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from . import functional as AF
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "AddLayerNorm",
+    "AddRMSNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "GroupNorm",
+    "ScaleNorm",
+    "DyT",
+    "weight_norm",
+]
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""LayerNorm over the trailing ``normalized_shape`` dims (Ba et al., 2016).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    with the biased variance.  Arguments as :class:`torch.nn.LayerNorm`.
+    Shape: input ``(*, *normalized_shape)``, output the same.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return AF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    r"""RMSNorm over the trailing ``normalized_shape`` dims (Zhang & Sennrich, 2019).
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \mathrm{offset})
+
+    Arguments as :class:`torch.nn.RMSNorm` (``eps=None`` is ``finfo(input.dtype).eps``),
+    plus ``offset``: ``offset=1.0`` stores the scale as ``1 + weight``, Gemma's
+    convention, and so initializes ``weight`` to zeros; the effective scale starts at 1
+    either way.  Shape: input ``(*, *normalized_shape)``, output the same.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        offset: float = 0.0,
+    ) -> None:
+        self.offset = float(offset)  # read by reset_parameters, which __init__ calls
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            init.constant_(self.weight, 1.0 - self.offset)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return AF.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return f"{extra}, offset={self.offset}" if self.offset else extra
+
+
+class AddLayerNorm(LayerNorm):
+    """Residual add fused with LayerNorm: ``forward(x, residual) -> (norm(x + residual),
+    x + residual)``, one pass over memory instead of three.  Arguments, parameters and
+    state_dict as :class:`LayerNorm`."""
+
+    def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return AF.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class AddRMSNorm(RMSNorm):
+    """Residual add fused with RMSNorm: ``forward(x, residual) -> (norm(x + residual),
+    x + residual)``.  Arguments, parameters and state_dict as :class:`RMSNorm`."""
+
+    def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return AF.add_rms_norm(
+            x, residual, self.normalized_shape, self.weight, self.eps, offset=self.offset
+        )
+
+
+class _BatchNorm:
+    """forward for BatchNorm1d/2d/3d, torch's semantics: running statistics tracked in
+    training with ``momentum`` (``None``: the cumulative average); eval uses them."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is None:  # cumulative moving average over the batches seen
+            factor = 1.0 / float(self.num_batches_tracked + 1) if tracking else 0.0
+        else:
+            factor = self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        y = AF.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+        if tracking:  # only once the batch went through, so a bad input changes nothing
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    r"""BatchNorm over a (N, C) or (N, C, L) input (Ioffe & Szegedy, 2015).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    per channel, statistics over (N, L).  Arguments as :class:`torch.nn.BatchNorm1d`.
+    """
+
+
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """BatchNorm over a (N, C, H, W) input, contiguous or channels-last; as
+    :class:`BatchNorm1d` with statistics over (N, H, W)."""
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """BatchNorm over a (N, C, D, H, W) input; as :class:`BatchNorm1d` with statistics
+    over (N, D, H, W)."""
+
+
+class _InstanceNorm:
+    """forward for InstanceNorm1d/2d/3d with torch's semantics, unbatched input included."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return AF.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    r"""InstanceNorm over a (N, C, L) or (C, L) input (Ulyanov et al., 2016).
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    statistics per (sample, channel) over L.  Arguments as :class:`torch.nn.InstanceNorm1d`.
+    """
+
+
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    """InstanceNorm over a (N, C, H, W) or (C, H, W) input; statistics over (H, W)."""
+
+
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    """InstanceNorm over a (N, C, D, H, W) or (C, D, H, W) input; statistics over (D, H, W)."""
+
+
+class GroupNorm(nn.GroupNorm):
+    r"""GroupNorm (Wu & He, 2018): channels split into ``num_groups`` groups.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    statistics per (sample, group), affine per channel.  Arguments as
+    :class:`torch.nn.GroupNorm`.  Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return AF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ScaleNorm(nn.Module):
+    r"""ScaleNorm (Nguyen & Salazar, 2019): one learned scalar instead of a vector.
+
+    .. math:: y = g \cdot \frac{x}{\max(\lVert x \rVert_2, \epsilon)}
+
+    over the last dim.  Args: ``dim`` the size of that dim (``g`` starts at
+    :math:`\sqrt{dim}`, so y starts with unit RMS), ``eps``.  Parameter ``weight``
+    of shape (1,).  Shape: input ``(*, dim)``, output the same.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.constant_(self.weight, math.sqrt(self.dim))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return AF.scale_norm(input, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class DyT(nn.Module):
+    r"""Dynamic Tanh (Zhu et al., 2025): a norm-free replacement for LayerNorm.
+
+    .. math:: y = \gamma \cdot \tanh(\alpha x) + \beta
+
+    with a learned scalar :math:`\alpha` (starting at ``alpha_init``) and per-element
+    :math:`\gamma` (ones), :math:`\beta` (zeros) over the trailing ``normalized_shape``
+    dims.  Parameters ``alpha`` (1,), ``weight`` and ``bias`` (normalized_shape).
+    """
+
+    def __init__(self, normalized_shape, alpha_init: float = 0.5, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.alpha_init = alpha_init
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.constant_(self.alpha, self.alpha_init)
+        init.ones_(self.weight)
+        init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return AF.dyt(input, self.alpha, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, alpha_init={self.alpha_init}"
+
+
+def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
+    r"""Weight normalization (Salimans & Kingma, 2016): ``w = g * v / ||v||``.
+
+    Reparametrizes ``module.<name>`` into a magnitude ``original0`` (g) and a direction
+    ``original1`` (v), norms taken over every dim but ``dim`` (``None``: the whole
+    tensor).  This is :func:`torch.nn.utils.parametrizations.weight_norm` itself, so
+    state dicts and ``remove_parametrizations`` work as with torch.
+    """
+    return nn.utils.parametrizations.weight_norm(module, name, dim)

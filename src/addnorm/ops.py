@@ -1,0 +1,359 @@
+"""torch.library custom ops: the boundary between addnorm's Python and its kernels.
+
+Each norm is a forward op and a backward op.  Both dispatch to the kernel of the backend
+named by their last argument (``addnorm._backend``), have a fake implementation so
+``torch.compile`` traces them without running them, and the forward has its autograd
+registered with the backward op, so compiled graphs keep forward and backward whole.
+
+Ops never return ``None`` and never alias an input (custom ops may not): an absent
+output (no residual, no weight, RMSNorm's mean) is an empty tensor, which the autograd
+wiring here and the callers in ``functional`` know to ignore.
+
+Shapes: row norms, DyT and ScaleNorm take contiguous rows (N, D); GroupNorm and
+BatchNorm take (N, C, *spatial), contiguous or channels-last, and return outputs in the
+same memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import kernel
+from .reference import acc_dtype
+
+_NONE = 0  # length of the empty tensor that stands for an absent output
+
+
+def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_empty(_NONE, dtype=dtype or like.dtype)
+
+
+def _or_empty(t: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return _empty(like, dtype) if t is None else t.contiguous()
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels-last in, channels-last out; anything else comes back contiguous."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _param_grads(weight: Tensor | None, bias: Tensor | None, like: Tensor):
+    """Fake parameter gradients: shaped like the parameter, or empty when it is absent."""
+    return (
+        _empty(like) if weight is None else torch.empty_like(weight),
+        _empty(like) if bias is None else torch.empty_like(bias),
+    )
+
+
+def _present(t: Tensor, wanted: bool) -> Tensor | None:
+    return t if wanted else None
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm / RMSNorm over rows, with or without the fused residual add.
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("addnorm::row_norm_fwd", mutates_args=())
+def row_norm_fwd(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    offset: float,
+    rms: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, residual_out or empty, mean or empty, rstd)"""
+    y, r, mean, rstd = kernel(backend, "row_norm_forward")(
+        x, residual, weight, bias, eps, offset, rms
+    )
+    acc = acc_dtype(x.dtype)
+    return y.contiguous(), _or_empty(r, x), _or_empty(mean, x, acc), rstd.contiguous()
+
+
+@row_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, offset, rms, backend):
+    acc = acc_dtype(x.dtype)
+    rows = x.shape[0]
+    return (
+        torch.empty_like(x),
+        _empty(x) if residual is None else torch.empty_like(x),
+        _empty(x, acc) if rms else x.new_empty(rows, dtype=acc),
+        x.new_empty(rows, dtype=acc),
+    )
+
+
+@torch.library.custom_op("addnorm::row_norm_bwd", mutates_args=())
+def row_norm_bwd(
+    dy: Tensor,
+    dresidual: Tensor | None,
+    r: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    offset: float,
+    rms: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dweight or empty, dbias or empty); dx already includes dresidual."""
+    dx, dw, db = kernel(backend, "row_norm_backward")(
+        dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, bias
+    )
+    return dx.contiguous(), _or_empty(dw, r), _or_empty(db, r)
+
+
+@row_norm_bwd.register_fake
+def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend):
+    return (torch.empty_like(r), *_param_grads(weight, bias, r))
+
+
+def _row_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _eps, offset, rms, backend = inputs
+    _y, r, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.args = (offset, rms, backend)
+    ctx.save_for_backward(r if ctx.has_residual else x, weight, bias, mean, rstd)
+
+
+def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
+    r, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = row_norm_bwd(
+        dy, dr if ctx.has_residual else None, r, weight, bias, mean, rstd, *ctx.args
+    )
+    return (
+        dx,
+        _present(dx, ctx.has_residual),
+        _present(dw, weight is not None),
+        _present(db, bias is not None),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+row_norm_fwd.register_autograd(_row_norm_backward, setup_context=_row_norm_setup)
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm (and InstanceNorm, G = C) and BatchNorm: (N, C, *spatial).
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("addnorm::group_norm_fwd", mutates_args=())
+def group_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (y, mean (N, G), var (N, G))"""
+    y, mean, var = kernel(backend, "group_norm_forward")(x, weight, bias, num_groups, eps)
+    return y.contiguous(memory_format=_memory_format(x)), mean.contiguous(), var.contiguous()
+
+
+@group_norm_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("addnorm::group_norm_bwd", mutates_args=())
+def group_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    num_groups: int,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = kernel(backend, "group_norm_backward")(
+        dy, x, weight, mean, var, num_groups, eps, bias
+    )
+    return dx.contiguous(memory_format=_memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
+
+
+@group_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, var, num_groups, eps, backend):
+    return (torch.empty_like(x, memory_format=_memory_format(x)), *_param_grads(weight, bias, x))
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, backend = inputs
+    _y, mean, var = output
+    ctx.args = (num_groups, eps, backend)
+    ctx.save_for_backward(x, weight, bias, mean, var)
+
+
+def _group_norm_backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, var, *ctx.args)
+    return dx, _present(dw, weight is not None), _present(db, bias is not None), None, None, None
+
+
+group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup)
+
+
+@torch.library.custom_op("addnorm::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (y, mean (C,), var (C,)): the batch's statistics in training, else the running ones."""
+    y, mean, var = kernel(backend, "batch_norm_forward")(
+        x, weight, bias, running_mean, running_var, training, eps
+    )
+    return y.contiguous(memory_format=_memory_format(x)), mean.contiguous(), var.contiguous()
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps, backend):
+    stats = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("addnorm::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = kernel(backend, "batch_norm_backward")(
+        dy, x, weight, mean, var, training, eps, bias
+    )
+    return dx.contiguous(memory_format=_memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
+
+
+@batch_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, var, training, eps, backend):
+    return (torch.empty_like(x, memory_format=_memory_format(x)), *_param_grads(weight, bias, x))
+
+
+def _batch_norm_setup(ctx, inputs, output):
+    x, weight, bias, _rm, _rv, training, eps, backend = inputs
+    _y, mean, var = output
+    ctx.args = (training, eps, backend)
+    ctx.save_for_backward(x, weight, bias, mean, var)
+
+
+def _batch_norm_backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, *ctx.args)
+    return (
+        dx,
+        _present(dw, weight is not None),
+        _present(db, bias is not None),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+batch_norm_fwd.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup)
+
+
+# ---------------------------------------------------------------------------
+# DyT and ScaleNorm over rows.
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("addnorm::dyt_fwd", mutates_args=())
+def dyt_fwd(
+    x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, backend: str
+) -> Tensor:
+    return kernel(backend, "dyt_forward")(x, alpha, weight, bias).contiguous()
+
+
+@dyt_fwd.register_fake
+def _(x, alpha, weight, bias, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("addnorm::dyt_bwd", mutates_args=())
+def dyt_bwd(
+    dy: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dalpha, dw, db = kernel(backend, "dyt_backward")(dy, x, alpha, weight, bias)
+    return dx.contiguous(), dalpha, _or_empty(dw, x), _or_empty(db, x)
+
+
+@dyt_bwd.register_fake
+def _(dy, x, alpha, weight, bias, backend):
+    return (torch.empty_like(x), torch.empty_like(alpha), *_param_grads(weight, bias, x))
+
+
+def _dyt_setup(ctx, inputs, output):
+    x, alpha, weight, bias, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, alpha, weight, bias)
+
+
+def _dyt_backward(ctx, dy):
+    x, alpha, weight, bias = ctx.saved_tensors
+    dx, dalpha, dw, db = dyt_bwd(dy, x, alpha, weight, bias, ctx.backend)
+    return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None), None
+
+
+dyt_fwd.register_autograd(_dyt_backward, setup_context=_dyt_setup)
+
+
+@torch.library.custom_op("addnorm::scale_norm_fwd", mutates_args=())
+def scale_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """-> (y, rnorm (N,)) with rnorm = 1 / max(||x||, eps)"""
+    y, rnorm = kernel(backend, "scale_norm_forward")(x, weight, eps)
+    return y.contiguous(), rnorm.contiguous()
+
+
+@scale_norm_fwd.register_fake
+def _(x, weight, eps, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("addnorm::scale_norm_bwd", mutates_args=())
+def scale_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, rnorm: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    dx, dw = kernel(backend, "scale_norm_backward")(dy, x, weight, rnorm, eps)
+    return dx.contiguous(), dw
+
+
+@scale_norm_bwd.register_fake
+def _(dy, x, weight, rnorm, eps, backend):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _scale_norm_setup(ctx, inputs, output):
+    x, weight, eps, backend = inputs
+    ctx.args = (eps, backend)
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _scale_norm_backward(ctx, dy, _drnorm):
+    x, weight, rnorm = ctx.saved_tensors
+    dx, dw = scale_norm_bwd(dy, x, weight, rnorm, *ctx.args)
+    return dx, dw, None, None
+
+
+scale_norm_fwd.register_autograd(_scale_norm_backward, setup_context=_scale_norm_setup)
