@@ -8,8 +8,9 @@ autograd through the forward, so ``gradcheck`` in float64 checks the derivations
 Conventions shared by every function here:
 
 * Statistics accumulate in float32, or float64 for float64 input (``acc_dtype``).
-* Variance is two-pass: ``mean((x - mean(x))**2)``, so rows with a mean of 1e4 and a
-  standard deviation of 1 keep their precision (``E[x^2] - E[x]^2`` would not).
+* Variance is two-pass, ``mean((x - mean(x))**2)``, with the mean corrected by the
+  mean of the residuals, so rows with a mean of 1e4 and a standard deviation of 1 keep
+  their precision in float32 (``E[x^2] - E[x]^2`` would lose every digit).
 * The affine map is applied in the accumulation dtype and the output is cast to the
   input's dtype once, as ``torch.nn`` 2.13 does for LayerNorm and RMSNorm alike.
 * Kernels never return a tensor that aliases an input (``torch.library`` custom ops
@@ -71,11 +72,27 @@ def standardize(x: Tensor, dims: tuple[int, ...], eps: float, centered: bool = T
     when not centered.
     """
     xf = x.to(acc_dtype(x.dtype))
-    mean = xf.mean(dims, keepdim=True) if centered else None
-    xc = xf - mean if centered else xf
+    mean, xc = None, xf
+    if centered:
+        mean = xf.mean(dims, keepdim=True)
+        xc = xf - mean
+        # A large mean is rounded to half an ulp of itself (5e-4 at 1e4 in float32), which
+        # shifts every centered value; the mean of the small, exactly computed residuals
+        # recovers it (the corrected two-pass algorithm of Chan, Golub & LeVeque).
+        shift = xc.mean(dims, keepdim=True)
+        xc = xc - shift
+        mean = mean + shift
     var = (xc * xc).mean(dims, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     return xc * rstd, mean, var, rstd
+
+
+def recenter(xf: Tensor, mean: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """x - mean for a mean that ``standardize`` computed from this x and was then rounded
+    to the accumulation dtype: subtracting the residuals' mean again restores the bits
+    the rounding lost, as the forward did."""
+    xc = xf - mean
+    return xc - xc.mean(dims, keepdim=True)
 
 
 def standardize_backward(
@@ -163,7 +180,7 @@ def row_norm_backward(
     acc = acc_dtype(r.dtype)
     rf = r.to(acc)
     rstd = rstd.unsqueeze(-1)
-    xhat = (rf if rms else rf - mean.unsqueeze(-1)) * rstd
+    xhat = (rf if rms else recenter(rf, mean.unsqueeze(-1), (-1,))) * rstd
     dyf = dy.to(acc)
     scale = _scale(weight, offset, xhat)
     dxhat = dyf if scale is None else dyf * scale
@@ -219,7 +236,7 @@ def group_norm_backward(
     """Backward of ``group_norm_forward``: returns ``(dx, dweight, dbias)``."""
     acc = acc_dtype(x.dtype)
     rstd = torch.rsqrt(var + eps).unsqueeze(-1)
-    xhat = (_group_view(x.to(acc), num_groups) - mean.unsqueeze(-1)) * rstd
+    xhat = recenter(_group_view(x.to(acc), num_groups), mean.unsqueeze(-1), (-1,)) * rstd
     dyf = dy.to(acc)
     scale = _channel_view(_scale(weight, 0.0, dyf), x.ndim)
     dxhat = _group_view(dyf if scale is None else dyf * scale, num_groups)
@@ -296,7 +313,8 @@ def batch_norm_backward(
     reduce = (0,) + tuple(range(2, x.ndim))
     mean = _channel_view(mean, x.ndim)
     rstd = torch.rsqrt(_channel_view(var, x.ndim) + eps)
-    xhat = (x.to(acc) - mean) * rstd
+    xc = recenter(x.to(acc), mean, reduce) if training else x.to(acc) - mean
+    xhat = xc * rstd
     dyf = dy.to(acc)
     scale = _channel_view(_scale(weight, 0.0, dyf), x.ndim)
     dxhat = dyf if scale is None else dyf * scale

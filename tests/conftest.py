@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import addnorm
+
+# CI: bounded and derandomized, so the suite's time and outcome are stable; "dev" explores.
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = [name for name, ok in addnorm.backends().items() if ok and name != "triton"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test on each backend available here."""
+    with addnorm.backend(request.param):
+        yield request.param

@@ -1,0 +1,145 @@
+"""Edge cases: D=1, empty batches, strides, huge D, large means, float16 overflow, NaN/Inf."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import addnorm
+import addnorm.functional as AF
+from conftest import DTYPES
+from helpers import R, assert_close, grads, leaf, max_err, rstd_scale
+
+ROW_NORMS = {
+    "layer_norm": (lambda x, w, b: AF.layer_norm(x, x.shape[-1:], w, b),
+                   lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+                   lambda x, w, b: R.layer_norm(x, x.shape[-1:], w, b)),
+    "rms_norm": (lambda x, w, b: AF.rms_norm(x, x.shape[-1:], w, 1e-6),
+                 lambda x, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-6),
+                 lambda x, w, b: R.rms_norm(x, x.shape[-1:], w, 1e-6)),
+}
+
+
+def _compare(kind, x, dtype, with_grads=True):
+    ours_fn, torch_fn, ref_fn = ROW_NORMS[kind]
+    d = x.shape[-1]
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(d, generator=g).to(dtype)
+    b = torch.randn(d, generator=g).to(dtype)
+    ins = [leaf(t) for t in (x, w, b)]
+    tins = [leaf(t) for t in (x, w, b)]
+    rins = [leaf(t.double()) for t in (x, w, b)]
+    ours, theirs, ref = ours_fn(*ins), torch_fn(*tins), ref_fn(*rins)
+    assert_close(ours, theirs, ref, dtype)
+    if with_grads:
+        rows = max(1, x.numel() // d)
+        amplified = rstd_scale(x.reshape(-1, d), centered=kind == "layer_norm", eps=1e-6)
+        for name, a, t, r in zip(("dx", "dw", "db"), grads(ours, ins, dtype), grads(theirs, tins, dtype),
+                                 grads(ref, rins, dtype)):
+            if kind == "rms_norm" and name == "db":
+                continue
+            ulps = 2.0 if name == "dx" else 2.0 * rows
+            assert_close(a, t, r, dtype, what=name, floor_ulps=ulps, scale=amplified)
+    return ours
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_d_equals_one(backend, kind, dtype):
+    _compare(kind, torch.randn(6, 1).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+def test_empty_batch(backend, kind):
+    y = _compare(kind, torch.randn(0, 3, 8), torch.float32)
+    assert y.shape == (0, 3, 8)
+
+
+def test_empty_batch_channel_norms(backend):
+    x = torch.randn(0, 4, 5)
+    assert AF.group_norm(x, 2).shape == x.shape
+    assert AF.instance_norm(x).shape == x.shape
+    bn = addnorm.BatchNorm1d(4)
+    assert bn(x).shape == x.shape
+    assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.equal(bn.running_var, torch.ones(4))
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_input(backend, kind, dtype):
+    base = torch.randn(6, 40, 9).to(dtype)
+    _compare(kind, base.transpose(1, 2), dtype)  # rows strided
+    _compare(kind, base[:, ::2, :], dtype)  # rows skipped
+    _compare(kind, torch.randn(1, 32).to(dtype).expand(5, 32), dtype)  # stride 0
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_d(backend, kind, dtype):
+    _compare(kind, torch.randn(3, 65_536 + 17).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_mean_keeps_precision(backend, dtype):
+    """Rows of mean 1e4 and std 1.  Here torch's own CPU LayerNorm is off by ~4e-3 in
+    float32, so the relative rule would be lax: ours must be within a few ulps."""
+    x = (torch.randn(16, 512, dtype=torch.float64) + 1e4).to(dtype)
+    w, b = torch.randn(512).to(dtype), torch.randn(512).to(dtype)
+    ins = [leaf(t) for t in (x, w, b)]
+    rins = [leaf(t.double()) for t in (x, w, b)]
+    y, ref = AF.layer_norm(ins[0], (512,), *ins[1:]), R.layer_norm(rins[0], (512,), *rins[1:])
+    eps = torch.finfo(dtype).eps
+    scale = float(ref.detach().abs().max())
+    assert max_err(y, ref) <= 4 * eps * scale
+    g = grads(y, ins, dtype)
+    g_ref = grads(ref, rins, dtype)
+    for name, a, r in zip(("dx", "dw", "db"), g, g_ref):
+        assert max_err(a, r) <= 8 * eps * max(1.0, float(r.abs().max())) * (1 if name == "dx" else 16), name
+
+
+def test_large_mean_in_channel_norms(backend):
+    x = torch.randn(4, 6, 8, 8) + 1e4
+    for y in (AF.group_norm(x, 3), AF.instance_norm(x), AF.batch_norm(x, None, None, training=True)):
+        assert abs(float(y.double().std(unbiased=False)) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+def test_float16_squares_overflow(backend, kind):
+    """300^2 overflows float16 (max 65504): statistics must accumulate in float32."""
+    x = (torch.randn(8, 64) * 300).to(torch.float16)
+    y = _compare(kind, x, torch.float16)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind", ROW_NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_stay_in_their_row(backend, kind, dtype):
+    ours_fn, torch_fn, _ = ROW_NORMS[kind]
+    x = torch.randn(4, 16).to(dtype)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    w, b = torch.ones(16, dtype=dtype), torch.zeros(16, dtype=dtype)
+    ours, theirs = ours_fn(x, w, b), torch_fn(x, w, b)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.isfinite(ours[[0, 3]]).all(), "NaN/Inf leaked into other rows"
+    assert ours[1].isnan().all()
+
+
+def test_nan_in_add_norm_residual(backend):
+    x, r = torch.randn(3, 8), torch.randn(3, 8)
+    r[0, 0] = float("nan")
+    y, s = AF.add_rms_norm(x, r, 8)
+    assert y[0].isnan().all() and torch.isfinite(y[1:]).all() and s[0, 0].isnan()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dyt_and_scale_norm_dtypes(backend, dtype):
+    x = torch.randn(5, 12).to(dtype)
+    a = torch.tensor([0.5], dtype=dtype)
+    w, b = torch.randn(12).to(dtype), torch.randn(12).to(dtype)
+    eager = (w.float() * torch.tanh(0.5 * x.float()) + b.float()).to(dtype)
+    assert AF.dyt(x, a, w, b).dtype == dtype
+    torch.testing.assert_close(AF.dyt(x, a, w, b), eager, rtol=1e-2, atol=1e-2)
+    g = torch.tensor([2.0], dtype=dtype)
+    y = AF.scale_norm(x, g)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float().norm(dim=-1), torch.full((5,), 2.0), rtol=1e-2, atol=1e-2)

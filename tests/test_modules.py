@@ -1,0 +1,185 @@
+"""Modules are drop-ins for torch.nn: signatures, repr, state_dict both ways, training."""
+
+import inspect
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import addnorm
+
+TWINS = [
+    (addnorm.LayerNorm, nn.LayerNorm, (12,), {}),
+    (addnorm.LayerNorm, nn.LayerNorm, ((3, 4),), {"bias": False}),
+    (addnorm.LayerNorm, nn.LayerNorm, (12,), {"elementwise_affine": False}),
+    (addnorm.RMSNorm, nn.RMSNorm, (12,), {}),
+    (addnorm.RMSNorm, nn.RMSNorm, ([3, 4],), {"eps": 1e-6}),
+    (addnorm.RMSNorm, nn.RMSNorm, (12,), {"elementwise_affine": False}),
+    (addnorm.BatchNorm1d, nn.BatchNorm1d, (5,), {}),
+    (addnorm.BatchNorm1d, nn.BatchNorm1d, (5,), {"momentum": None}),
+    (addnorm.BatchNorm2d, nn.BatchNorm2d, (5,), {"affine": False}),
+    (addnorm.BatchNorm2d, nn.BatchNorm2d, (5,), {"track_running_stats": False}),
+    (addnorm.BatchNorm3d, nn.BatchNorm3d, (5,), {"momentum": 0.3, "bias": False}),
+    (addnorm.InstanceNorm1d, nn.InstanceNorm1d, (5,), {}),
+    (addnorm.InstanceNorm2d, nn.InstanceNorm2d, (5,), {"affine": True, "track_running_stats": True}),
+    (addnorm.InstanceNorm3d, nn.InstanceNorm3d, (5,), {"track_running_stats": True, "momentum": None}),
+    (addnorm.GroupNorm, nn.GroupNorm, (2, 6), {}),
+    (addnorm.GroupNorm, nn.GroupNorm, (3, 6), {"affine": False}),
+]
+INPUT_SHAPES = {
+    nn.LayerNorm: (2, 7, 12),
+    nn.RMSNorm: (2, 7, 12),
+    nn.BatchNorm1d: (8, 5, 6),
+    nn.BatchNorm2d: (4, 5, 3, 3),
+    nn.BatchNorm3d: (2, 5, 2, 3, 2),
+    nn.InstanceNorm1d: (3, 5, 7),
+    nn.InstanceNorm2d: (3, 5, 4, 4),
+    nn.InstanceNorm3d: (2, 5, 2, 3, 3),
+    nn.GroupNorm: (3, 6, 4, 4),
+}
+
+
+def _input_shape(torch_cls, args):
+    shape = INPUT_SHAPES[torch_cls]
+    if torch_cls in (nn.LayerNorm, nn.RMSNorm) and not isinstance(args[0], int):
+        return (2, 7, *args[0])
+    return shape
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls", sorted({(o, t) for o, t, _, _ in TWINS}, key=str))
+def test_same_constructor_signature(ours_cls, torch_cls):
+    ours = inspect.signature(ours_cls.__init__).parameters
+    theirs = inspect.signature(torch_cls.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours, f"{ours_cls.__name__} lacks argument {name}"
+        assert ours[name].default == p.default, f"{name}: default {ours[name].default} != {p.default}"
+        assert ours[name].kind == p.kind
+    assert list(ours)[: len(theirs)] == list(theirs)
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, args, kwargs", TWINS)
+def test_repr_state_dict_and_training_match_torch(backend, ours_cls, torch_cls, args, kwargs):
+    torch.manual_seed(0)
+    ours, theirs = ours_cls(*args, **kwargs), torch_cls(*args, **kwargs)
+    assert repr(ours) == repr(theirs)
+    assert isinstance(ours, torch_cls)
+    _randomize(theirs)
+    # state dicts interchange, strict, both ways
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    shape = _input_shape(torch_cls, args)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1) if list(ours.parameters()) else None
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1) if list(theirs.parameters()) else None
+    for step in range(4):  # training steps: outputs, grads, parameters, running stats
+        x = torch.randn(shape) * (step + 1) + step
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-5)
+        cot = torch.randn_like(yo)
+        yo.backward(cot)
+        yt.backward(cot)
+        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-4, atol=1e-5)
+        for opt in (opt_o, opt_t):
+            if opt:
+                opt.step()
+                opt.zero_grad()
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"state {name} after step {step}")
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, args, kwargs", TWINS[:6])
+def test_weights_only_load(tmp_path, ours_cls, torch_cls, args, kwargs):
+    ours = ours_cls(*args, **kwargs)
+    _randomize(ours)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    theirs = torch_cls(*args, **kwargs)
+    theirs.load_state_dict(loaded, strict=True)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unbatched_instance_norm(backend):
+    ours, theirs = addnorm.InstanceNorm1d(4, affine=True), nn.InstanceNorm1d(4, affine=True)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_add_norm_modules(backend):
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    for ours, twin in ((addnorm.AddLayerNorm(16), nn.LayerNorm(16)), (addnorm.AddRMSNorm(16), nn.RMSNorm(16))):
+        _randomize(twin)
+        ours.load_state_dict(twin.state_dict(), strict=True)
+        y, s = ours(x, r)
+        torch.testing.assert_close(s, x + r, rtol=0, atol=0)
+        torch.testing.assert_close(y, twin(x + r))
+        assert repr(ours).startswith(type(ours).__name__ + "((16,)")
+
+
+def test_rms_norm_offset_is_gemma():
+    norm = addnorm.RMSNorm(8, offset=1.0)
+    assert torch.equal(norm.weight, torch.zeros(8)), "weight starts so that 1 + w = 1"
+    assert "offset=1.0" in repr(norm)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8))
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * (1 + norm.weight)
+    torch.testing.assert_close(norm(x), expected)
+    plain = addnorm.RMSNorm(8)
+    assert torch.equal(plain.weight, torch.ones(8))
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.zeros(8))
+
+
+def test_scale_norm_and_dyt_modules(backend):
+    sn = addnorm.ScaleNorm(16)
+    assert repr(sn) == "ScaleNorm(16, eps=1e-05)"
+    assert sn.weight.item() == pytest.approx(4.0)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(sn(x), 4.0 * x / x.norm(dim=-1, keepdim=True))
+    dyt = addnorm.DyT((4, 16), alpha_init=0.7)
+    assert repr(dyt) == "DyT((4, 16), alpha_init=0.7)"
+    assert set(dyt.state_dict()) == {"alpha", "weight", "bias"}
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(dyt(x), torch.tanh(0.7 * x))
+    with torch.no_grad():
+        dyt.weight.normal_(), dyt.bias.normal_()
+    torch.testing.assert_close(dyt(x), dyt.weight * torch.tanh(0.7 * x) + dyt.bias)
+
+
+def test_dyt_and_scale_norm_gradcheck(backend):
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([1.7], dtype=torch.float64, requires_grad=True)
+    AF = addnorm.functional
+    assert torch.autograd.gradcheck(lambda x, a, w, b: AF.dyt(x, a, w, b), (x, a, w, b))
+    assert torch.autograd.gradcheck(lambda x, a: AF.dyt(x, a), (x, a))
+    assert torch.autograd.gradcheck(lambda x, g: AF.scale_norm(x, g), (x, g))
+    tiny = (x * 1e-8).detach().requires_grad_()  # norms under eps: the clamped branch
+    assert torch.autograd.gradcheck(lambda x, g: AF.scale_norm(x, g, 1e-5), (tiny, g))
+
+
+def test_weight_norm_is_torchs_parametrization():
+    torch.manual_seed(0)
+    lin = addnorm.weight_norm(nn.Linear(4, 3))
+    ref = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    ref.load_state_dict(lin.state_dict(), strict=True)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(lin(x), ref(x))
+    g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
+    torch.testing.assert_close(lin.weight, g * v / v.norm(dim=1, keepdim=True))

@@ -1,0 +1,155 @@
+"""LayerNorm, RMSNorm and the fused add-norms against the float64 reference and torch.nn."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import addnorm.functional as AF
+from helpers import R, as64, assert_close, grads, leaf, rstd_scale
+from conftest import DTYPES
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def row_norm_cases(draw):
+    batch = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    normalized = tuple(draw(st.lists(st.integers(1, 48), min_size=1, max_size=2)))
+    dtype = draw(st.sampled_from(DTYPES))
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    return {
+        "shape": batch + normalized,
+        "normalized": normalized,
+        "dtype": dtype,
+        "param_dtype": torch.float32 if reduced and draw(st.booleans()) else dtype,
+        "rms": draw(st.booleans()),
+        "residual": draw(st.booleans()),
+        "affine": draw(st.sampled_from(["none", "weight", "weight+bias", "bias"])),
+        "eps": draw(st.sampled_from([1e-5, 1e-6, 0.1, None])),
+        "offset": draw(st.sampled_from([0.0, 0.0, 1.0])),
+        "mean": draw(st.sampled_from([0.0, 3.0])),
+        "seed": draw(st.integers(0, 2**16)),
+        "transpose": draw(st.booleans()),
+    }
+
+
+def _make(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    shape, d, dt, pdt = case["shape"], case["normalized"], case["dtype"], case["param_dtype"]
+
+    def rand(shape, dtype, mean=0.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) + mean).to(dtype)
+
+    x = rand(shape, dt, case["mean"])
+    if case["transpose"] and x.ndim >= 2:  # a strided view of the same values
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    res = rand(shape, dt) if case["residual"] else None
+    w = rand(d, pdt) if "weight" in case["affine"] else None
+    b = rand(d, pdt) if "bias" in case["affine"] else None
+    return x, res, w, b
+
+
+def _torch_row_norm(case, x, res, w, b):
+    """torch.nn.functional's spelling of the same thing (unfused: add, then norm)."""
+    s = x if res is None else x + res
+    if case["rms"]:
+        scale = w if w is None or not case["offset"] else w + case["offset"]
+        y = F.rms_norm(s, case["normalized"], scale, case["eps"])
+    else:
+        y = F.layer_norm(s, case["normalized"], w, b, 1e-5 if case["eps"] is None else case["eps"])
+    return (y, s) if res is not None else y
+
+
+def _ours(case, x, res, w, b, fn_module=AF):
+    n, eps, offset = case["normalized"], case["eps"], case["offset"]
+    if case["rms"]:
+        if res is None:
+            return fn_module.rms_norm(x, n, w, eps, offset=offset)
+        return fn_module.add_rms_norm(x, res, n, w, eps, offset=offset)
+    eps = 1e-5 if eps is None else eps
+    if res is None:
+        return fn_module.layer_norm(x, n, w, b, eps)
+    return fn_module.add_layer_norm(x, res, n, w, b, eps)
+
+
+@fixture_ok
+@given(case=row_norm_cases())
+def test_row_norm_forward_and_backward(backend, case):
+    if case["rms"] and case["affine"] == "bias":
+        case["affine"] = "weight"  # RMSNorm has no bias
+    if case["rms"]:
+        case["affine"] = case["affine"].replace("+bias", "")
+    x, res, w, b = _make(case)
+    if not case["rms"]:
+        case["offset"] = 0.0
+    ours_in = [leaf(t) if t is not None else None for t in (x, res, w, b)]
+    torch_in = [leaf(t) if t is not None else None for t in (x, res, w, b)]
+    ref_in = as64(x, res, w, b)
+    # float64 reference with the eps the low-precision call resolves to
+    ref_case = dict(case, eps=torch.finfo(case["dtype"]).eps if case["eps"] is None else case["eps"])
+
+    ours = _ours(case, *ours_in)
+    theirs = _torch_row_norm(case, *torch_in)
+    ref = _ours(ref_case, *ref_in, fn_module=R)
+    outs = lambda o: o if isinstance(o, tuple) else (o,)
+    for name, a, t, r in zip(("y", "residual_out"), outs(ours), outs(theirs), outs(ref)):
+        assert_close(a, t, r, case["dtype"], what=name)
+        assert a.shape == x.shape
+
+    dt = case["dtype"]
+    g_ours = grads(ours, ours_in, dt)
+    g_torch = grads(theirs, torch_in, dt)
+    g_ref = grads(ref, ref_in, dt)
+    for name, a, t, r in zip(("dx", "dresidual", "dweight", "dbias"), g_ours, g_torch, g_ref):
+        if r is None:
+            assert a is None
+            continue
+        # parameter grads sum over rows: scale the floor with the row count
+        d = math.prod(case["normalized"])
+        rows = max(1, x.numel() // d)
+        s = x if res is None else x.double() + res.double()
+        scale = rstd_scale(s.reshape(-1, d), not case["rms"], ref_case["eps"] or 1e-5)
+        ulps = 2.0 * rows if name in ("dweight", "dbias") else 2.0
+        assert_close(a, t, r, dt, what=name, floor_ulps=ulps, scale=scale)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradcheck_float64(backend, rms, residual):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    if rms:
+        f = (lambda x, r, w: AF.add_rms_norm(x, r, (4, 6), w, 1e-5, offset=0.5)) if residual else (
+            lambda x, w: AF.rms_norm(x, (4, 6), w, 1e-5, offset=0.5))
+        args = (x, r, w) if residual else (x, w)
+    else:
+        f = (lambda x, r, w, b: AF.add_layer_norm(x, r, (4, 6), w, b)) if residual else (
+            lambda x, w, b: AF.layer_norm(x, (4, 6), w, b))
+        args = (x, r, w, b) if residual else (x, w, b)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_gradcheck_only_some_outputs_used(backend):
+    """The residual output unused, or only it used: the unused one's grad is zero."""
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, r: AF.add_layer_norm(x, r, 8)[0], (x, r))
+    assert torch.autograd.gradcheck(lambda x, r: AF.add_rms_norm(x, r, 8)[1] * 2, (x, r))
+
+
+def test_reference_gradcheck():
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: R.add_layer_norm(*a[:2], 7, *a[2:]), (x, r, w, b))
+    assert torch.autograd.gradcheck(lambda x, r, w: R.add_rms_norm(x, r, 7, w, offset=1.0), (x, r, w))
