@@ -1,0 +1,74 @@
+"""torch.compile(fullgraph=True) traces models built from addnorm modules, fwd and bwd."""
+
+import pytest
+import torch
+from torch import nn
+
+import addnorm
+
+
+class Tiny(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.ln = addnorm.LayerNorm(d)
+        self.add_rms = addnorm.AddRMSNorm(d, offset=1.0)
+        self.add_ln = addnorm.AddLayerNorm(d)
+        self.dyt = addnorm.DyT(d)
+        self.scale = addnorm.ScaleNorm(d)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.bn = addnorm.BatchNorm1d(4)
+        self.gn = addnorm.GroupNorm(2, 4)
+        self.inorm = addnorm.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.rms = addnorm.RMSNorm(d)
+
+    def forward(self, x):  # x: (N, 4, d)
+        h = self.ln(self.inp(x))
+        y, r = self.add_rms(h, x)
+        y, r = self.add_ln(self.dyt(y), r)
+        c = self.inorm(self.gn(self.bn(self.conv(y))))
+        return self.rms(self.scale(c) + r)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_forward_and_backward(compiler):
+    torch.manual_seed(0)
+    eager = Tiny()
+    compiled_model = Tiny()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    for step in range(2):
+        x = torch.randn(3, 4, 16)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-4)
+        ye.square().sum().backward()
+        yc.square().sum().backward()
+        for (name, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, be), (_, bc) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(bc, be, msg=name)  # running stats updated in the graph too
+
+
+def test_ops_pass_torch_library_opcheck():
+    """Schemas, fake impls and autograd registrations agree with the real kernels."""
+    from addnorm import ops
+
+    x = torch.randn(5, 8, requires_grad=True)
+    r = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    xc = torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wc, bc = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    cases = [
+        (ops.row_norm_fwd, (x, r, w, b, 1e-5, 0.0, False, "torch")),
+        (ops.row_norm_fwd, (x, None, w, None, 1e-5, 1.0, True, "torch")),
+        (ops.row_norm_fwd, (x, None, None, None, 1e-5, 0.0, False, "torch")),
+        (ops.group_norm_fwd, (xc, wc, bc, 3, 1e-5, "torch")),
+        (ops.batch_norm_fwd, (xc, wc, bc, rm, rv, True, 1e-5, "torch")),
+        (ops.batch_norm_fwd, (xc, None, None, rm, rv, False, 1e-5, "torch")),
+        (ops.dyt_fwd, (x, torch.tensor([0.5], requires_grad=True), w, b, "torch")),
+        (ops.scale_norm_fwd, (x, torch.tensor([2.0], requires_grad=True), 1e-5, "torch")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

@@ -1,0 +1,197 @@
+"""Bad input: a clear error naming the argument, raised before any work, nothing modified."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import addnorm
+import addnorm.functional as AF
+
+
+def raises(exc, *words):
+    """pytest.raises whose message must contain every word (argument names, values)."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(w)})" for w in words))
+
+
+X = torch.randn(4, 6, 8)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: AF.layer_norm(x, (8,)),
+    lambda x: AF.rms_norm(x, (8,)),
+    lambda x: AF.group_norm(x, 2),
+    lambda x: AF.batch_norm(x, None, None, training=True),
+    lambda x: AF.instance_norm(x),
+    lambda x: AF.dyt(x, torch.tensor([0.5])),
+    lambda x: AF.scale_norm(x, torch.tensor([1.0])),
+])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_or_bool_input(fn, dtype):
+    with raises(TypeError, "input", "floating-point", str(dtype)):
+        fn(torch.zeros(4, 6, 8, dtype=dtype))
+
+
+def test_not_a_tensor():
+    with raises(TypeError, "input", "torch.Tensor", "list"):
+        AF.layer_norm([[1.0, 2.0]], (2,))
+
+
+@pytest.mark.parametrize("shape", [(6,), (7, 8), (4, 6, 8, 1), 0, (), [8, -1]])
+def test_normalized_shape_mismatch(shape):
+    with raises(ValueError, "normalized_shape"):
+        AF.layer_norm(X, shape)
+    with raises(ValueError, "normalized_shape"):
+        AF.rms_norm(X, shape)
+
+
+def test_normalized_shape_error_names_the_input_shape():
+    with raises(ValueError, "normalized_shape", "(7,)", "(4, 6, 8)"):
+        AF.layer_norm(X, 7)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_parameter_of_wrong_shape(name):
+    with raises(ValueError, name, "(8,)", "(7,)"):
+        AF.layer_norm(X, (8,), **{name: torch.ones(7)})
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [
+    (torch.float32, torch.float64), (torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.float64), (torch.float32, torch.int64),
+])
+def test_parameter_of_wrong_dtype(x_dtype, w_dtype):
+    x = X.to(x_dtype)
+    with raises(TypeError, "weight", str(w_dtype)):
+        AF.layer_norm(x, (8,), torch.ones(8, dtype=w_dtype))
+    with raises(TypeError, "weight", str(w_dtype)):
+        AF.group_norm(x, 2, torch.ones(6, dtype=w_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_parameters_with_reduced_input_are_fine(dtype):
+    y = AF.layer_norm(X.to(dtype), (8,), torch.ones(8), torch.zeros(8))
+    assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("nan")])
+def test_negative_eps(eps):
+    for call in (lambda: AF.layer_norm(X, 8, eps=eps), lambda: AF.rms_norm(X, 8, eps=eps),
+                 lambda: AF.group_norm(X, 2, eps=eps), lambda: AF.instance_norm(X, eps=eps),
+                 lambda: AF.scale_norm(X, torch.ones(1), eps=eps),
+                 lambda: AF.batch_norm(X, torch.zeros(6), torch.ones(6), eps=eps)):
+        with raises(ValueError, "eps", ">= 0"):
+            call()
+
+
+def test_batch_norm_training_needs_positive_eps():
+    with raises(ValueError, "eps", "> 0"):
+        AF.batch_norm(X, None, None, training=True, eps=0.0)
+
+
+@pytest.mark.parametrize("groups", [4, 0, -2, 7])
+def test_group_norm_groups_must_divide_channels(groups):
+    with raises(ValueError, "num_groups", "input.shape[1] = 6", str(groups)):
+        AF.group_norm(X, groups)
+    with pytest.raises(ValueError):
+        addnorm.GroupNorm(groups, 6)(X) if groups > 0 else AF.group_norm(X, groups)
+
+
+def test_batch_norm_training_with_one_value_per_channel():
+    bn = addnorm.BatchNorm1d(6)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with raises(ValueError, "more than 1 value per channel"):
+        bn(torch.randn(1, 6))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failed call"
+
+
+def test_wrong_channel_count_leaves_module_unchanged():
+    bn = addnorm.BatchNorm2d(5)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with raises(ValueError, "input.shape[1] = 3", "(3,)", "(5,)"):
+        bn(torch.randn(2, 3, 4, 4))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failed call"
+    with raises(ValueError, "input.shape[1] = 3"):
+        addnorm.GroupNorm(1, 5)(torch.randn(2, 3, 4))
+    with raises(ValueError, "num_features", "5"):
+        addnorm.InstanceNorm1d(5, affine=True)(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("cls, bad", [
+    (addnorm.BatchNorm1d, (2, 5, 3, 3)), (addnorm.BatchNorm2d, (2, 5, 3)), (addnorm.BatchNorm3d, (2, 5, 3, 3)),
+    (addnorm.InstanceNorm1d, (2, 5, 3, 3)), (addnorm.InstanceNorm2d, (5, 3)), (addnorm.InstanceNorm3d, (2, 5, 3, 3, 3, 3)),
+])
+def test_wrong_input_rank(cls, bad):
+    with raises(ValueError, "expected", f"{len(bad)}D"):
+        cls(5)(torch.randn(bad))
+
+
+def test_batch_norm_eval_needs_running_stats():
+    with raises(ValueError, "running_mean", "training=False"):
+        AF.batch_norm(X, None, None, training=False)
+    with raises(ValueError, "running_var"):
+        AF.batch_norm(X, torch.zeros(6), None, training=True)
+
+
+def test_instance_norm_with_one_spatial_element():
+    with raises(ValueError, "more than 1 spatial element"):
+        AF.instance_norm(torch.randn(4, 6, 1))
+
+
+@pytest.mark.parametrize("fn", [AF.add_layer_norm, AF.add_rms_norm])
+def test_add_norm_operands_must_match(fn):
+    with raises(ValueError, "residual", "(4, 6, 8)", "(4, 1, 8)"):
+        fn(X, torch.randn(4, 1, 8), (8,))
+    with raises(TypeError, "residual", "torch.float32", "torch.float64"):
+        fn(X, X.double(), (8,))
+    with raises(TypeError, "residual", "floating-point"):
+        fn(X, X.long(), (8,))
+
+
+def test_add_norm_module_rejects_mismatch():
+    with raises(ValueError, "residual"):
+        addnorm.AddRMSNorm(8)(X, torch.randn(8))
+
+
+def test_dyt_and_scale_norm_arguments():
+    with raises(ValueError, "alpha", "one-element"):
+        AF.dyt(X, torch.ones(2))
+    with raises(ValueError, "bias", "(8,)", "(7,)"):
+        AF.dyt(X, torch.ones(1), torch.ones(8), torch.ones(7))
+    with raises(ValueError, "weight", "one-element"):
+        AF.scale_norm(X, torch.ones(8))
+
+
+def test_parameters_on_another_device_are_named():
+    meta = torch.ones(8, device="meta")
+    with raises(ValueError, "weight", "device"):
+        AF.layer_norm(X, (8,), meta)
+
+
+def test_failed_call_modifies_nothing():
+    x = X.clone()
+    rm, rv = torch.zeros(6), torch.ones(6)
+    with pytest.raises(TypeError):
+        AF.batch_norm(x, rm, rv, torch.ones(6, dtype=torch.float64), training=True)
+    assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6)) and torch.equal(x, X)
+    inorm = addnorm.InstanceNorm1d(6, track_running_stats=True)
+    with pytest.raises(ValueError):
+        inorm(torch.randn(2, 6, 1))
+    assert torch.equal(inorm.running_mean, torch.zeros(6)) and inorm.num_batches_tracked == 0
+
+
+def test_torch_nn_raises_too_for_the_same_inputs():
+    """Where we raise, torch.nn raises: nothing torch accepts is refused (by example)."""
+    for ours, theirs in [
+        (lambda: AF.layer_norm(X, 7), lambda: nn.functional.layer_norm(X, (7,))),
+        (lambda: AF.group_norm(X, 4), lambda: nn.functional.group_norm(X, 4)),
+        (lambda: AF.batch_norm(torch.randn(1, 6), None, None, training=True),
+         lambda: nn.functional.batch_norm(torch.randn(1, 6), None, None, training=True)),
+    ]:
+        with pytest.raises((ValueError, TypeError)):
+            ours()
+        with pytest.raises((ValueError, RuntimeError)):
+            theirs()
