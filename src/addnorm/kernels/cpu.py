@@ -23,6 +23,8 @@ How the kernels are built:
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -93,45 +95,59 @@ def _acc(a, v):
 
 
 @njit(inline="always")
-def _sum_row(x, res, r_out, i, squares):
-    """One pass over row i: the sum of its values (or of their squares); with a
-    residual, the values are x + res rounded to x's dtype, stored into r_out."""
-    s = acc(x, 0.0)
-    for j in range(x.shape[1]):
-        if res is None:
-            v = ld(x, (i, j))
-        else:
-            st(r_out, (i, j), ld(x, (i, j)) + ld(res, (i, j)))
-            v = ld(r_out, (i, j))
-        s += v * v if squares else v
-    return s
+def _moments(block):
+    """Mean and biased variance of a 2D block (rows x contiguous run), corrected two-pass:
+    returns (mean0, shift, var) with mean = mean0 + shift, where shift (the mean of
+    x - mean0) recovers mean0's rounding; centre values as (x - mean0) - shift."""
+    rows, cols = block.shape
+    inv = acc(block, 1.0) / acc(block, max(1, rows * cols))
+    s = acc(block, 0.0)
+    for i in range(rows):
+        for j in range(cols):
+            s += ld(block, (i, j))
+    mean0 = s * inv
+    s1, s2 = acc(block, 0.0), acc(block, 0.0)
+    for i in range(rows):
+        for j in range(cols):
+            dv = ld(block, (i, j)) - mean0
+            s1 += dv
+            s2 += dv * dv
+    shift = s1 * inv
+    return mean0, shift, max(s2 * inv - shift * shift, acc(block, 0.0))
+
+
+@njit(inline="always")
+def _mean_square(block):
+    rows, cols = block.shape
+    s = acc(block, 0.0)
+    for i in range(rows):
+        for j in range(cols):
+            v = ld(block, (i, j))
+            s += v * v
+    return s * (acc(block, 1.0) / acc(block, max(1, rows * cols)))
 
 
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm."""
     n, d = x.shape
-    inv_d, eps_, offset_ = acc(x, 1.0 / d), acc(x, eps), acc(x, offset)
-    zero = acc(x, 0.0)
+    eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     for i in prange(n):
-        src = x if res is None else r_out
-        if mean_out is None:
-            mean0, shift = zero, zero
-            var = _sum_row(x, res, r_out, i, True) * inv_d
-        else:
-            mean0 = _sum_row(x, res, r_out, i, False) * inv_d
-            s1, s2 = zero, zero
+        if res is None:
+            src = x[i : i + 1]
+        else:  # r = x + res rounded to x's dtype, as an unfused add would give
             for j in range(d):
-                dv = ld(src, (i, j)) - mean0
-                s1 += dv
-                s2 += dv * dv
-            shift = s1 * inv_d  # the rounding error of mean0, recovered
-            var = max(s2 * inv_d - shift * shift, zero)
+                st(r_out, (i, j), ld(x, (i, j)) + ld(res, (i, j)))
+            src = r_out[i : i + 1]
+        if mean_out is None:
+            mean0, shift, var = zero, zero, _mean_square(src)
+        else:
+            mean0, shift, var = _moments(src)
             mean_out[i] = mean0 + shift
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
         rstd_out[i] = rstd
         for j in range(d):
-            h = (ld(src, (i, j)) - mean0 - shift) * rstd
+            h = (ld(src, (0, j)) - mean0 - shift) * rstd
             if w is not None:
                 h = h * (ld(w, j) + offset_)
             if b is not None:
@@ -190,6 +206,129 @@ def _sum_chunks(part, out):
         for c in range(1, part.shape[0]):
             s += part[c, j]
         st(out, j, s)
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm and BatchNorm over (N, C, L) contiguous or (N, L, C) channels-last.
+# In every backward, with g = dy * w_c and xs = x - mean (centred as in the forward):
+#   training: dx = rstd * (g - mean(g)) - xs * rstd^3 * mean(g * xs)
+#   eval (BatchNorm with running statistics): dx = rstd * g
+#   dw_c = sum(dy * xs) * rstd,  db_c = sum(dy)   (sums over each channel's elements)
+# ---------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _channel_affine(w, b, c, rstd, mean):
+    """y = x * scale + shift for channel c: the affine map folded with the statistics."""
+    scale = rstd if w is None else rstd * ld(w, c)
+    shift = -mean * scale
+    return scale, shift if b is None else shift + ld(b, c)
+
+
+@njit(**_JIT)
+def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
+    """x, y: (N, G, C/G, L) contiguous; one (n, g) group per parallel step."""
+    n, groups, cpg, length = x.shape
+    eps_ = acc(x, eps)
+    for ng in prange(n * groups):
+        i, g = ng // groups, ng % groups
+        block = x[i, g].reshape((1, cpg * length))
+        mean0, shift, var = _moments(block)
+        mean_out[i, g], var_out[i, g] = mean0 + shift, var
+        rstd = acc(x, 1.0) / np.sqrt(var + eps_)
+        for k in range(cpg):
+            scale, bias = _channel_affine(w, b, g * cpg + k, rstd, shift)
+            for j in range(length):
+                st(y, (i, g, k, j), (ld(x, (i, g, k, j)) - mean0) * scale + bias)
+
+
+@njit(**_JIT)
+def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
+    """dx per (n, g) group; per-sample partial sums dw_part[n, c], db_part[n, c]."""
+    n, groups, cpg, length = x.shape
+    eps_, zero = acc(x, eps), acc(x, 0.0)
+    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
+    for ng in prange(n * groups):
+        i, g = ng // groups, ng % groups
+        m = mean[i, g]
+        rstd = acc(x, 1.0) / np.sqrt(var[i, g] + eps_)
+        a_sum, b_sum, s_sum = zero, zero, zero
+        for k in range(cpg):
+            c = g * cpg + k
+            wc = acc(x, 1.0) if w is None else ld(w, c)
+            dyx, dys, xs = zero, zero, zero
+            for j in range(length):
+                xc = ld(x, (i, g, k, j)) - m
+                gy = ld(dy, (i, g, k, j))
+                dyx += gy * xc
+                dys += gy
+                xs += xc
+            a_sum += wc * dyx
+            b_sum += wc * dys
+            s_sum += xs
+            dw_part[i, c], db_part[i, c] = dyx, dys
+        shift = s_sum * inv
+        c3 = rstd * rstd * rstd * (a_sum - shift * b_sum) * inv
+        mean_g = b_sum * inv
+        for k in range(cpg):
+            c = g * cpg + k
+            wc = acc(x, 1.0) if w is None else ld(w, c)
+            dw_part[i, c] = (dw_part[i, c] - shift * db_part[i, c]) * rstd
+            for j in range(length):
+                xs = ld(x, (i, g, k, j)) - m - shift
+                st(dx, (i, g, k, j), rstd * (ld(dy, (i, g, k, j)) * wc - mean_g) - xs * c3)
+
+
+@njit(**_JIT)
+def _batch_norm_fwd(x, w, b, y, mean, var, training, eps):
+    """x, y: (N, C, L) contiguous; one channel per parallel step.  In training mean and
+    var are outputs (the batch's), otherwise inputs (the running statistics)."""
+    n, channels, length = x.shape
+    eps_ = acc(x, eps)
+    for c in prange(channels):
+        if training:
+            mean0, shift, v = _moments(x[:, c, :])
+            mean[c], var[c] = mean0 + shift, v
+        else:
+            mean0, shift, v = acc(x, mean[c]), acc(x, 0.0), acc(x, var[c])
+        rstd = acc(x, 1.0) / np.sqrt(v + eps_)
+        scale, bias = _channel_affine(w, b, c, rstd, shift)
+        for i in range(n):
+            for j in range(length):
+                st(y, (i, c, j), (ld(x, (i, c, j)) - mean0) * scale + bias)
+
+
+@njit(**_JIT)
+def _batch_norm_bwd(dy, x, w, mean, var, training, eps, dx, dw, db):
+    """dx, and the per-channel dw, db in the accumulation dtype (each channel summed by
+    one thread, in order)."""
+    n, channels, length = x.shape
+    eps_, zero = acc(x, eps), acc(x, 0.0)
+    inv = acc(x, 1.0) / acc(x, max(1, n * length))
+    for c in prange(channels):
+        m = acc(x, mean[c])
+        rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
+        wc = acc(x, 1.0) if w is None else ld(w, c)
+        dyx, dys, xs = zero, zero, zero
+        for i in range(n):
+            for j in range(length):
+                xc = ld(x, (i, c, j)) - m
+                gy = ld(dy, (i, c, j))
+                dyx += gy * xc
+                dys += gy
+                xs += xc
+        shift = xs * inv if training else zero
+        dyxs = dyx - shift * dys  # sum(dy * (x - mean)), with the mean's rounding undone
+        dw[c], db[c] = dyxs * rstd, dys
+        if training:
+            c3 = rstd * rstd * rstd * wc * dyxs * inv
+            mean_g = wc * dys * inv
+        else:
+            c3, mean_g = zero, zero
+        for i in range(n):
+            for j in range(length):
+                xsh = ld(x, (i, c, j)) - m - shift
+                st(dx, (i, c, j), rstd * (ld(dy, (i, c, j)) * wc - mean_g) - xsh * c3)
 
 
 # ---------------------------------------------------------------------------
@@ -263,13 +402,83 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     db_part = None if bias is None else torch.zeros(chunks, d, dtype=acc)
     _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
                   float(offset), _np(dx), _np(dw_part), _np(db_part))
-    dw = db = None
-    if weight is not None:
-        dw = torch.empty(d, dtype=wk.dtype)
-        _sum_chunks(_np(dw_part), _np(dw))
-        dw = dw.to(weight.dtype)
-    if bias is not None:
-        db = torch.empty(d, dtype=_kernel_dtype(bias).dtype)
-        _sum_chunks(_np(db_part), _np(db))
-        db = db.to(bias.dtype)
+    dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
     return dx.to(out_dtype), dw, db
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) as a contiguous (N, C, L) tensor (a view when it already is)."""
+    return _kernel_dtype(x).contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kernel result of shape (N, C, L) in x's shape and dtype (the op restores x's
+    memory format)."""
+    return t.view(x.shape).to(x.dtype)
+
+
+def group_norm_forward(x, weight, bias, num_groups, eps):
+    _threads()
+    x3 = _channels_first(x)
+    n, c, length = x3.shape
+    acc = acc_dtype(x3.dtype)
+    y = _empty(x3.shape, x3.dtype)
+    mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
+    shape4 = (n, num_groups, c // num_groups, length)
+    _group_norm_fwd(_np(x3.view(shape4)), _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias)),
+                    _np(y.view(shape4)), _np(mean), _np(var), float(eps))
+    return _like_input(y, x), mean, var
+
+
+def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
+    _threads()
+    x3, dy3 = _channels_first(x), _channels_first(dy)
+    n, c, length = x3.shape
+    acc = acc_dtype(x3.dtype)
+    dx = _empty(x3.shape, x3.dtype)
+    dw_part, db_part = torch.empty(n, c, dtype=acc), torch.empty(n, c, dtype=acc)
+    shape4 = (n, num_groups, c // num_groups, length)
+    _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), _np(_kernel_dtype(weight)),
+                    _np(mean), _np(var), float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
+    return _like_input(dx, x), _param_grad(dw_part, weight), _param_grad(db_part, bias)
+
+
+def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter's gradient from per-sample (or per-chunk) partial sums (rows of
+    ``part``), added in order; in the parameter's dtype."""
+    if param is None:
+        return None
+    out = torch.empty(part.shape[1], dtype=_kernel_dtype(param).dtype)
+    _sum_chunks(_np(part), _np(out))
+    return out.to(param.dtype)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
+    _threads()
+    x3 = _channels_first(x)
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    if training:
+        mean, var = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    y = _empty(x3.shape, x3.dtype)
+    _batch_norm_fwd(_np(x3), _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias)), _np(y),
+                    _np(mean), _np(var), training, float(eps))
+    return _like_input(y, x), mean, var
+
+
+def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
+    _threads()
+    x3, dy3 = _channels_first(x), _channels_first(dy)
+    acc = acc_dtype(x3.dtype)
+    c = x3.shape[1]
+    dx = _empty(x3.shape, x3.dtype)
+    dw, db = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+    _batch_norm_bwd(_np(dy3), _np(x3), _np(_kernel_dtype(weight)), _np(mean), _np(var),
+                    training, float(eps), _np(dx), _np(dw), _np(db))
+    return (
+        _like_input(dx, x),
+        None if weight is None else dw.to(weight.dtype),
+        None if bias is None else db.to(bias.dtype),
+    )
