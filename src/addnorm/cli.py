@@ -1,4 +1,4 @@
-"""The ``addnorm`` command.  ``addnorm info``: versions, backends, CPU and GPU."""
+"""The ``addnorm`` command: ``info`` (versions, backends, CPU, GPU) and ``bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -68,10 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="addnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends, CPU features, GPU if any")
+    bench = sub.add_parser("bench", help="addnorm vs torch eager vs torch.compile, same process")
+    bench.add_argument("--quick", action="store_true", help="one shape per op, fewer rounds")
+    bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    bench.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"),
+                       help="folder for bench.json and bench.md (default: bench-out)")
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "info":
         info(console)
+    elif args.command == "bench":
+        from . import bench as B
+
+        results = B.run(quick=args.quick, compile=not args.no_compile, rounds=args.rounds,
+                        console=console)
+        console.print(B.table(results))
+        prealloc = B.preallocated() if B._backend_name() == "numba" else []
+        if prealloc:
+            console.print(B.preallocated_table(prealloc))
+        B.save(results, args.out, prealloc)
+        console.print(f"saved {args.out / 'bench.json'} and {args.out / 'bench.md'}")
     return 0
 
 

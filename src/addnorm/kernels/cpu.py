@@ -10,7 +10,8 @@ How the kernels are built:
   arrays are passed as ``None`` and numba compiles a specialization per combination
   with the ``is None`` branches pruned, so the flags cost nothing in the inner loops.
 * bfloat16 travels as its uint16 bit pattern (numba has no bfloat16): ``ld`` widens it
-  to float32 exactly, ``st`` rounds to nearest-even on the way out (NaN stays NaN).
+  to float32 exactly, ``st`` rounds to nearest-even on the way out (NaN stays NaN),
+  bit-equal to torch's own conversion.
   float16 is widened to float32 by torch first (numba has no float16 arithmetic).
 * Statistics accumulate in float32 (float64 for float64 input); ``fastmath`` allows only
   reassociation and fused multiply-add, so sums vectorize but NaN and Inf propagate.
@@ -31,6 +32,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from ..ops import _memory_format as ops_memory_format
 from ..reference import acc_dtype
 
 _FASTMATH = {"reassoc", "contract"}
@@ -48,7 +50,8 @@ def ld(a, i):
 
 
 def st(a, i, v):
-    """a[i] = v, rounded to a's dtype (float32 -> bfloat16 bits: nearest-even)."""
+    """a[i] = v, rounded to a's dtype (float32 -> bfloat16 bits: nearest-even, NaN as
+    torch writes it)."""
 
 
 def acc(a, v):
@@ -67,12 +70,12 @@ def _st(a, i, v):
     if a.dtype == types.uint16:
 
         def store_bfloat16(a, i, v):
-            f = np.float32(v)
-            bits = f.view(np.uint32)
-            if f != f:  # keep NaN a (quiet) NaN; rounding could carry it into Inf
-                a[i] = np.uint16((bits >> 16) | 0x40)
-            else:
-                a[i] = np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+            bits = np.float32(v).view(np.uint32)
+            nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            # NaN as torch's vectorized conversion writes it (rounding could carry it to
+            # Inf); an integer select, so the loop stays vectorized
+            a[i] = np.uint16(np.uint32(0xFFFF) if nan else rounded)
 
         return store_bfloat16
 
@@ -95,36 +98,37 @@ def _acc(a, v):
 
 
 @njit(inline="always")
-def _moments(block):
-    """Mean and biased variance of a 2D block (rows x contiguous run), corrected two-pass:
-    returns (mean0, shift, var) with mean = mean0 + shift, where shift (the mean of
-    x - mean0) recovers mean0's rounding; centre values as (x - mean0) - shift."""
-    rows, cols = block.shape
-    inv = acc(block, 1.0) / acc(block, max(1, rows * cols))
-    s = acc(block, 0.0)
+def _moments(x, c):
+    """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous), by the
+    corrected two-pass algorithm: returns (mean0, shift, var), mean = mean0 + shift,
+    where shift (the mean of x - mean0) recovers mean0's rounding; centre values as
+    (x - mean0) - shift."""
+    rows, length = x.shape[0], x.shape[2]
+    inv = acc(x, 1.0) / acc(x, max(1, rows * length))
+    s = acc(x, 0.0)
     for i in range(rows):
-        for j in range(cols):
-            s += ld(block, (i, j))
+        row = x[i, c]
+        for j in range(length):
+            s += ld(row, j)
     mean0 = s * inv
-    s1, s2 = acc(block, 0.0), acc(block, 0.0)
+    s1, s2 = acc(x, 0.0), acc(x, 0.0)
     for i in range(rows):
-        for j in range(cols):
-            dv = ld(block, (i, j)) - mean0
+        row = x[i, c]
+        for j in range(length):
+            dv = ld(row, j) - mean0
             s1 += dv
             s2 += dv * dv
     shift = s1 * inv
-    return mean0, shift, max(s2 * inv - shift * shift, acc(block, 0.0))
+    return mean0, shift, max(s2 * inv - shift * shift, acc(x, 0.0))
 
 
 @njit(inline="always")
-def _mean_square(block):
-    rows, cols = block.shape
-    s = acc(block, 0.0)
-    for i in range(rows):
-        for j in range(cols):
-            v = ld(block, (i, j))
-            s += v * v
-    return s * (acc(block, 1.0) / acc(block, max(1, rows * cols)))
+def _mean_square(row):
+    s = acc(row, 0.0)
+    for j in range(row.shape[0]):
+        v = ld(row, j)
+        s += v * v
+    return s * (acc(row, 1.0) / acc(row, max(1, row.shape[0])))
 
 
 @njit(**_JIT)
@@ -134,20 +138,21 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     for i in prange(n):
         if res is None:
-            src = x[i : i + 1]
+            src = x
         else:  # r = x + res rounded to x's dtype, as an unfused add would give
             for j in range(d):
                 st(r_out, (i, j), ld(x, (i, j)) + ld(res, (i, j)))
-            src = r_out[i : i + 1]
+            src = r_out
+        row = src[i]
         if mean_out is None:
-            mean0, shift, var = zero, zero, _mean_square(src)
+            mean0, shift, var = zero, zero, _mean_square(row)
         else:
-            mean0, shift, var = _moments(src)
+            mean0, shift, var = _moments(src.reshape((1, n, d)), i)
             mean_out[i] = mean0 + shift
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
         rstd_out[i] = rstd
         for j in range(d):
-            h = (ld(src, (0, j)) - mean0 - shift) * rstd
+            h = (ld(row, j) - mean0 - shift) * rstd
             if w is not None:
                 h = h * (ld(w, j) + offset_)
             if b is not None:
@@ -225,6 +230,34 @@ def _channel_affine(w, b, c, rstd, mean):
     return scale, shift if b is None else shift + ld(b, c)
 
 
+@njit(inline="always")
+def _affine_run(xr, yr, centre, scale, bias):
+    """yr = (xr - centre) * scale + bias along one contiguous run of one channel."""
+    for j in range(xr.shape[0]):
+        st(yr, j, (ld(xr, j) - centre) * scale + bias)
+
+
+@njit(inline="always")
+def _grad_sums_run(dyr, xr, m):
+    """Along one run: sum(dy * (x - m)), sum(dy), sum(x - m)."""
+    dyx, dys, xs = acc(xr, 0.0), acc(xr, 0.0), acc(xr, 0.0)
+    for j in range(xr.shape[0]):
+        xc = ld(xr, j) - m
+        gy = ld(dyr, j)
+        dyx += gy * xc
+        dys += gy
+        xs += xc
+    return dyx, dys, xs
+
+
+@njit(inline="always")
+def _dx_run(dyr, xr, dxr, m, shift, scale, mean_g, c3):
+    """dx = dy * scale - mean_g - (x - m - shift) * c3 along one run, where
+    scale = rstd * w_c, mean_g = rstd * mean(dy * w), c3 = rstd^3 * mean(g * xs)."""
+    for j in range(xr.shape[0]):
+        st(dxr, j, ld(dyr, j) * scale - mean_g - (ld(xr, j) - m - shift) * c3)
+
+
 @njit(**_JIT)
 def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
     """x, y: (N, G, C/G, L) contiguous; one (n, g) group per parallel step."""
@@ -232,14 +265,12 @@ def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
     eps_ = acc(x, eps)
     for ng in prange(n * groups):
         i, g = ng // groups, ng % groups
-        block = x[i, g].reshape((1, cpg * length))
-        mean0, shift, var = _moments(block)
+        mean0, shift, var = _moments(x.reshape((1, n * groups, cpg * length)), ng)
         mean_out[i, g], var_out[i, g] = mean0 + shift, var
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
         for k in range(cpg):
             scale, bias = _channel_affine(w, b, g * cpg + k, rstd, shift)
-            for j in range(length):
-                st(y, (i, g, k, j), (ld(x, (i, g, k, j)) - mean0) * scale + bias)
+            _affine_run(x[i, g, k], y[i, g, k], mean0, scale, bias)
 
 
 @njit(**_JIT)
@@ -256,27 +287,18 @@ def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
         for k in range(cpg):
             c = g * cpg + k
             wc = acc(x, 1.0) if w is None else ld(w, c)
-            dyx, dys, xs = zero, zero, zero
-            for j in range(length):
-                xc = ld(x, (i, g, k, j)) - m
-                gy = ld(dy, (i, g, k, j))
-                dyx += gy * xc
-                dys += gy
-                xs += xc
+            dyx, dys, xs = _grad_sums_run(dy[i, g, k], x[i, g, k], m)
             a_sum += wc * dyx
             b_sum += wc * dys
             s_sum += xs
             dw_part[i, c], db_part[i, c] = dyx, dys
         shift = s_sum * inv
         c3 = rstd * rstd * rstd * (a_sum - shift * b_sum) * inv
-        mean_g = b_sum * inv
         for k in range(cpg):
             c = g * cpg + k
             wc = acc(x, 1.0) if w is None else ld(w, c)
             dw_part[i, c] = (dw_part[i, c] - shift * db_part[i, c]) * rstd
-            for j in range(length):
-                xs = ld(x, (i, g, k, j)) - m - shift
-                st(dx, (i, g, k, j), rstd * (ld(dy, (i, g, k, j)) * wc - mean_g) - xs * c3)
+            _dx_run(dy[i, g, k], x[i, g, k], dx[i, g, k], m, shift, rstd * wc, rstd * b_sum * inv, c3)
 
 
 @njit(**_JIT)
@@ -287,15 +309,13 @@ def _batch_norm_fwd(x, w, b, y, mean, var, training, eps):
     eps_ = acc(x, eps)
     for c in prange(channels):
         if training:
-            mean0, shift, v = _moments(x[:, c, :])
+            mean0, shift, v = _moments(x, c)
             mean[c], var[c] = mean0 + shift, v
         else:
             mean0, shift, v = acc(x, mean[c]), acc(x, 0.0), acc(x, var[c])
-        rstd = acc(x, 1.0) / np.sqrt(v + eps_)
-        scale, bias = _channel_affine(w, b, c, rstd, shift)
+        scale, bias = _channel_affine(w, b, c, acc(x, 1.0) / np.sqrt(v + eps_), shift)
         for i in range(n):
-            for j in range(length):
-                st(y, (i, c, j), (ld(x, (i, c, j)) - mean0) * scale + bias)
+            _affine_run(x[i, c], y[i, c], mean0, scale, bias)
 
 
 @njit(**_JIT)
@@ -311,24 +331,221 @@ def _batch_norm_bwd(dy, x, w, mean, var, training, eps, dx, dw, db):
         wc = acc(x, 1.0) if w is None else ld(w, c)
         dyx, dys, xs = zero, zero, zero
         for i in range(n):
-            for j in range(length):
-                xc = ld(x, (i, c, j)) - m
-                gy = ld(dy, (i, c, j))
-                dyx += gy * xc
-                dys += gy
-                xs += xc
+            a, b, s = _grad_sums_run(dy[i, c], x[i, c], m)
+            dyx += a
+            dys += b
+            xs += s
         shift = xs * inv if training else zero
         dyxs = dyx - shift * dys  # sum(dy * (x - mean)), with the mean's rounding undone
         dw[c], db[c] = dyxs * rstd, dys
-        if training:
-            c3 = rstd * rstd * rstd * wc * dyxs * inv
-            mean_g = wc * dys * inv
-        else:
-            c3, mean_g = zero, zero
+        mean_g = rstd * wc * dys * inv if training else zero
+        c3 = rstd * rstd * rstd * wc * dyxs * inv if training else zero
         for i in range(n):
-            for j in range(length):
-                xsh = ld(x, (i, c, j)) - m - shift
-                st(dx, (i, c, j), rstd * (ld(dy, (i, c, j)) * wc - mean_g) - xsh * c3)
+            _dx_run(dy[i, c], x[i, c], dx[i, c], m, shift, rstd * wc, mean_g, c3)
+
+
+# Channels-last: x is (rows, C) for BatchNorm (rows = N * spatial) and (N, L, C) for
+# GroupNorm; loops run along C, contiguous, with per-channel vectors of statistics.
+
+
+@njit(inline="always")
+def _affine_row_cl(xr, yr, centre, scale, bias):
+    """One channels-last row: y = (x - centre) * scale + bias, per-channel vectors."""
+    for c in range(xr.shape[0]):
+        st(yr, c, (ld(xr, c) - centre[c]) * scale[c] + bias[c])
+
+
+@njit(inline="always")
+def _column_sums(x, lo, hi, centre):
+    """Per channel over rows lo..hi of x (rows, C): sum(x - centre), sum((x - centre)^2)."""
+    channels = x.shape[1]
+    s1 = np.zeros(channels, dtype=centre.dtype)
+    s2 = np.zeros(channels, dtype=centre.dtype)
+    for r in range(lo, hi):
+        xr = x[r]
+        for c in range(channels):
+            dv = ld(xr, c) - centre[c]
+            s1[c] += dv
+            s2[c] += dv * dv
+    return s1, s2
+
+
+@njit(**_JIT)
+def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
+    """x, y: (rows, C).  Statistics per chunk of rows (part[k] = local mean, sum of
+    x - local mean, of its square, row count; each chunk read while in cache), merged in
+    chunk order around the first chunk's mean (Chan et al.): deterministic."""
+    rows, channels = x.shape
+    chunks = part.shape[0]
+    zero = acc(x, 0.0)
+    centre = np.zeros(channels, dtype=part.dtype)
+    offset = np.zeros(channels, dtype=part.dtype)
+    if training:
+        for k in prange(chunks):
+            lo, hi = k * rows // chunks, (k + 1) * rows // chunks
+            local, _ = _column_sums(x, lo, hi, np.zeros(channels, dtype=part.dtype))
+            local *= acc(x, 1.0) / acc(x, max(1, hi - lo))
+            s1, s2 = _column_sums(x, lo, hi, local)
+            part[k, 0], part[k, 1], part[k, 2] = local, s1, s2
+            part[k, 3] = acc(x, hi - lo)
+        inv_rows = acc(x, 1.0) / acc(x, max(1, rows))
+        for c in range(channels):
+            base = part[0, 0, c]
+            t = zero
+            for k in range(chunks):
+                t += part[k, 3, c] * (part[k, 0, c] - base) + part[k, 1, c]
+            t *= inv_rows
+            m2 = zero
+            for k in range(chunks):
+                cnt = part[k, 3, c]
+                if cnt > 0:
+                    dk = (part[k, 0, c] - base) + part[k, 1, c] / cnt - t
+                    m2 += part[k, 2, c] - part[k, 1, c] * part[k, 1, c] / cnt + cnt * dk * dk
+            mean[c], var[c] = base + t, max(m2 * inv_rows, zero)
+            centre[c], offset[c] = base, t
+    else:
+        for c in range(channels):
+            centre[c] = mean[c]
+    eps_ = acc(x, eps)
+    scale = np.empty(channels, dtype=part.dtype)
+    bias = np.empty(channels, dtype=part.dtype)
+    for c in range(channels):
+        rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
+        scale[c], bias[c] = _channel_affine(w, b, c, rstd, offset[c])
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            _affine_row_cl(x[r], y[r], centre, scale, bias)
+
+
+@njit(**_JIT)
+def _batch_norm_cl_bwd(dy, x, w, mean, var, training, eps, dx, part, dw, db):
+    """x, dy, dx: (rows, C); part[k] holds per-chunk sums of dy, dy * (x - mean) and
+    x - mean, added in chunk order."""
+    rows, channels = x.shape
+    chunks = part.shape[0]
+    zero, eps_ = acc(x, 0.0), acc(x, eps)
+    for k in prange(chunks):
+        dys = np.zeros(channels, dtype=part.dtype)
+        dyx = np.zeros(channels, dtype=part.dtype)
+        xs = np.zeros(channels, dtype=part.dtype)
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            xr, dyr = x[r], dy[r]
+            for c in range(channels):
+                gy = ld(dyr, c)
+                xc = ld(xr, c) - mean[c]
+                dys[c] += gy
+                dyx[c] += gy * xc
+                xs[c] += xc
+        part[k, 0], part[k, 1], part[k, 2] = dys, dyx, xs
+    inv = acc(x, 1.0) / acc(x, max(1, rows))
+    coef = np.empty((4, channels), dtype=part.dtype)  # rstd * w, rstd * mean(g), shift, c3
+    for c in range(channels):
+        dys, dyx, xs = zero, zero, zero
+        for k in range(chunks):
+            dys += part[k, 0, c]
+            dyx += part[k, 1, c]
+            xs += part[k, 2, c]
+        rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
+        wc = acc(x, 1.0) if w is None else ld(w, c)
+        shift = xs * inv if training else zero
+        dyxs = dyx - shift * dys
+        dw[c], db[c] = dyxs * rstd, dys
+        coef[0, c] = rstd * wc
+        coef[1, c] = rstd * wc * dys * inv if training else zero
+        coef[2, c] = shift
+        coef[3, c] = rstd * rstd * rstd * wc * dyxs * inv if training else zero
+    for k in prange(chunks):
+        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
+            _dx_row_cl(dy[r], x[r], dx[r], mean, coef)
+
+
+@njit(inline="always")
+def _dx_row_cl(dyr, xr, dxr, centre, coef):
+    """One channels-last row: dx = dy * coef0 - coef1 - (x - centre - coef2) * coef3."""
+    for c in range(xr.shape[0]):
+        xs = ld(xr, c) - centre[c] - coef[2, c]
+        st(dxr, c, ld(dyr, c) * coef[0, c] - coef[1, c] - xs * coef[3, c])
+
+
+@njit(**_JIT)
+def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, groups, eps):
+    """x, y: (N, L, C); one sample per parallel step, statistics per group of C/G
+    channels from per-channel sums along L."""
+    n, length, channels = x.shape
+    cpg = channels // groups
+    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
+    zero, eps_ = acc(x, 0.0), acc(x, eps)
+    for i in prange(n):
+        s, _ = _column_sums(x[i], 0, length, np.zeros(channels, dtype=mean_out.dtype))
+        centre = np.empty(channels, dtype=mean_out.dtype)
+        for g in range(groups):
+            t = zero
+            for k in range(cpg):
+                t += s[g * cpg + k]
+            for k in range(cpg):
+                centre[g * cpg + k] = t * inv
+        s1, s2 = _column_sums(x[i], 0, length, centre)
+        scale = np.empty(channels, dtype=mean_out.dtype)
+        shift = np.empty(channels, dtype=mean_out.dtype)
+        for g in range(groups):
+            t1, t2 = zero, zero
+            for k in range(cpg):
+                t1 += s1[g * cpg + k]
+                t2 += s2[g * cpg + k]
+            sh = t1 * inv
+            v = max(t2 * inv - sh * sh, zero)
+            mean_out[i, g], var_out[i, g] = centre[g * cpg] + sh, v
+            rstd = acc(x, 1.0) / np.sqrt(v + eps_)
+            for k in range(cpg):
+                scale[g * cpg + k], shift[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, sh)
+        for l in range(length):
+            _affine_row_cl(x[i, l], y[i, l], centre, scale, shift)
+
+
+@njit(**_JIT)
+def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, dw_part, db_part):
+    """x, dy, dx: (N, L, C); per-sample partial sums dw_part[n, c], db_part[n, c]."""
+    n, length, channels = x.shape
+    cpg = channels // groups
+    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
+    zero, eps_ = acc(x, 0.0), acc(x, eps)
+    for i in prange(n):
+        centre = np.empty(channels, dtype=mean.dtype)
+        for c in range(channels):
+            centre[c] = mean[i, c // cpg]
+        dys = np.zeros(channels, dtype=mean.dtype)
+        dyx = np.zeros(channels, dtype=mean.dtype)
+        xs = np.zeros(channels, dtype=mean.dtype)
+        for l in range(length):
+            xr, dyr = x[i, l], dy[i, l]
+            for c in range(channels):
+                gy = ld(dyr, c)
+                xc = ld(xr, c) - centre[c]
+                dys[c] += gy
+                dyx[c] += gy * xc
+                xs[c] += xc
+        coef = np.empty((4, channels), dtype=mean.dtype)  # rstd * w, rstd * mean(g), shift, c3
+        for g in range(groups):
+            a_sum, b_sum, s_sum = zero, zero, zero
+            for k in range(cpg):
+                c = g * cpg + k
+                wc = acc(x, 1.0) if w is None else ld(w, c)
+                a_sum += wc * dyx[c]
+                b_sum += wc * dys[c]
+                s_sum += xs[c]
+            rstd = acc(x, 1.0) / np.sqrt(var[i, g] + eps_)
+            sh = s_sum * inv
+            c3 = rstd * rstd * rstd * (a_sum - sh * b_sum) * inv
+            for k in range(cpg):
+                c = g * cpg + k
+                wc = acc(x, 1.0) if w is None else ld(w, c)
+                dw_part[i, c], db_part[i, c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
+                coef[0, c] = rstd * wc
+                coef[1, c] = rstd * b_sum * inv
+                coef[2, c] = sh
+                coef[3, c] = c3
+        for l in range(length):
+            _dx_row_cl(dy[i, l], x[i, l], dx[i, l], centre, coef)
 
 
 # ---------------------------------------------------------------------------
@@ -349,22 +566,27 @@ def _np(t: torch.Tensor | None):
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16}
 
 
+_FRESH_MMAP_BYTES = 32 << 20  # glibc serves larger blocks from a fresh mmap every time
+
+
 def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor in numpy's memory.  numpy asks the kernel for huge pages
-    on large allocations (madvise), so first touching a 64 MB output costs ~3 ms instead
-    of the ~15 ms of page faults that torch's allocator takes on the 4 KB pages of a
-    fresh mmap.  The tensor is an ordinary CPU tensor (only not resizable)."""
+    """An uninitialized output tensor.  Blocks of 32 MB and more come from a fresh mmap
+    on every call (glibc's largest mmap threshold), and first touching a 64 MB one costs
+    ~15 ms of page faults on 4 KB pages: numpy asks the kernel for huge pages there
+    (madvise), which cuts that to ~3 ms.  The result is an ordinary CPU tensor (only not
+    resizable).  Smaller blocks are reused from the heap: torch's allocator is best."""
+    numel = math.prod(shape)
+    if numel * torch.empty((), dtype=dtype).element_size() < _FRESH_MMAP_BYTES:
+        return torch.empty(shape, dtype=dtype)
     t = torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def _kernel_dtype(t: torch.Tensor | None) -> torch.Tensor | None:
-    """float16 widened to float32 (numba has no float16); others as they are, contiguous."""
+    """float16 widened to float32 (numba has no float16); others as they are."""
     if t is None:
         return None
-    if t.dtype == torch.float16:
-        return t.float()
-    return t.contiguous()
+    return t.float() if t.dtype == torch.float16 else t
 
 
 def _threads() -> None:
@@ -374,8 +596,7 @@ def _threads() -> None:
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
     _threads()
     out_dtype = x.dtype
-    xk, rk = _kernel_dtype(x), _kernel_dtype(residual)
-    wk, bk = _kernel_dtype(weight), _kernel_dtype(bias)
+    xk, rk, wk, bk = (None if t is None else _kernel_dtype(t).contiguous() for t in (x, residual, weight, bias))
     n = x.shape[0]
     acc = acc_dtype(xk.dtype)
     y = _empty(xk.shape, xk.dtype)
@@ -393,7 +614,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     _threads()
     out_dtype = r.dtype
-    dyk, drk, rk, wk = (_kernel_dtype(t) for t in (dy, dr, r, weight))
+    dyk, drk, rk, wk = (None if t is None else _kernel_dtype(t).contiguous() for t in (dy, dr, r, weight))
     n, d = r.shape
     acc = acc_dtype(rk.dtype)
     chunks = max(1, min(n, _GRAD_CHUNKS))
@@ -406,9 +627,31 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     return dx.to(out_dtype), dw, db
 
 
+_CL_CHUNK_ELEMENTS = 16384  # a chunk of channels-last rows: 64 KB of float32, in cache
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return ops_memory_format(x) is not torch.contiguous_format
+
+
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) as a contiguous (N, C, L) tensor (a view when it already is)."""
     return _kernel_dtype(x).contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last (N, C, *spatial) tensor as its (N, L, C) storage, no copy."""
+    x = _kernel_dtype(x)
+    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    x = x.contiguous(memory_format=fmt)
+    return x.permute(0, *range(2, x.ndim), 1).reshape(x.shape[0], math.prod(x.shape[2:]), x.shape[1])
+
+
+def _from_channels_last(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, L, C) kernel output back to x's (N, C, *spatial) shape, channels-last, x's dtype."""
+    spatial = x.shape[2:]
+    t = t.view(x.shape[0], *spatial, x.shape[1]).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+    return t.to(x.dtype)
 
 
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -417,30 +660,48 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view(x.shape).to(x.dtype)
 
 
+def _cl_chunks(rows: int, channels: int) -> int:
+    return max(1, min(rows, rows * channels // _CL_CHUNK_ELEMENTS))
+
+
 def group_norm_forward(x, weight, bias, num_groups, eps):
     _threads()
-    x3 = _channels_first(x)
-    n, c, length = x3.shape
-    acc = acc_dtype(x3.dtype)
-    y = _empty(x3.shape, x3.dtype)
+    w, b = _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias))
+    n, c = x.shape[:2]
+    acc = acc_dtype(x.dtype)
     mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
-    shape4 = (n, num_groups, c // num_groups, length)
-    _group_norm_fwd(_np(x3.view(shape4)), _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias)),
-                    _np(y.view(shape4)), _np(mean), _np(var), float(eps))
+    if _channels_last(x):
+        xl = _channels_last_view(x)
+        y = _empty(xl.shape, xl.dtype)
+        _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), num_groups, float(eps))
+        return _from_channels_last(y, x), mean, var
+    x3 = _channels_first(x)
+    y = _empty(x3.shape, x3.dtype)
+    shape4 = (n, num_groups, c // num_groups, x3.shape[2])
+    _group_norm_fwd(_np(x3.view(shape4)), w, b, _np(y.view(shape4)), _np(mean), _np(var), float(eps))
     return _like_input(y, x), mean, var
 
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     _threads()
-    x3, dy3 = _channels_first(x), _channels_first(dy)
-    n, c, length = x3.shape
-    acc = acc_dtype(x3.dtype)
-    dx = _empty(x3.shape, x3.dtype)
+    w = _np(_kernel_dtype(weight))
+    n, c = x.shape[:2]
+    acc = acc_dtype(x.dtype)
     dw_part, db_part = torch.empty(n, c, dtype=acc), torch.empty(n, c, dtype=acc)
-    shape4 = (n, num_groups, c // num_groups, length)
-    _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), _np(_kernel_dtype(weight)),
-                    _np(mean), _np(var), float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
-    return _like_input(dx, x), _param_grad(dw_part, weight), _param_grad(db_part, bias)
+    if _channels_last(x):
+        xl, dyl = _channels_last_view(x), _channels_last_view(dy)
+        dx = _empty(xl.shape, xl.dtype)
+        _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
+                           _np(dx), _np(dw_part), _np(db_part))
+        dx = _from_channels_last(dx, x)
+    else:
+        x3, dy3 = _channels_first(x), _channels_first(dy)
+        dx = _empty(x3.shape, x3.dtype)
+        shape4 = (n, num_groups, c // num_groups, x3.shape[2])
+        _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), w, _np(mean), _np(var),
+                        float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
+        dx = _like_input(dx, x)
+    return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
@@ -455,30 +716,49 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
     _threads()
-    x3 = _channels_first(x)
-    acc = acc_dtype(x3.dtype)
-    c = x3.shape[1]
+    w, b = _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias))
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
     if training:
         mean, var = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    if _channels_last(x):
+        xl = _channels_last_view(x)
+        rows = xl.reshape(-1, c)
+        y = _empty(xl.shape, xl.dtype)
+        part = torch.empty(_cl_chunks(rows.shape[0], c), 4, c, dtype=acc)
+        _batch_norm_cl_fwd(_np(rows), w, b, _np(y.view(-1, c)), _np(mean), _np(var), _np(part),
+                           training, float(eps))
+        return _from_channels_last(y, x), mean, var
+    x3 = _channels_first(x)
     y = _empty(x3.shape, x3.dtype)
-    _batch_norm_fwd(_np(x3), _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias)), _np(y),
-                    _np(mean), _np(var), training, float(eps))
+    _batch_norm_fwd(_np(x3), w, b, _np(y), _np(mean), _np(var), training, float(eps))
     return _like_input(y, x), mean, var
 
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
     _threads()
-    x3, dy3 = _channels_first(x), _channels_first(dy)
-    acc = acc_dtype(x3.dtype)
-    c = x3.shape[1]
-    dx = _empty(x3.shape, x3.dtype)
+    w = _np(_kernel_dtype(weight))
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
     dw, db = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-    _batch_norm_bwd(_np(dy3), _np(x3), _np(_kernel_dtype(weight)), _np(mean), _np(var),
-                    training, float(eps), _np(dx), _np(dw), _np(db))
+    if _channels_last(x):
+        xl, dyl = _channels_last_view(x), _channels_last_view(dy)
+        rows = xl.reshape(-1, c)
+        dx = _empty(xl.shape, xl.dtype)
+        part = torch.empty(_cl_chunks(rows.shape[0], c), 3, c, dtype=acc)
+        _batch_norm_cl_bwd(_np(dyl.reshape(-1, c)), _np(rows), w, _np(mean), _np(var), training,
+                           float(eps), _np(dx.view(-1, c)), _np(part), _np(dw), _np(db))
+        dx = _from_channels_last(dx, x)
+    else:
+        x3, dy3 = _channels_first(x), _channels_first(dy)
+        dx = _empty(x3.shape, x3.dtype)
+        _batch_norm_bwd(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
+                        _np(dx), _np(dw), _np(db))
+        dx = _like_input(dx, x)
     return (
-        _like_input(dx, x),
+        dx,
         None if weight is None else dw.to(weight.dtype),
         None if bias is None else db.to(bias.dtype),
     )
