@@ -258,9 +258,40 @@ def _dx_run(dyr, xr, dxr, m, shift, scale, mean_g, c3):
         st(dxr, j, ld(dyr, j) * scale - mean_g - (ld(xr, j) - m - shift) * c3)
 
 
+# Each kernel first reduces (statistics, or the sums the backward needs) and folds the
+# result into per-channel coefficients, then makes a second parallel sweep over the
+# contiguous runs x[n, c] doing only the elementwise map.  That sweep must sit directly
+# under its prange: with a loop between them numba's output does not vectorize (3x slower).
+
+
 @njit(**_JIT)
-def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
-    """x, y: (N, G, C/G, L) contiguous; one (n, g) group per parallel step."""
+def _affine_runs(x, y, coef):
+    """y[n, c] = (x[n, c] - coef[0, n, c]) * coef[1, n, c] + coef[2, n, c], runs in
+    parallel; a coef of shape (3, 1, C) applies to every n."""
+    n, channels = x.shape[0], x.shape[1]
+    per_sample = coef.shape[1] > 1  # GroupNorm: per (n, c); BatchNorm: per c
+    for r in prange(n * channels):
+        i, c = r // channels, r % channels
+        k = i if per_sample else 0
+        _affine_run(x[i, c], y[i, c], coef[0, k, c], coef[1, k, c], coef[2, k, c])
+
+
+@njit(**_JIT)
+def _dx_runs(dy, x, dx, coef):
+    """dx[n, c] from dy[n, c], x[n, c] and the coefficients of ``_dx_run`` per (n, c):
+    coef[0] = centre, [1] = shift, [2] = rstd * w, [3] = rstd * mean(g), [4] = c3."""
+    n, channels = x.shape[0], x.shape[1]
+    per_sample = coef.shape[1] > 1
+    for r in prange(n * channels):
+        i, c = r // channels, r % channels
+        k = i if per_sample else 0
+        _dx_run(dy[i, c], x[i, c], dx[i, c], coef[0, k, c], coef[1, k, c], coef[2, k, c],
+                coef[3, k, c], coef[4, k, c])
+
+
+@njit(**_JIT)
+def _group_norm_stats(x, w, b, mean_out, var_out, coef, eps):
+    """x: (N, G, C/G, L).  Statistics per (n, g); coef[:, n, c] for ``_affine_runs``."""
     n, groups, cpg, length = x.shape
     eps_ = acc(x, eps)
     for ng in prange(n * groups):
@@ -269,13 +300,15 @@ def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
         mean_out[i, g], var_out[i, g] = mean0 + shift, var
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
         for k in range(cpg):
-            scale, bias = _channel_affine(w, b, g * cpg + k, rstd, shift)
-            _affine_run(x[i, g, k], y[i, g, k], mean0, scale, bias)
+            c = g * cpg + k
+            coef[0, i, c] = mean0
+            coef[1, i, c], coef[2, i, c] = _channel_affine(w, b, c, rstd, shift)
 
 
 @njit(**_JIT)
-def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
-    """dx per (n, g) group; per-sample partial sums dw_part[n, c], db_part[n, c]."""
+def _group_norm_grad_sums(dy, x, w, mean, var, eps, coef, dw_part, db_part):
+    """x, dy: (N, G, C/G, L).  Per (n, g) the sums of the backward, folded into
+    coef[:, n, c] for ``_dx_runs``; per-sample partial sums dw_part, db_part[n, c]."""
     n, groups, cpg, length = x.shape
     eps_, zero = acc(x, eps), acc(x, 0.0)
     inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
@@ -298,14 +331,15 @@ def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
             c = g * cpg + k
             wc = acc(x, 1.0) if w is None else ld(w, c)
             dw_part[i, c] = (dw_part[i, c] - shift * db_part[i, c]) * rstd
-            _dx_run(dy[i, g, k], x[i, g, k], dx[i, g, k], m, shift, rstd * wc, rstd * b_sum * inv, c3)
+            coef[0, i, c], coef[1, i, c], coef[2, i, c] = m, shift, rstd * wc
+            coef[3, i, c], coef[4, i, c] = rstd * b_sum * inv, c3
 
 
 @njit(**_JIT)
-def _batch_norm_fwd(x, w, b, y, mean, var, training, eps):
-    """x, y: (N, C, L) contiguous; one channel per parallel step.  In training mean and
-    var are outputs (the batch's), otherwise inputs (the running statistics)."""
-    n, channels, length = x.shape
+def _batch_norm_stats(x, w, b, mean, var, coef, training, eps):
+    """x: (N, C, L).  In training mean and var are outputs (the batch's), otherwise
+    inputs (the running statistics); coef[:, 0, c] for ``_affine_runs`` (broadcast on n)."""
+    channels = x.shape[1]
     eps_ = acc(x, eps)
     for c in prange(channels):
         if training:
@@ -313,15 +347,14 @@ def _batch_norm_fwd(x, w, b, y, mean, var, training, eps):
             mean[c], var[c] = mean0 + shift, v
         else:
             mean0, shift, v = acc(x, mean[c]), acc(x, 0.0), acc(x, var[c])
-        scale, bias = _channel_affine(w, b, c, acc(x, 1.0) / np.sqrt(v + eps_), shift)
-        for i in range(n):
-            _affine_run(x[i, c], y[i, c], mean0, scale, bias)
+        coef[0, 0, c] = mean0
+        coef[1, 0, c], coef[2, 0, c] = _channel_affine(w, b, c, acc(x, 1.0) / np.sqrt(v + eps_), shift)
 
 
 @njit(**_JIT)
-def _batch_norm_bwd(dy, x, w, mean, var, training, eps, dx, dw, db):
-    """dx, and the per-channel dw, db in the accumulation dtype (each channel summed by
-    one thread, in order)."""
+def _batch_norm_grad_sums(dy, x, w, mean, var, training, eps, coef, dw, db):
+    """x, dy: (N, C, L).  Per channel (one thread, in order) the sums of the backward:
+    dw, db, and coef[:, 0, c] for ``_dx_runs``."""
     n, channels, length = x.shape
     eps_, zero = acc(x, eps), acc(x, 0.0)
     inv = acc(x, 1.0) / acc(x, max(1, n * length))
@@ -338,10 +371,9 @@ def _batch_norm_bwd(dy, x, w, mean, var, training, eps, dx, dw, db):
         shift = xs * inv if training else zero
         dyxs = dyx - shift * dys  # sum(dy * (x - mean)), with the mean's rounding undone
         dw[c], db[c] = dyxs * rstd, dys
-        mean_g = rstd * wc * dys * inv if training else zero
-        c3 = rstd * rstd * rstd * wc * dyxs * inv if training else zero
-        for i in range(n):
-            _dx_run(dy[i, c], x[i, c], dx[i, c], m, shift, rstd * wc, mean_g, c3)
+        coef[0, 0, c], coef[1, 0, c], coef[2, 0, c] = m, shift, rstd * wc
+        coef[3, 0, c] = rstd * wc * dys * inv if training else zero
+        coef[4, 0, c] = rstd * rstd * rstd * wc * dyxs * inv if training else zero
 
 
 # Channels-last: x is (rows, C) for BatchNorm (rows = N * spatial) and (N, L, C) for
@@ -412,9 +444,8 @@ def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
     for c in range(channels):
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
         scale[c], bias[c] = _channel_affine(w, b, c, rstd, offset[c])
-    for k in prange(chunks):
-        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
-            _affine_row_cl(x[r], y[r], centre, scale, bias)
+    for r in prange(rows):  # directly under prange: vectorizes
+        _affine_row_cl(x[r], y[r], centre, scale, bias)
 
 
 @njit(**_JIT)
@@ -454,9 +485,8 @@ def _batch_norm_cl_bwd(dy, x, w, mean, var, training, eps, dx, part, dw, db):
         coef[1, c] = rstd * wc * dys * inv if training else zero
         coef[2, c] = shift
         coef[3, c] = rstd * rstd * rstd * wc * dyxs * inv if training else zero
-    for k in prange(chunks):
-        for r in range(k * rows // chunks, (k + 1) * rows // chunks):
-            _dx_row_cl(dy[r], x[r], dx[r], mean, coef)
+    for r in prange(rows):
+        _dx_row_cl(dy[r], x[r], dx[r], mean, coef)
 
 
 @njit(inline="always")
@@ -468,16 +498,17 @@ def _dx_row_cl(dyr, xr, dxr, centre, coef):
 
 
 @njit(**_JIT)
-def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, groups, eps):
-    """x, y: (N, L, C); one sample per parallel step, statistics per group of C/G
-    channels from per-channel sums along L."""
+def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
+    """x, y: (N, L, C).  Statistics per sample (in parallel) and group of C/G channels
+    from per-channel sums along L, folded into coef[n] = (centre, scale, bias) per
+    channel; then the elementwise sweep over all N * L rows."""
     n, length, channels = x.shape
     cpg = channels // groups
     inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
     zero, eps_ = acc(x, 0.0), acc(x, eps)
     for i in prange(n):
         s, _ = _column_sums(x[i], 0, length, np.zeros(channels, dtype=mean_out.dtype))
-        centre = np.empty(channels, dtype=mean_out.dtype)
+        centre = coef[i, 0]
         for g in range(groups):
             t = zero
             for k in range(cpg):
@@ -485,8 +516,6 @@ def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, groups, eps):
             for k in range(cpg):
                 centre[g * cpg + k] = t * inv
         s1, s2 = _column_sums(x[i], 0, length, centre)
-        scale = np.empty(channels, dtype=mean_out.dtype)
-        shift = np.empty(channels, dtype=mean_out.dtype)
         for g in range(groups):
             t1, t2 = zero, zero
             for k in range(cpg):
@@ -497,20 +526,22 @@ def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, groups, eps):
             mean_out[i, g], var_out[i, g] = centre[g * cpg] + sh, v
             rstd = acc(x, 1.0) / np.sqrt(v + eps_)
             for k in range(cpg):
-                scale[g * cpg + k], shift[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, sh)
-        for l in range(length):
-            _affine_row_cl(x[i, l], y[i, l], centre, scale, shift)
+                coef[i, 1, g * cpg + k], coef[i, 2, g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, sh)
+    for r in prange(n * length):
+        i, l = r // length, r % length
+        _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
 
 
 @njit(**_JIT)
-def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, dw_part, db_part):
-    """x, dy, dx: (N, L, C); per-sample partial sums dw_part[n, c], db_part[n, c]."""
+def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_part):
+    """x, dy, dx: (N, L, C); per-sample partial sums dw_part[n, c], db_part[n, c];
+    coef[n] = (centre, rstd * w, rstd * mean(g), shift, c3) per channel."""
     n, length, channels = x.shape
     cpg = channels // groups
     inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
     zero, eps_ = acc(x, 0.0), acc(x, eps)
     for i in prange(n):
-        centre = np.empty(channels, dtype=mean.dtype)
+        centre = coef[i, 0]
         for c in range(channels):
             centre[c] = mean[i, c // cpg]
         dys = np.zeros(channels, dtype=mean.dtype)
@@ -524,7 +555,6 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, dw_part, db_part):
                 dys[c] += gy
                 dyx[c] += gy * xc
                 xs[c] += xc
-        coef = np.empty((4, channels), dtype=mean.dtype)  # rstd * w, rstd * mean(g), shift, c3
         for g in range(groups):
             a_sum, b_sum, s_sum = zero, zero, zero
             for k in range(cpg):
@@ -540,12 +570,80 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, dw_part, db_part):
                 c = g * cpg + k
                 wc = acc(x, 1.0) if w is None else ld(w, c)
                 dw_part[i, c], db_part[i, c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
-                coef[0, c] = rstd * wc
-                coef[1, c] = rstd * b_sum * inv
-                coef[2, c] = sh
-                coef[3, c] = c3
-        for l in range(length):
-            _dx_row_cl(dy[i, l], x[i, l], dx[i, l], centre, coef)
+                coef[i, 1, c] = rstd * wc
+                coef[i, 2, c] = rstd * b_sum * inv
+                coef[i, 3, c] = sh
+                coef[i, 4, c] = c3
+    for r in prange(n * length):
+        i, l = r // length, r % length
+        _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
+
+
+# ---------------------------------------------------------------------------
+# DyT: y = w * tanh(alpha * x) + b over rows.
+# ---------------------------------------------------------------------------
+
+
+def tanh(v):
+    """tanh in v's precision; for float32 without a libm call, so loops vectorize."""
+
+
+@overload(tanh, inline="always")
+def _tanh(v):
+    if v == types.float64:
+        return lambda v: np.tanh(v)
+
+    def tanh_float32(v):
+        # In float64: tanh|x| = m / (m + 2) with m = expm1(2|x|), expm1 by range reduction
+        # (2|x| = k ln2 + r) and a degree-9 polynomial; within 0.5 ulp of float32.
+        a = min(abs(np.float64(v)), 10.0) * 2.0  # tanh(10) rounds to 1 in float32
+        k = np.floor(a * 1.4426950408889634 + 0.5)
+        r = a - k * 0.6931471805599453
+        q = r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
+            1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880)))))))))
+        scale = np.int64((np.int64(k) + 1023) << 52).view(np.float64)  # 2^k
+        m = scale * q + (scale - 1.0)
+        t = np.float32(np.copysign(m / (m + 2.0), np.float64(v)))
+        return v if v != v else t
+
+    return tanh_float32
+
+
+@njit(**_JIT)
+def _dyt_fwd(x, alpha, w, b, y):
+    n, d = x.shape
+    a = ld(alpha, 0)
+    for i in prange(n):
+        xr, yr = x[i], y[i]
+        for j in range(d):
+            h = tanh(a * ld(xr, j))
+            if w is not None:
+                h = h * ld(w, j)
+            if b is not None:
+                h = h + ld(b, j)
+            st(yr, j, h)
+
+
+@njit(**_JIT)
+def _dyt_bwd(dy, x, alpha, w, dx, part):
+    """dx, and per-chunk partial sums part[k] = (dw = dy * t, db = dy, dalpha terms
+    dy * w * x * (1 - t^2)) over the chunk's rows, added in order by the caller."""
+    n, d = x.shape
+    chunks = part.shape[0]
+    a = ld(alpha, 0)
+    for k in prange(chunks):
+        for i in range(k * n // chunks, (k + 1) * n // chunks):
+            xr, dyr, dxr = x[i], dy[i], dx[i]
+            for j in range(d):
+                xv = ld(xr, j)
+                t = tanh(a * xv)
+                g = ld(dyr, j)
+                gw = g if w is None else g * ld(w, j)
+                dpre = gw * (acc(x, 1.0) - t * t)
+                st(dxr, j, dpre * a)
+                part[k, 0, j] += g * t
+                part[k, 1, j] += g
+                part[k, 2, j] += dpre * xv
 
 
 # ---------------------------------------------------------------------------
@@ -673,12 +771,16 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
     if _channels_last(x):
         xl = _channels_last_view(x)
         y = _empty(xl.shape, xl.dtype)
-        _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), num_groups, float(eps))
+        coef = torch.empty(n, 3, c, dtype=acc)
+        _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), num_groups,
+                           float(eps))
         return _from_channels_last(y, x), mean, var
     x3 = _channels_first(x)
     y = _empty(x3.shape, x3.dtype)
-    shape4 = (n, num_groups, c // num_groups, x3.shape[2])
-    _group_norm_fwd(_np(x3.view(shape4)), w, b, _np(y.view(shape4)), _np(mean), _np(var), float(eps))
+    coef = torch.empty(3, n, c, dtype=acc)
+    _group_norm_stats(_np(x3.view(_group_shape(x3, num_groups))), w, b, _np(mean), _np(var),
+                      _np(coef), float(eps))
+    _affine_runs(_np(x3), _np(y), _np(coef))
     return _like_input(y, x), mean, var
 
 
@@ -691,17 +793,25 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     if _channels_last(x):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         dx = _empty(xl.shape, xl.dtype)
+        coef = torch.empty(n, 5, c, dtype=acc)
         _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
-                           _np(dx), _np(dw_part), _np(db_part))
+                           _np(dx), _np(coef), _np(dw_part), _np(db_part))
         dx = _from_channels_last(dx, x)
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
         dx = _empty(x3.shape, x3.dtype)
-        shape4 = (n, num_groups, c // num_groups, x3.shape[2])
-        _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), w, _np(mean), _np(var),
-                        float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
+        coef = torch.empty(5, n, c, dtype=acc)
+        shape4 = _group_shape(x3, num_groups)
+        _group_norm_grad_sums(_np(dy3.view(shape4)), _np(x3.view(shape4)), w, _np(mean), _np(var),
+                              float(eps), _np(coef), _np(dw_part), _np(db_part))
+        _dx_runs(_np(dy3), _np(x3), _np(dx), _np(coef))
         dx = _like_input(dx, x)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
+
+
+def _group_shape(x3: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
+    n, c, length = x3.shape
+    return (n, num_groups, c // num_groups, length)
 
 
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
@@ -733,7 +843,9 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
         return _from_channels_last(y, x), mean, var
     x3 = _channels_first(x)
     y = _empty(x3.shape, x3.dtype)
-    _batch_norm_fwd(_np(x3), w, b, _np(y), _np(mean), _np(var), training, float(eps))
+    coef = torch.empty(3, 1, c, dtype=acc)
+    _batch_norm_stats(_np(x3), w, b, _np(mean), _np(var), _np(coef), training, float(eps))
+    _affine_runs(_np(x3), _np(y), _np(coef))
     return _like_input(y, x), mean, var
 
 
@@ -754,11 +866,40 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
         dx = _empty(x3.shape, x3.dtype)
-        _batch_norm_bwd(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
-                        _np(dx), _np(dw), _np(db))
+        coef = torch.empty(5, 1, c, dtype=acc)
+        _batch_norm_grad_sums(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
+                              _np(coef), _np(dw), _np(db))
+        _dx_runs(_np(dy3), _np(x3), _np(dx), _np(coef))
         dx = _like_input(dx, x)
     return (
         dx,
         None if weight is None else dw.to(weight.dtype),
         None if bias is None else db.to(bias.dtype),
     )
+
+
+def dyt_forward(x, alpha, weight, bias):
+    _threads()
+    xk = _kernel_dtype(x).contiguous()
+    y = _empty(xk.shape, xk.dtype)
+    _dyt_fwd(_np(xk), _np(_kernel_dtype(alpha).reshape(1)), _np(_kernel_dtype(weight)),
+             _np(_kernel_dtype(bias)), _np(y))
+    return y.to(x.dtype)
+
+
+def dyt_backward(dy, x, alpha, weight, bias):
+    _threads()
+    xk, dyk = _kernel_dtype(x).contiguous(), _kernel_dtype(dy).contiguous()
+    n, d = xk.shape
+    acc = acc_dtype(xk.dtype)
+    dx = _empty(xk.shape, xk.dtype)
+    part = torch.zeros(max(1, min(n, _GRAD_CHUNKS)), 3, d, dtype=acc)
+    _dyt_bwd(_np(dyk), _np(xk), _np(_kernel_dtype(alpha).reshape(1)), _np(_kernel_dtype(weight)),
+             _np(dx), _np(part))
+    sums = part.sum(0)  # chunks in order: deterministic
+    dalpha = sums[2].sum().reshape(alpha.shape).to(alpha.dtype)
+    return dx.to(x.dtype), dalpha, _param_grad_sum(sums[0], weight), _param_grad_sum(sums[1], bias)
+
+
+def _param_grad_sum(total: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else total.to(param.dtype, copy=True)  # not a view of part

@@ -1,0 +1,81 @@
+"""DyT and ScaleNorm against the float64 reference and their torch spelling."""
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import addnorm.functional as AF
+from conftest import DTYPES
+from helpers import R, as64, assert_close, grads, leaf
+
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fixture_ok
+@given(
+    batch=st.lists(st.integers(0, 5), max_size=2),
+    d=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    affine=st.booleans(),
+    alpha=st.sampled_from([0.5, 2.0, -1.3]),
+    spread=st.sampled_from([1.0, 30.0]),  # 30: deep into tanh's saturation
+    seed=st.integers(0, 2**16),
+)
+def test_dyt(backend, batch, d, dtype, affine, alpha, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*batch, d, generator=g, dtype=torch.float64) * spread).to(dtype)
+    a = torch.tensor([alpha], dtype=dtype)
+    w = torch.randn(d, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    b = torch.randn(d, generator=g, dtype=torch.float64).to(dtype) if affine else None
+
+    def torch_dyt(x, a, w, b):  # what torch users write, in float32 (float64), cast once
+        acc = R.acc_dtype(x.dtype)
+        y = torch.tanh(a.to(acc) * x.to(acc))
+        return (y if w is None else w.to(acc) * y + b.to(acc)).to(x.dtype)
+
+    ins = [leaf(t) if t is not None else None for t in (x, a, w, b)]
+    tins = [leaf(t) if t is not None else None for t in (x, a, w, b)]
+    rins = as64(x, a, w, b)
+    ours, theirs, ref = AF.dyt(*ins), torch_dyt(*tins), R.dyt(*rins)
+    assert_close(ours, theirs, ref, dtype)
+    rows = max(1, x.numel() // d)
+    names = ("dx", "dalpha", "dweight", "dbias")
+    for name, o, t, r in zip(names, grads(ours, ins, dtype), grads(theirs, tins, dtype),
+                             grads(ref, rins, dtype)):
+        if r is None:
+            assert o is None
+            continue
+        ulps = 4.0 * (1 if name == "dx" else rows * (d if name == "dalpha" else 1))
+        assert_close(o, t, r, dtype, what=name, floor_ulps=ulps, scale=abs(alpha) * 4)
+
+
+def test_dyt_saturates_and_propagates_nan(backend):
+    x = torch.tensor([[0.0, -0.0, 1e-30, 50.0, -50.0, float("inf"), float("-inf"), float("nan")]])
+    y = AF.dyt(x, torch.tensor([1.0]))
+    assert y[0, 0] == 0 and torch.signbit(y[0, 1]) and y[0, 2] == 1e-30
+    assert y[0, 3] == 1 and y[0, 4] == -1 and y[0, 5] == 1 and y[0, 6] == -1
+    assert y[0, 7].isnan()
+
+
+@fixture_ok
+@given(d=st.integers(1, 40), dtype=st.sampled_from(DTYPES), tiny=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_scale_norm(backend, d, dtype, tiny, seed):
+    assume(not (tiny and dtype == torch.float16))  # dx ~ g / eps = 2e5 overflows float16
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(6, d, generator=g, dtype=torch.float64) * (1e-7 if tiny else 3.0)).to(dtype)
+    w = torch.tensor([1.7], dtype=dtype)
+
+    def torch_scale_norm(x, w):
+        acc = R.acc_dtype(x.dtype)
+        xf = x.to(acc)
+        return (w.to(acc) * xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-5)).to(x.dtype)
+
+    ins, tins, rins = [leaf(x), leaf(w)], [leaf(x), leaf(w)], as64(x, w)
+    ours, theirs, ref = AF.scale_norm(*ins), torch_scale_norm(*tins), R.scale_norm(*rins)
+    assert_close(ours, theirs, ref, dtype)
+    for name, o, t, r in zip(("dx", "dweight"), grads(ours, ins, dtype), grads(theirs, tins, dtype),
+                             grads(ref, rins, dtype)):
+        scale = 1e5 * 4 if tiny else None  # rnorm up to 1/eps amplifies rounding
+        assert_close(o, t, r, dtype, what=name, floor_ulps=4.0 * (6 * d if name == "dweight" else 1),
+                     scale=scale)
