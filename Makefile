@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PIPFLAGS := --disable-pip-version-check -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/addnorm info
 	$(PY) examples/quickstart.py
+	$(VENV)/bin/addnorm bench --quick --out bench-out
 
 test: install
 	$(PY) -m pytest -n 2 -q
+
+bench: install
+	$(VENV)/bin/addnorm bench --out bench-out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

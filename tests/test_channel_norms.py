@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import addnorm.functional as AF
-from addnorm.ops import _memory_format
+from addnorm.ops import memory_format
 from conftest import DTYPES
 from helpers import R, as64, assert_close, grads, leaf, rstd_scale
 
@@ -61,7 +61,7 @@ def _check(case, ours_fn, torch_fn, ref_fn, x, *params, stat_view=None):
     ours, theirs, ref = ours_fn(*ours_in), torch_fn(*torch_in), ref_fn(*ref_in)
     assert_close(ours, theirs, ref, dt, what="y")
     # channels-last in, channels-last out (torch's InstanceNorm drops it); else contiguous
-    assert ours.is_contiguous(memory_format=_memory_format(x))
+    assert ours.is_contiguous(memory_format=memory_format(x))
     per_param = max(1, x.numel() // x.shape[1])
     amplified = None if stat_view is None else rstd_scale(stat_view(x))
     for name, a, t, r in zip(("dx", "dweight", "dbias"), grads(ours, ours_in, dt),

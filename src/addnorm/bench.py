@@ -93,64 +93,63 @@ def _backend_name() -> str:
     return addnorm._backend.select(torch.device("cpu"))
 
 
+def _row_cases(shape) -> list[Case]:
+    d = shape[-1]
+    return [
+        Case("rms_norm", shape, "rows",
+             lambda x, w, b: AF.rms_norm(x, (d,), w, 1e-6),
+             lambda x, w, b: F.rms_norm(x, (d,), w, 1e-6),
+             lambda dt: _row_inputs(shape, dt, bias=False), (2, 3), grads=(0, 1)),
+        Case("layer_norm", shape, "rows",
+             lambda x, w, b: AF.layer_norm(x, (d,), w, b),
+             lambda x, w, b: F.layer_norm(x, (d,), w, b),
+             lambda dt: _row_inputs(shape, dt), (2, 3), grads=(0, 1, 2)),
+        Case("add_rms_norm", shape, "rows",
+             lambda x, r, w, b: AF.add_rms_norm(x, r, (d,), w, 1e-6),
+             lambda x, r, w, b: (F.rms_norm(x + r, (d,), w, 1e-6), x + r),
+             lambda dt: _row_inputs(shape, dt, residual=True, bias=False), (4, 4), grads=(0, 1, 2)),
+        Case("add_layer_norm", shape, "rows",
+             lambda x, r, w, b: AF.add_layer_norm(x, r, (d,), w, b),
+             lambda x, r, w, b: (F.layer_norm(x + r, (d,), w, b), x + r),
+             lambda dt: _row_inputs(shape, dt, residual=True), (4, 4), grads=(0, 1, 2, 3)),
+    ]
+
+
+def _channel_cases(shape, layout) -> list[Case]:
+    return [
+        Case("batch_norm_train", shape, layout,
+             lambda x, w, b, rm, rv: AF.batch_norm(x, rm, rv, w, b, True),
+             lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True),
+             lambda dt: _channel_inputs(shape, dt, layout), (2, 3), grads=(0, 1, 2)),
+        Case("batch_norm_eval", shape, layout,
+             lambda x, w, b, rm, rv: AF.batch_norm(x, rm, rv, w, b, False),
+             lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, False),
+             lambda dt: _channel_inputs(shape, dt, layout), (2, 3), grads=(0, 1, 2)),
+        Case("group_norm", shape, layout,
+             lambda x, w, b, rm, rv: AF.group_norm(x, 32, w, b),
+             lambda x, w, b, rm, rv: F.group_norm(x, 32, w, b),
+             lambda dt: _channel_inputs(shape, dt, layout), (2, 3), grads=(0, 1, 2)),
+    ]
+
+
+def _dyt_case(shape) -> Case:
+    def make(dt):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(shape, generator=g).to(dt), torch.full((1,), 0.5, dtype=dt),
+                torch.randn(shape[-1], generator=g).to(dt), torch.randn(shape[-1], generator=g).to(dt)]
+
+    return Case("dyt", shape, "rows", lambda x, a, w, b: AF.dyt(x, a, w, b),
+                lambda x, a, w, b: w * torch.tanh(a * x) + b, make, (2, 3), grads=(0, 1, 2, 3))
+
+
 def cases(quick: bool) -> list[Case]:
-    shapes = ROW_SHAPES[:1] if quick else ROW_SHAPES
-    out: list[Case] = []
-    for shape in shapes:
-        d = shape[-1]
-        out += [
-            Case("rms_norm", shape, "rows",
-                 lambda x, w, b: AF.rms_norm(x, (d,), w, 1e-6),
-                 lambda x, w, b: F.rms_norm(x, (d,), w, 1e-6),
-                 lambda dt, s=shape: _row_inputs(s, dt, bias=False),
-                 (2, 3), grads=(0, 1)),
-            Case("layer_norm", shape, "rows",
-                 lambda x, w, b: AF.layer_norm(x, (d,), w, b),
-                 lambda x, w, b: F.layer_norm(x, (d,), w, b),
-                 lambda dt, s=shape: _row_inputs(s, dt),
-                 (2, 3), grads=(0, 1, 2)),
-            Case("add_rms_norm", shape, "rows",
-                 lambda x, r, w, b: AF.add_rms_norm(x, r, (d,), w, 1e-6),
-                 lambda x, r, w, b: (F.rms_norm(x + r, (d,), w, 1e-6), x + r),
-                 lambda dt, s=shape: _row_inputs(s, dt, residual=True, bias=False),
-                 (4, 4), grads=(0, 1, 2)),
-            Case("add_layer_norm", shape, "rows",
-                 lambda x, r, w, b: AF.add_layer_norm(x, r, (d,), w, b),
-                 lambda x, r, w, b: (F.layer_norm(x + r, (d,), w, b), x + r),
-                 lambda dt, s=shape: _row_inputs(s, dt, residual=True),
-                 (4, 4), grads=(0, 1, 2, 3)),
-        ]
-        if quick:
-            break
-    layouts = ["contiguous"] if quick else ["contiguous", "channels_last"]
-    for layout in layouts:
-        s = CHANNEL_SHAPE
-        out += [
-            Case("batch_norm_train", s, layout,
-                 lambda x, w, b, rm, rv: AF.batch_norm(x, rm, rv, w, b, True),
-                 lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True),
-                 lambda dt, lay=layout: _channel_inputs(s, dt, lay),
-                 (2, 3), grads=(0, 1, 2)),
-            Case("batch_norm_eval", s, layout,
-                 lambda x, w, b, rm, rv: AF.batch_norm(x, rm, rv, w, b, False),
-                 lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, False),
-                 lambda dt, lay=layout: _channel_inputs(s, dt, lay),
-                 (2, 3), grads=(0, 1, 2)),
-            Case("group_norm", s, layout,
-                 lambda x, w, b, rm, rv: AF.group_norm(x, 32, w, b),
-                 lambda x, w, b, rm, rv: F.group_norm(x, 32, w, b),
-                 lambda dt, lay=layout: _channel_inputs(s, dt, lay),
-                 (2, 3), grads=(0, 1, 2)),
-        ]
+    """Rows at (4096, 4096), (16384, 1024), (2048, 8192); BatchNorm and GroupNorm at
+    (32, 64, 56, 56), contiguous and channels-last; DyT.  Quick: the first of each."""
+    out = [c for shape in ROW_SHAPES[: 1 if quick else None] for c in _row_cases(shape)]
+    for layout in ["contiguous"] if quick else ["contiguous", "channels_last"]:
+        out += _channel_cases(CHANNEL_SHAPE, layout)
     if not quick:
-        shape = ROW_SHAPES[0]
-        out.append(
-            Case("dyt", shape, "rows",
-                 lambda x, a, w, b: AF.dyt(x, a, w, b),
-                 lambda x, a, w, b: w * torch.tanh(a * x) + b,
-                 lambda dt: [torch.randn(shape).to(dt), torch.full((1,), 0.5, dtype=dt),
-                             torch.randn(shape[-1]).to(dt), torch.randn(shape[-1]).to(dt)],
-                 (2, 3), grads=(0, 1, 2, 3)))
+        out.append(_dyt_case(ROW_SHAPES[0]))
     return out
 
 
@@ -220,6 +219,7 @@ def run(quick: bool = False, compile: bool = True, rounds: int | None = None,
             result = Result(case.op, list(case.shape), case.layout, str(dtype)[6:],
                             "fwd+bwd" if backward else "fwd")
             if compile and (not quick or case.op == "rms_norm"):
+                torch._dynamo.reset()  # the lambdas share code objects: no recompile limit
                 compiled = torch.compile(case.torch, dynamic=False)
                 runners["compile"] = _runner(compiled, inputs, backward, case.grads)
                 t = time.perf_counter()

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=Path("bench-out"),
                        help="folder for bench.json and bench.md (default: bench-out)")
     args = parser.parse_args(argv)
-    console = Console()
+    # rich sizes tables to the terminal; logs and pipes get room for the bench's columns
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.command == "info":
         info(console)
     elif args.command == "bench":

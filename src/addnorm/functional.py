@@ -127,7 +127,7 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
 
 def _channel_layout(x: Tensor) -> Tensor:
     """Contiguous or channels-last as it is; any other striding made contiguous."""
-    if ops._memory_format(x) is not torch.contiguous_format:
+    if ops.memory_format(x) is not torch.contiguous_format:
         return x
     return x.contiguous()
 

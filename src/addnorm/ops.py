@@ -33,7 +33,7 @@ def _or_empty(t: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) 
     return _empty(like, dtype) if t is None else t.contiguous()
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format(x: Tensor) -> torch.memory_format:
     """channels-last in, channels-last out; anything else comes back contiguous."""
     if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -154,13 +154,13 @@ def group_norm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (y, mean (N, G), var (N, G))"""
     y, mean, var = kernel(backend, "group_norm_forward")(x, weight, bias, num_groups, eps)
-    return y.contiguous(memory_format=_memory_format(x)), mean.contiguous(), var.contiguous()
+    return y.contiguous(memory_format=memory_format(x)), mean.contiguous(), var.contiguous()
 
 
 @group_norm_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, backend):
     stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+    return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("addnorm::group_norm_bwd", mutates_args=())
@@ -178,12 +178,12 @@ def group_norm_bwd(
     dx, dw, db = kernel(backend, "group_norm_backward")(
         dy, x, weight, mean, var, num_groups, eps, bias
     )
-    return dx.contiguous(memory_format=_memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
+    return dx.contiguous(memory_format=memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
 
 
 @group_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, var, num_groups, eps, backend):
-    return (torch.empty_like(x, memory_format=_memory_format(x)), *_param_grads(weight, bias, x))
+    return (torch.empty_like(x, memory_format=memory_format(x)), *_param_grads(weight, bias, x))
 
 
 def _group_norm_setup(ctx, inputs, output):
@@ -217,13 +217,13 @@ def batch_norm_fwd(
     y, mean, var = kernel(backend, "batch_norm_forward")(
         x, weight, bias, running_mean, running_var, training, eps
     )
-    return y.contiguous(memory_format=_memory_format(x)), mean.contiguous(), var.contiguous()
+    return y.contiguous(memory_format=memory_format(x)), mean.contiguous(), var.contiguous()
 
 
 @batch_norm_fwd.register_fake
 def _(x, weight, bias, running_mean, running_var, training, eps, backend):
     stats = x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=_memory_format(x)), stats, torch.empty_like(stats)
+    return torch.empty_like(x, memory_format=memory_format(x)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("addnorm::batch_norm_bwd", mutates_args=())
@@ -241,12 +241,12 @@ def batch_norm_bwd(
     dx, dw, db = kernel(backend, "batch_norm_backward")(
         dy, x, weight, mean, var, training, eps, bias
     )
-    return dx.contiguous(memory_format=_memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
+    return dx.contiguous(memory_format=memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
 
 
 @batch_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, var, training, eps, backend):
-    return (torch.empty_like(x, memory_format=_memory_format(x)), *_param_grads(weight, bias, x))
+    return (torch.empty_like(x, memory_format=memory_format(x)), *_param_grads(weight, bias, x))
 
 
 def _batch_norm_setup(ctx, inputs, output):

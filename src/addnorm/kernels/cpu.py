@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ..ops import _memory_format as ops_memory_format
+from ..ops import memory_format
 from ..reference import acc_dtype
 
 _FASTMATH = {"reassoc", "contract"}
@@ -743,7 +743,7 @@ _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    return ops_memory_format(x) is not torch.contiguous_format
+    return memory_format(x) is not torch.contiguous_format
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:

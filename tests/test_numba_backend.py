@@ -1,0 +1,84 @@
+"""What the numba backend promises beyond parity: threads, determinism, bfloat16 bits."""
+
+import pytest
+import torch
+
+import addnorm
+import addnorm.functional as AF
+
+pytestmark = pytest.mark.skipif(not addnorm.backends()["numba"], reason="numba is not installed")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _grads(fn, *inputs):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+CASES = {
+    "layer_norm": (lambda x, w, b: AF.layer_norm(x, (96,), w, b), (300, 96), (96,)),
+    "add_rms_norm": (lambda x, r, w: AF.add_rms_norm(x, r, (96,), w), (300, 96), None),
+    "group_norm": (lambda x, w, b: AF.group_norm(x, 4, w, b), (5, 8, 9, 7), (8,)),
+    "batch_norm": (lambda x, w, b: AF.batch_norm(x, None, None, w, b, True), (5, 8, 9, 7), (8,)),
+    "dyt": (lambda x, w, b: AF.dyt(x, torch.tensor([0.8]), w, b), (300, 96), (96,)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_bits_every_run_and_thread_count(name, threads):
+    fn, shape, pshape = CASES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    extra = [torch.randn(shape, generator=g)] if pshape is None else []
+    params = [torch.randn(pshape or (96,), generator=g) for _ in range(1 if pshape is None else 2)]
+    with addnorm.backend("numba"):
+        torch.set_num_threads(2)
+        first = _grads(fn, x, *extra, *params)
+        again = _grads(fn, x, *extra, *params)
+        torch.set_num_threads(1)
+        one_thread = _grads(fn, x, *extra, *params)
+    for a, b, c in zip(first, again, one_thread):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_thread_count_follows_torch(threads):
+    import numba
+
+    x = torch.randn(64, 32)
+    with addnorm.backend("numba"):
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            AF.rms_norm(x, (32,))
+            assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_bfloat16_output_is_one_rounding_of_the_float32_result():
+    """The kernel computes in float32 and rounds once, to nearest-even: exactly what
+    torch's float32 computation followed by .to(bfloat16) gives."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(257, 384, generator=g).to(torch.bfloat16)
+    w = torch.randn(384, generator=g).to(torch.bfloat16)
+    with addnorm.backend("numba"):
+        ours = AF.rms_norm(x, (384,), w, 1e-6)
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(torch.bfloat16)
+    mismatch = (ours != expected).float().mean().item()
+    assert mismatch < 1e-3, f"{mismatch:.2%} of values differ from one float32->bf16 rounding"
+
+
+def test_bfloat16_nan_and_rounding_edges():
+    """NaN rows stay NaN (as torch writes them); values at exact ties round to even."""
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    with addnorm.backend("numba"):
+        y = AF.layer_norm(x, (64,))
+    assert y[1].isnan().all() and not y[0].isnan().any() and not y[2].isnan().any()
