@@ -200,10 +200,13 @@ def copy_bandwidth(nbytes: int, rounds: int = 10) -> float:
 
 
 def run(quick: bool = False, compile: bool = True, rounds: int | None = None,
-        dtypes=(torch.float32, torch.bfloat16), console: Console | None = None) -> list[Result]:
+        dtypes=(torch.float32, torch.bfloat16), console: Console | None = None,
+        ops: set[str] | None = None) -> list[Result]:
+    """Every case (``ops``: only those ops) in each dtype, forward and forward+backward."""
     console = console or Console()
     rounds = rounds or (3 if quick else 7)
-    todo = [(c, dt, bw) for c in cases(quick) for dt in dtypes for bw in (False, True)]
+    todo = [(c, dt, bw) for c in cases(quick) if not ops or c.op in ops
+            for dt in dtypes for bw in (False, True)]
     results: list[Result] = []
     copy_cache: dict[int, float] = {}
     with Progress(console=console, transient=True) as progress:

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="one shape per op, fewer rounds")
     bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     bench.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
+    bench.add_argument("--ops", default="", help="comma-separated ops to run (default: all), "
+                       "e.g. rms_norm,batch_norm_train")
     bench.add_argument("--out", type=Path, default=Path("bench-out"),
                        help="folder for bench.json and bench.md (default: bench-out)")
     args = parser.parse_args(argv)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench as B
 
         results = B.run(quick=args.quick, compile=not args.no_compile, rounds=args.rounds,
-                        console=console)
+                        console=console, ops={o for o in args.ops.split(",") if o} or None)
         console.print(B.table(results))
         prealloc = B.preallocated() if B._backend_name() == "numba" else []
         if prealloc:
