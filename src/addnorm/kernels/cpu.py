@@ -20,6 +20,10 @@ How the kernels are built:
   A row is read from memory once; the later passes find it in cache.
 * Parameter gradients are summed per fixed chunk of rows, then the chunks are added in
   order: the same bits on every run and for every thread count.
+
+All kernels live in this one file on purpose: numba's on-disk cache is invalidated by
+changes to the cached function's own source file only, so a helper in another module
+could change without its callers being recompiled.
 """
 
 from __future__ import annotations
