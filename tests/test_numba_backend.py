@@ -82,3 +82,31 @@ def test_bfloat16_nan_and_rounding_edges():
     with addnorm.backend("numba"):
         y = AF.layer_norm(x, (64,))
     assert y[1].isnan().all() and not y[0].isnan().any() and not y[2].isnan().any()
+
+
+def test_forked_child_falls_back_to_the_reference():
+    """A child forked after numba's OpenMP threads started cannot use them (numba kills
+    it): it must still compute, on the reference backend, as torch's own ops do in a
+    child with one thread."""
+    import os
+
+    x = torch.randn(64, 32)
+    with addnorm.backend("numba"):
+        expected = AF.rms_norm(x, (32,))  # starts numba's threads in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the backend and whether the result matches, then exit
+        try:
+            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP is not fork-safe either
+            ok = torch.allclose(AF.rms_norm(x, (32,)), expected, atol=1e-6)
+            os.write(write, f"{addnorm.backends()['numba']} {ok}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read, 100).decode()
+    assert status == 0
+    import numba
+
+    layer = numba.threading_layer()
+    assert report == ("False True" if layer == "omp" else "True True"), (layer, report)

@@ -54,6 +54,16 @@ def _probe(name: str) -> bool:
 _AVAILABLE: dict[str, bool] = {name: _probe(name) for name in _SOURCES}
 
 
+_RETIRED: dict[str, str] = {}  # backend -> why it can no longer run in this process
+
+
+def retire(name: str, why: str) -> None:
+    """Stop choosing backend ``name`` in this process (the default falls to the next one;
+    forcing it raises with ``why``)."""
+    _AVAILABLE[name] = False
+    _RETIRED[name] = why
+
+
 def backends() -> dict[str, bool]:
     """Every backend addnorm knows, and whether it can run here.
 
@@ -74,8 +84,8 @@ def backend(name: str) -> Iterator[None]:
     if name not in _SOURCES:
         raise ValueError(f"backend must be one of {sorted(_SOURCES)}, got {name!r}")
     if not _AVAILABLE[name]:
-        needs = ", ".join(_SOURCES[name][1]) or name
-        raise RuntimeError(f"backend {name!r} is not available here: it needs {needs}")
+        why = _RETIRED.get(name) or "it needs " + (", ".join(_SOURCES[name][1]) or name)
+        raise RuntimeError(f"backend {name!r} is not available here: {why}")
     previous, _Choice.forced = _Choice.forced, name
     try:
         yield

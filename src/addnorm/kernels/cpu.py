@@ -29,6 +29,7 @@ could change without its callers being recompiled.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numba
@@ -37,6 +38,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .. import _backend
 from ..ops import memory_format
 from ..reference import acc_dtype
 
@@ -44,6 +46,20 @@ from ..reference import acc_dtype
 # "pedantic" internal warning at compile time; the code is right and the select is what
 # keeps the store loop vectorized (an arithmetic mask is 2x slower).
 warnings.filterwarnings("ignore", category=numba.NumbaIRAssumptionWarning, module="numba.core.ssa")
+
+def _retire_in_forked_child() -> None:
+    """GNU OpenMP cannot run in a child forked after it started (numba kills such a
+    child: "fork() called from a process already using GNU OpenMP"), as with
+    torch.multiprocessing's fork or a DataLoader worker: the child runs the reference."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel ran before the fork: the child can start its own
+        return
+    if layer == "omp":
+        _backend.retire("numba", "the process was forked after numba's OpenMP threads started")
+
+
+os.register_at_fork(after_in_child=_retire_in_forked_child)
 
 _FASTMATH = {"reassoc", "contract"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True}
