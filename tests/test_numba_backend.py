@@ -110,3 +110,42 @@ def test_forked_child_falls_back_to_the_reference():
 
     layer = numba.threading_layer()
     assert report == ("False True" if layer == "omp" else "True True"), (layer, report)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_loads_and_stores_match_torch_bit_for_bit(dtype):
+    """The kernels' ld widens every bit pattern of the dtype exactly; their st narrows
+    float32 values (normals, subnormals, ties, overflow, Inf, NaN) to the bits torch's
+    .to(dtype) gives."""
+    from numba import njit
+
+    from addnorm.kernels.cpu import _np, ld, st
+
+    @njit
+    def widen(src, dst):
+        for i in range(src.shape[0]):
+            dst[i] = ld(src, i)
+
+    @njit
+    def narrow(src, dst):
+        for i in range(src.shape[0]):
+            st(dst, i, src[i])
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    wide = torch.empty(every.shape)
+    widen(_np(every), _np(wide))
+    expected = every.float()
+    nan = expected.isnan()
+    assert torch.equal(wide.isnan(), nan)
+    assert torch.equal(wide[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+
+    g = torch.Generator().manual_seed(0)
+    scales = [1e-9, 1e-7, 1e-5, 1e-3, 1.0, 1e3, 6e4, 1e6, 1e38]
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 65504.0, 65520.0])
+    values = torch.cat([torch.randn(100_000, generator=g) * s for s in scales] + [expected, specials])
+    ours = torch.empty(values.shape, dtype=dtype)
+    narrow(_np(values), _np(ours))
+    reference = values.to(dtype)
+    nan = reference.isnan()
+    assert torch.equal(ours.isnan(), nan)
+    assert torch.equal(ours[~nan].view(torch.int16), reference[~nan].view(torch.int16))

@@ -9,10 +9,10 @@ How the kernels are built:
 * One kernel serves LayerNorm and RMSNorm, with and without the residual add: optional
   arrays are passed as ``None`` and numba compiles a specialization per combination
   with the ``is None`` branches pruned, so the flags cost nothing in the inner loops.
-* bfloat16 travels as its uint16 bit pattern (numba has no bfloat16): ``ld`` widens it
-  to float32 exactly, ``st`` rounds to nearest-even on the way out (NaN stays NaN),
-  bit-equal to torch's own conversion.
-  float16 is widened to float32 by torch first (numba has no float16 arithmetic).
+* bfloat16 and float16 travel as their bit patterns, uint16 and int16 (numba can do no
+  arithmetic in either): ``ld`` widens them to float32 exactly, ``st`` rounds to
+  nearest-even on the way out, bit-equal to torch's own conversions (NaN included), in
+  integer selects that keep the loops vectorized.
 * Statistics accumulate in float32 (float64 for float64 input); ``fastmath`` allows only
   reassociation and fused multiply-add, so sums vectorize but NaN and Inf propagate.
 * LayerNorm's mean is corrected by the mean of the residuals (the corrected two-pass
@@ -42,9 +42,9 @@ from .. import _backend
 from ..ops import memory_format
 from ..reference import acc_dtype
 
-# numba's SSA pass flags the phi of the integer select in ``st`` (bfloat16) with a
-# "pedantic" internal warning at compile time; the code is right and the select is what
-# keeps the store loop vectorized (an arithmetic mask is 2x slower).
+# numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
+# float16) with a "pedantic" internal warning at compile time; the code is right and the
+# selects are what keep the loops vectorized (an arithmetic mask is 2x slower).
 warnings.filterwarnings("ignore", category=numba.NumbaIRAssumptionWarning, module="numba.core.ssa")
 
 def _retire_in_forked_child() -> None:
@@ -72,12 +72,12 @@ _GRAD_CHUNKS = 32  # row chunks whose parameter-gradient partial sums are added 
 
 
 def ld(a, i):
-    """a[i] widened to the accumulation type (bfloat16 bits -> float32)."""
+    """a[i] widened to the accumulation type (bfloat16 or float16 bits -> float32)."""
 
 
 def st(a, i, v):
-    """a[i] = v, rounded to a's dtype (float32 -> bfloat16 bits: nearest-even, NaN as
-    torch writes it)."""
+    """a[i] = v, rounded to a's dtype (float32 -> bfloat16 or float16 bits: nearest-even,
+    NaN as torch writes it)."""
 
 
 def acc(a, v):
@@ -86,8 +86,21 @@ def acc(a, v):
 
 @overload(ld, inline="always")
 def _ld(a, i):
-    if a.dtype == types.uint16:
+    if a.dtype == types.uint16:  # bfloat16: the high half of a float32
         return lambda a, i: np.uint32(np.uint32(a[i]) << 16).view(np.float32)
+    if a.dtype == types.int16:  # float16
+
+        def load_float16(a, i):
+            h = np.uint32(np.uint16(a[i]))
+            sign = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
+            em = np.uint32(h & np.uint32(0x7FFF))  # exponent and mantissa
+            normal = np.uint32((em << np.uint32(13)) + np.uint32(0x38000000)).view(np.float32)
+            inf_nan = np.uint32((em << np.uint32(13)) + np.uint32(0x70000000)).view(np.float32)
+            subnormal = np.float32(em) * np.float32(2.0**-24)
+            v = subnormal if em < np.uint32(0x0400) else (inf_nan if em >= np.uint32(0x7C00) else normal)
+            return np.uint32(np.float32(v).view(np.uint32) | sign).view(np.float32)
+
+        return load_float16
     return lambda a, i: a[i]
 
 
@@ -104,6 +117,22 @@ def _st(a, i, v):
             a[i] = np.uint16(np.uint32(0xFFFF) if nan else rounded)
 
         return store_bfloat16
+    if a.dtype == types.int16:
+
+        def store_float16(a, i, v):
+            bits = np.float32(v).view(np.uint32)
+            sign = np.uint32(bits & np.uint32(0x80000000))
+            m = np.uint32(bits ^ sign)  # |v|
+            # a normal half: rebias the exponent, round the 13 dropped bits to even
+            normal = np.uint32(np.uint32(m + np.uint32(0xC8000FFF) + ((m >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+            # a subnormal half (|v| < 2^-14): adding 0.5 makes the float unit round there
+            half = np.uint32(126 << 23)
+            subnormal = np.uint32(np.float32(m.view(np.float32) + half.view(np.float32)).view(np.uint32) - half)
+            huge = np.uint32(0x7E00) if m > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN, Inf
+            o = huge if m >= np.uint32(0x47800000) else (subnormal if m < np.uint32(0x38800000) else normal)
+            a[i] = np.uint16(np.uint32(o | (sign >> np.uint32(16)))).view(np.int16)
+
+        return store_float16
 
     def store(a, i, v):
         a[i] = v
@@ -694,16 +723,23 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
 
 
 def _np(t: torch.Tensor | None):
-    """A zero-copy numpy view; bfloat16 as its uint16 bits."""
+    """A zero-copy numpy view; bfloat16 as its uint16 bits, float16 as its int16 bits."""
     if t is None:
         return None
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
     return t.numpy()
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.bfloat16: np.uint16,
+    torch.float16: np.int16,
+}
 
 
 _FRESH_MMAP_BYTES = 32 << 20  # glibc serves larger blocks from a fresh mmap every time
@@ -719,14 +755,7 @@ def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
     if numel * torch.empty((), dtype=dtype).element_size() < _FRESH_MMAP_BYTES:
         return torch.empty(shape, dtype=dtype)
     t = torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-def _kernel_dtype(t: torch.Tensor | None) -> torch.Tensor | None:
-    """float16 widened to float32 (numba has no float16); others as they are."""
-    if t is None:
-        return None
-    return t.float() if t.dtype == torch.float16 else t
+    return t.view(dtype) if dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _threads() -> None:
@@ -735,8 +764,7 @@ def _threads() -> None:
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
     _threads()
-    out_dtype = x.dtype
-    xk, rk, wk, bk = (None if t is None else _kernel_dtype(t).contiguous() for t in (x, residual, weight, bias))
+    xk, rk, wk, bk = (None if t is None else t.contiguous() for t in (x, residual, weight, bias))
     n = x.shape[0]
     acc = acc_dtype(xk.dtype)
     y = _empty(xk.shape, xk.dtype)
@@ -745,16 +773,12 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
     rstd = torch.empty(n, dtype=acc)
     _row_norm_fwd(_np(xk), _np(rk), _np(wk), _np(bk), _np(y), _np(r), _np(mean), _np(rstd),
                   float(eps), float(offset))
-    if out_dtype == torch.float16:
-        y = y.to(out_dtype)
-        r = None if r is None else r.to(out_dtype)
     return y, r, mean, rstd
 
 
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     _threads()
-    out_dtype = r.dtype
-    dyk, drk, rk, wk = (None if t is None else _kernel_dtype(t).contiguous() for t in (dy, dr, r, weight))
+    dyk, drk, rk, wk = (None if t is None else t.contiguous() for t in (dy, dr, r, weight))
     n, d = r.shape
     acc = acc_dtype(rk.dtype)
     chunks = max(1, min(n, _GRAD_CHUNKS))
@@ -764,7 +788,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
                   float(offset), _np(dx), _np(dw_part), _np(db_part))
     dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
-    return dx.to(out_dtype), dw, db
+    return dx, dw, db
 
 
 _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of float32, in L2
@@ -776,28 +800,25 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) as a contiguous (N, C, L) tensor (a view when it already is)."""
-    return _kernel_dtype(x).contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    return x.contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
     """A channels-last (N, C, *spatial) tensor as its (N, L, C) storage, no copy."""
-    x = _kernel_dtype(x)
     fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
     x = x.contiguous(memory_format=fmt)
     return x.permute(0, *range(2, x.ndim), 1).reshape(x.shape[0], math.prod(x.shape[2:]), x.shape[1])
 
 
 def _from_channels_last(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) kernel output back to x's (N, C, *spatial) shape, channels-last, x's dtype."""
+    """(N, L, C) kernel output as x's (N, C, *spatial) shape, channels-last, no copy."""
     spatial = x.shape[2:]
-    t = t.view(x.shape[0], *spatial, x.shape[1]).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
-    return t.to(x.dtype)
+    return t.view(x.shape[0], *spatial, x.shape[1]).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
 
 
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A kernel result of shape (N, C, L) in x's shape and dtype (the op restores x's
-    memory format)."""
-    return t.view(x.shape).to(x.dtype)
+    """A kernel result of shape (N, C, L) in x's shape (the op restores x's memory format)."""
+    return t.view(x.shape)
 
 
 def _cl_chunks(rows: int, channels: int) -> int:
@@ -806,7 +827,7 @@ def _cl_chunks(rows: int, channels: int) -> int:
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
     _threads()
-    w, b = _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias))
+    w, b = _np(weight), _np(bias)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
@@ -826,7 +847,7 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     _threads()
-    w = _np(_kernel_dtype(weight))
+    w = _np(weight)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     dw_part, db_part = torch.empty(n, c, dtype=acc), torch.empty(n, c, dtype=acc)
@@ -857,14 +878,14 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
     ``part``), added in order; in the parameter's dtype."""
     if param is None:
         return None
-    out = torch.empty(part.shape[1], dtype=_kernel_dtype(param).dtype)
+    out = torch.empty(part.shape[1], dtype=param.dtype)
     _sum_chunks(_np(part), _np(out))
     return out.to(param.dtype)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
     _threads()
-    w, b = _np(_kernel_dtype(weight)), _np(_kernel_dtype(bias))
+    w, b = _np(weight), _np(bias)
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
     if training:
@@ -889,7 +910,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
     _threads()
-    w = _np(_kernel_dtype(weight))
+    w = _np(weight)
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
     dw, db = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
@@ -918,25 +939,23 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
 
 def dyt_forward(x, alpha, weight, bias):
     _threads()
-    xk = _kernel_dtype(x).contiguous()
+    xk = x.contiguous()
     y = _empty(xk.shape, xk.dtype)
-    _dyt_fwd(_np(xk), _np(_kernel_dtype(alpha).reshape(1)), _np(_kernel_dtype(weight)),
-             _np(_kernel_dtype(bias)), _np(y))
-    return y.to(x.dtype)
+    _dyt_fwd(_np(xk), _np(alpha.reshape(1)), _np(weight), _np(bias), _np(y))
+    return y
 
 
 def dyt_backward(dy, x, alpha, weight, bias):
     _threads()
-    xk, dyk = _kernel_dtype(x).contiguous(), _kernel_dtype(dy).contiguous()
+    xk, dyk = x.contiguous(), dy.contiguous()
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
     dx = _empty(xk.shape, xk.dtype)
     part = torch.zeros(max(1, min(n, _GRAD_CHUNKS)), 3, d, dtype=acc)
-    _dyt_bwd(_np(dyk), _np(xk), _np(_kernel_dtype(alpha).reshape(1)), _np(_kernel_dtype(weight)),
-             _np(dx), _np(part))
+    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
     sums = part.sum(0)  # chunks in order: deterministic
     dalpha = sums[2].sum().reshape(alpha.shape).to(alpha.dtype)
-    return dx.to(x.dtype), dalpha, _param_grad_sum(sums[0], weight), _param_grad_sum(sums[1], bias)
+    return dx, dalpha, _param_grad_sum(sums[0], weight), _param_grad_sum(sums[1], bias)
 
 
 def _param_grad_sum(total: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
