@@ -79,7 +79,8 @@ def backend(name: str) -> Iterator[None]:
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` for a known
     backend that is not available here.  Blocks nest; leaving one restores the
-    previous choice.
+    previous choice.  The choice is process-wide (a plain global, which torch.compile
+    reads as a guarded constant), not per thread.
     """
     if name not in _SOURCES:
         raise ValueError(f"backend must be one of {sorted(_SOURCES)}, got {name!r}")
