@@ -697,10 +697,11 @@ def _dyt_fwd(x, alpha, w, b, y):
 
 @njit(**_JIT)
 def _dyt_bwd(dy, x, alpha, w, dx, part):
-    """dx, and per-chunk partial sums part[k] = (dw = dy * t, db = dy, dalpha terms
-    dy * w * x * (1 - t^2)) over the chunk's rows, added in order by the caller."""
+    """dx, and per-chunk partial sums over the chunk's rows: part[0, k] of dy * t (dw),
+    part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2) (dalpha), added in
+    order by the caller."""
     n, d = x.shape
-    chunks = part.shape[0]
+    chunks = part.shape[1]
     a = ld(alpha, 0)
     for k in prange(chunks):
         for i in range(k * n // chunks, (k + 1) * n // chunks):
@@ -712,9 +713,9 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
                 gw = g if w is None else g * ld(w, j)
                 dpre = gw * (acc(x, 1.0) - t * t)
                 st(dxr, j, dpre * a)
-                part[k, 0, j] += g * t
-                part[k, 1, j] += g
-                part[k, 2, j] += dpre * xv
+                part[0, k, j] += g * t
+                part[1, k, j] += g
+                part[2, k, j] += dpre * xv
 
 
 # ---------------------------------------------------------------------------
@@ -951,12 +952,9 @@ def dyt_backward(dy, x, alpha, weight, bias):
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
     dx = _empty(xk.shape, xk.dtype)
-    part = torch.zeros(max(1, min(n, _GRAD_CHUNKS)), 3, d, dtype=acc)
+    part = torch.zeros(3, max(1, min(n, _GRAD_CHUNKS)), d, dtype=acc)
     _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
-    sums = part.sum(0)  # chunks in order: deterministic
-    dalpha = sums[2].sum().reshape(alpha.shape).to(alpha.dtype)
-    return dx, dalpha, _param_grad_sum(sums[0], weight), _param_grad_sum(sums[1], bias)
-
-
-def _param_grad_sum(total: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
-    return None if param is None else total.to(param.dtype, copy=True)  # not a view of part
+    dalpha_terms = torch.empty(d, dtype=acc)
+    _sum_chunks(_np(part[2]), _np(dalpha_terms))
+    dalpha = dalpha_terms.sum().reshape(alpha.shape).to(alpha.dtype)
+    return dx, dalpha, _param_grad(part[0], weight), _param_grad(part[1], bias)
