@@ -92,7 +92,7 @@ def test_row_norm_forward_and_backward(backend, case):
     torch_in = [leaf(t) if t is not None else None for t in (x, res, w, b)]
     ref_in = as64(x, res, w, b)
     # float64 reference with the eps the low-precision call resolves to
-    ref_case = dict(case, eps=torch.finfo(case["dtype"]).eps if case["eps"] is None else case["eps"])
+    ref_case = dict(case, eps=R.rms_eps(case["eps"], case["dtype"]))
 
     ours = _ours(case, *ours_in)
     theirs = _torch_row_norm(case, *torch_in)
@@ -153,3 +153,31 @@ def test_reference_gradcheck():
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: R.add_layer_norm(*a[:2], 7, *a[2:]), (x, r, w, b))
     assert torch.autograd.gradcheck(lambda x, r, w: R.add_rms_norm(x, r, 7, w, offset=1.0), (x, r, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms_level", [0.003, 0.03, 0.3])
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_default_eps_is_torchs(backend, dtype, rms_level, fused):
+    """eps=None: at small RMS eps decides the output.  Compared with torch.nn.RMSNorm
+    itself (not only our reference, which could share a wrong default)."""
+    import addnorm
+
+    g = torch.Generator().manual_seed(int(rms_level * 1000))
+    x = (torch.randn(6, 512, generator=g, dtype=torch.float64) * rms_level / 2).to(dtype)
+    res = (torch.randn(6, 512, generator=g, dtype=torch.float64) * rms_level / 2).to(dtype)
+    theirs = torch.nn.RMSNorm(512, dtype=dtype)
+    ours = (addnorm.AddRMSNorm if fused else addnorm.RMSNorm)(512, dtype=dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(512, generator=g).to(dtype))
+        ours.weight.copy_(theirs.weight)
+    s = x + res if fused else x
+    expected = theirs(s)
+    got = ours(x, res)[0] if fused else ours(x)
+    functional = (AF.add_rms_norm(x, res, (512,), ours.weight)[0] if fused
+                  else AF.rms_norm(x, (512,), ours.weight))
+    # the float64 reference with torch's eps, as the rule of helpers.assert_close wants
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    ref = R.rms_norm(s.double(), (512,), ours.weight.double(), eps)
+    assert_close(got, expected, ref, dtype)
+    assert_close(functional, expected, ref, dtype)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import ops
 from ._backend import select
-from .reference import update_running_stats
+from .reference import rms_eps, update_running_stats
 
 __all__ = [
     "layer_norm",
@@ -144,8 +144,8 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
     shape = _normalized_shape(normalized_shape, x)
     _check_param(weight, "weight", shape, x, " (normalized_shape)")
     _check_param(bias, "bias", shape, x, " (normalized_shape)")
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
+    if rms:
+        eps = rms_eps(eps, x.dtype)
     _check_eps(eps)
     d = math.prod(shape)
     y, r, _, _ = ops.row_norm_fwd(
@@ -182,7 +182,8 @@ def rms_norm(
 ) -> Tensor:
     """RMSNorm: y = x / sqrt(mean(x^2) + eps) * (w + offset).
 
-    ``eps=None`` is ``torch.finfo(input.dtype).eps``, as in torch; ``offset=1.0`` is
+    ``eps=None`` is float32's machine epsilon (float64's for float64 input), as in
+    torch: the epsilon of the dtype the statistics are computed in; ``offset=1.0`` is
     Gemma's ``(1 + w)`` convention.
     """
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]

@@ -52,7 +52,8 @@ class RMSNorm(nn.RMSNorm):
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \mathrm{offset})
 
-    Arguments as :class:`torch.nn.RMSNorm` (``eps=None`` is ``finfo(input.dtype).eps``),
+    Arguments as :class:`torch.nn.RMSNorm` (``eps=None`` is ``finfo(float32).eps``, or
+    float64's for float64 input, as torch),
     plus ``offset``: ``offset=1.0`` stores the scale as ``1 + weight``, Gemma's
     convention, and so initializes ``weight`` to zeros; the effective scale starts at 1
     either way.  Shape: input ``(*, *normalized_shape)``, output the same.

@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "acc_dtype",
+    "rms_eps",
     "standardize",
     "standardize_backward",
     "row_norm_forward",
@@ -495,8 +496,11 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
     return y.reshape(x.shape), None if r is None else r.reshape(x.shape)
 
 
-def _rms_eps(eps, dtype):
-    return torch.finfo(dtype).eps if eps is None else eps
+def rms_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """RMSNorm's eps: ``None`` means the machine epsilon of the dtype statistics are
+    computed in (``acc_dtype``), as torch does: float32's for float16, bfloat16 and
+    float32 input, float64's for float64."""
+    return torch.finfo(acc_dtype(dtype)).eps if eps is None else eps
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -504,7 +508,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, offset=0.0):
-    eps = _rms_eps(eps, input.dtype)
+    eps = rms_eps(eps, input.dtype)
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]
 
 
@@ -513,7 +517,7 @@ def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e
 
 
 def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, offset=0.0):
-    eps = _rms_eps(eps, x.dtype)
+    eps = rms_eps(eps, x.dtype)
     return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True)
 
 
