@@ -151,3 +151,27 @@ def test_dyt_and_scale_norm_dtypes(backend, dtype):
     y = AF.scale_norm(x, g)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float().norm(dim=-1), torch.full((5,), 2.0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("make", [
+    lambda m: m.GroupNorm(2, 4),
+    lambda m: m.InstanceNorm2d(4, affine=True),
+    lambda m: m.BatchNorm2d(4),
+    lambda m: m.LayerNorm((4, 3, 3)),
+], ids=["group_norm", "instance_norm", "batch_norm", "layer_norm"])
+def test_empty_batch_parameter_grads_are_zero(backend, make, layout):
+    """An empty batch has zero parameter gradients (torch.nn's), never uninitialised memory."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    ours, theirs = make(addnorm), make(torch.nn)
+    for trial in range(3):  # dirty the allocator between runs, so garbage would show
+        torch.randn(4096).mul_(1e30)
+        x = torch.randn(0, 4, 3, 3).contiguous(memory_format=fmt)
+        xo, xt = leaf(x), leaf(x)
+        ours(xo).sum().backward()
+        theirs(xt).sum().backward()
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert torch.equal(p.grad, q.grad), f"{name}.grad {p.grad} != torch's {q.grad}"
+            assert torch.equal(p.grad, torch.zeros_like(p)), name
+        assert xo.grad.shape == x.shape
+        ours.zero_grad(), theirs.zero_grad()

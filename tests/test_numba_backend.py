@@ -149,3 +149,33 @@ def test_low_precision_loads_and_stores_match_torch_bit_for_bit(dtype):
     nan = reference.isnan()
     assert torch.equal(ours.isnan(), nan)
     assert torch.equal(ours[~nan].view(torch.int16), reference[~nan].view(torch.int16))
+
+
+def test_cache_index_and_data_change_together(tmp_path, monkeypatch):
+    """Two processes (here threads, each with its own lock handle) saving different
+    specializations into one cold numba cache: without the lock both take data file 1
+    and the index names one signature with the other's code (seen as wrong results);
+    with it each key loads its own data."""
+    import threading
+    import time
+
+    from numba.core import caching
+
+    import addnorm.kernels.cpu  # noqa: F401  installs the lock
+
+    real_save_index = caching.IndexDataCacheFile._save_index
+
+    def slow_save_index(self, overloads):  # widen numba's read-modify-write window
+        time.sleep(0.2)
+        real_save_index(self, overloads)
+
+    monkeypatch.setattr(caching.IndexDataCacheFile, "_save_index", slow_save_index)
+    cache = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("stamp", 1))
+    saves = [threading.Thread(target=cache.save, args=(key, f"code for {key}"))
+             for key in ("with-bias", "without-bias")]
+    for t in saves:
+        t.start()
+    for t in saves:
+        t.join()
+    assert cache.load("with-bias") == "code for with-bias"
+    assert cache.load("without-bias") == "code for without-bias"

@@ -40,6 +40,7 @@ from numba.extending import overload
 
 from .. import _backend
 from ..ops import memory_format
+from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
 from ..reference import acc_dtype
 
 # numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
