@@ -13,8 +13,13 @@ How the kernels are built:
   arithmetic in either): ``ld`` widens them to float32 exactly, ``st`` rounds to
   nearest-even on the way out, bit-equal to torch's own conversions (NaN included), in
   integer selects that keep the loops vectorized.
-* Statistics accumulate in float32 (float64 for float64 input); ``fastmath`` allows only
-  reassociation and fused multiply-add, so sums vectorize but NaN and Inf propagate.
+* Every reduction is blocked: a block of values (``_BLOCK`` along a contiguous run,
+  ``_CL_BLOCK`` channels-last rows) is summed in the accumulation type, in vector lanes,
+  and the block sums are added in float64, so the error does not grow with the length
+  of a row, a group or a channel (a single float32 accumulator over 9.4M values is off by
+  ~1e-4).  ``fastmath`` allows only reassociation, so sums vectorize, NaN and Inf
+  propagate, and no product is fused into an add: the same product rounds the same way
+  in every loop, and a normalization group of one value gets a gradient of exactly 0.
 * LayerNorm's mean is corrected by the mean of the residuals (the corrected two-pass
   algorithm, as ``reference.standardize``): rows with mean 1e4 keep float32 precision.
   A row is read from memory once; the later passes find it in cache.
@@ -62,9 +67,12 @@ def _retire_in_forked_child() -> None:
 
 os.register_at_fork(after_in_child=_retire_in_forked_child)
 
-_FASTMATH = {"reassoc", "contract"}
+_FASTMATH = {"reassoc"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True}
 _GRAD_CHUNKS = 32  # row chunks whose parameter-gradient partial sums are added in order
+_BLOCK = 512  # values of a contiguous run summed in float32 lanes before a float64 add
+_CL_BLOCK = 64  # channels-last rows summed per channel before a float64 add
+_ROW_BLOCK = 32  # rows whose parameter-gradient terms are summed before a float64 add
 
 
 # ---------------------------------------------------------------------------
@@ -154,37 +162,73 @@ def _acc(a, v):
 
 
 @njit(inline="always")
+def _run_sums(row, m, squares):
+    """sum(row - m) and (if ``squares``) sum((row - m)^2) along one contiguous run, in
+    float64: blocks of ``_BLOCK`` values summed in the accumulation type."""
+    n = row.shape[0]
+    s1, s2 = 0.0, 0.0
+    for blk in range((n + _BLOCK - 1) // _BLOCK):
+        lo = blk * _BLOCK  # plain ranges from 0: indices LLVM proves >= 0, so it vectorizes
+        b1, b2 = acc(row, 0.0), acc(row, 0.0)
+        for j in range(min(_BLOCK, n - lo)):
+            dv = ld(row, lo + j) - m
+            b1 += dv
+            if squares:
+                b2 += dv * dv
+        s1 += np.float64(b1)
+        s2 += np.float64(b2)
+    return s1, s2
+
+
+@njit(inline="always")
 def _moments(x, c):
     """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous), by the
     corrected two-pass algorithm: returns (mean0, shift, var), mean = mean0 + shift,
     where shift (the mean of x - mean0) recovers mean0's rounding; centre values as
     (x - mean0) - shift."""
     rows, length = x.shape[0], x.shape[2]
-    inv = acc(x, 1.0) / acc(x, max(1, rows * length))
-    s = acc(x, 0.0)
+    count = np.float64(max(1, rows * length))
+    zero = acc(x, 0.0)
+    s = 0.0
     for i in range(rows):
-        row = x[i, c]
-        for j in range(length):
-            s += ld(row, j)
-    mean0 = s * inv
-    s1, s2 = acc(x, 0.0), acc(x, 0.0)
+        s += _run_sums(x[i, c], zero, False)[0]
+    mean0 = acc(x, s / count)
+    s1, s2 = 0.0, 0.0
     for i in range(rows):
-        row = x[i, c]
-        for j in range(length):
-            dv = ld(row, j) - mean0
-            s1 += dv
-            s2 += dv * dv
-    shift = s1 * inv
-    return mean0, shift, max(s2 * inv - shift * shift, acc(x, 0.0))
+        a, b = _run_sums(x[i, c], mean0, True)
+        s1 += a
+        s2 += b
+    shift = s1 / count
+    return mean0, acc(x, shift), acc(x, max(s2 / count - shift * shift, 0.0))
 
 
 @njit(inline="always")
 def _mean_square(row):
-    s = acc(row, 0.0)
-    for j in range(row.shape[0]):
-        v = ld(row, j)
-        s += v * v
-    return s * (acc(row, 1.0) / acc(row, max(1, row.shape[0])))
+    return acc(row, _run_sums(row, acc(row, 0.0), True)[1] / max(1, row.shape[0]))
+
+
+@njit(inline="always")
+def _grad_sums(dyr, xr, m, w, offset):
+    """Along one contiguous run, in float64 (blocked as ``_run_sums``): sum(g * (x - m)),
+    sum(g), sum(x - m), with g = dy * (w + offset) (g = dy where w is None)."""
+    n = xr.shape[0]
+    s_gx, s_g, s_x = 0.0, 0.0, 0.0
+    for blk in range((n + _BLOCK - 1) // _BLOCK):
+        lo = blk * _BLOCK  # as in ``_run_sums``
+        b_gx, b_g, b_x = acc(xr, 0.0), acc(xr, 0.0), acc(xr, 0.0)
+        for k in range(min(_BLOCK, n - lo)):
+            j = lo + k
+            xc = ld(xr, j) - m
+            g = ld(dyr, j)
+            if w is not None:
+                g = g * (ld(w, j) + offset)
+            b_gx += g * xc
+            b_g += g
+            b_x += xc
+        s_gx += np.float64(b_gx)
+        s_g += np.float64(b_g)
+        s_x += np.float64(b_x)
+    return s_gx, s_g, s_x
 
 
 @njit(**_JIT)
@@ -218,33 +262,29 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
 
 @njit(**_JIT)
 def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
-    """dx (+ dr) per row, and per-chunk partial sums of dw, db; mean None: RMSNorm.
+    """dx (+ dr) per row, and per-chunk float64 partial sums of dw, db; mean None: RMSNorm.
 
     With g = dy * w and xc = x - mean: xhat = (xc - shift) * rstd, where shift is the
     residual mean (recovering the saved mean's rounding), and
-    dx = rstd * g - rstd * mean(g) - (xc - shift) * rstd^3 * mean(g * (xc - shift)).
+    dx = rstd * (g - mean(g)) - (xc - shift) * rstd^3 * mean(g * (xc - shift)).
+    g is rounded the same way where it is summed and where it is used, so for a row of
+    one value (g - mean(g) = 0, xc - shift = 0) dx is exactly 0, as the true gradient.
     """
     n, d = src.shape
     chunks = dw_part.shape[0] if dw_part is not None else db_part.shape[0] if db_part is not None else 1
-    inv_d, offset_, zero = acc(src, 1.0 / d), acc(src, offset), acc(src, 0.0)
+    offset_, zero = acc(src, offset), acc(src, 0.0)
     for c in prange(chunks):
-        for i in range(c * n // chunks, (c + 1) * n // chunks):
+        lo, hi = c * n // chunks, (c + 1) * n // chunks
+        block = np.zeros((2, d), dtype=rstd.dtype)  # dw, db terms of up to _ROW_BLOCK rows
+        for i in range(lo, hi):
             rs = rstd[i]
             m = zero if mean is None else mean[i]
-            a_sum, b_sum, s_sum = zero, zero, zero
-            for j in range(d):
-                xc = ld(src, (i, j)) - m
-                g = ld(dy, (i, j))
-                if w is not None:
-                    g = g * (ld(w, j) + offset_)
-                a_sum += g * xc
-                b_sum += g
-                s_sum += xc
+            s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_)
             if mean is None:
-                shift, mean_g = zero, zero
+                shift, mean_g, s_gxs = zero, zero, s_gx
             else:
-                shift, mean_g = s_sum * inv_d, b_sum * inv_d
-            c3 = rs * rs * rs * (a_sum - shift * b_sum) * inv_d
+                shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
+            c3 = rs * rs * rs * acc(src, s_gxs / d)
             for j in range(d):
                 xs = ld(src, (i, j)) - m - shift
                 gy = ld(dy, (i, j))
@@ -254,17 +294,31 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
                     v = v + ld(dr, (i, j))
                 st(dx, (i, j), v)
                 if dw_part is not None:
-                    dw_part[c, j] += gy * xs * rs
+                    block[0, j] += gy * xs * rs
                 if db_part is not None:
-                    db_part[c, j] += gy
+                    block[1, j] += gy
+            if (i - lo) % _ROW_BLOCK == _ROW_BLOCK - 1 or i == hi - 1:
+                if dw_part is not None:
+                    _flush(block[0], dw_part[c])
+                if db_part is not None:
+                    _flush(block[1], db_part[c])
+
+
+@njit(inline="always")
+def _flush(block, total):
+    """total += block (float64 += the accumulation type), then block = 0."""
+    for j in range(block.shape[0]):
+        total[j] += block[j]
+        block[j] = 0.0
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _sum_chunks(part, out):
-    """out[j] = sum over chunks of part[c, j], chunks in order: deterministic."""
+    """out[j] = sum over chunks of part[c, j] (zero for no chunks), in float64, chunks in
+    order: deterministic."""
     for j in prange(part.shape[1]):
-        s = part[0, j]
-        for c in range(1, part.shape[0]):
+        s = 0.0
+        for c in range(part.shape[0]):
             s += part[c, j]
         st(out, j, s)
 
@@ -272,9 +326,10 @@ def _sum_chunks(part, out):
 # ---------------------------------------------------------------------------
 # GroupNorm and BatchNorm over (N, C, L) contiguous or (N, L, C) channels-last.
 # In every backward, with g = dy * w_c and xs = x - mean (centred as in the forward):
-#   training: dx = rstd * (g - mean(g)) - xs * rstd^3 * mean(g * xs)
-#   eval (BatchNorm with running statistics): dx = rstd * g
+#   training: dx = (g - mean(g)) * rstd - xs * rstd^3 * mean(g * xs)
+#   eval (BatchNorm with running statistics): dx = g * rstd
 #   dw_c = sum(dy * xs) * rstd,  db_c = sum(dy)   (sums over each channel's elements)
+# g - mean(g) comes first, so a group of one value cancels exactly (dx = 0).
 # ---------------------------------------------------------------------------
 
 
@@ -294,24 +349,11 @@ def _affine_run(xr, yr, centre, scale, bias):
 
 
 @njit(inline="always")
-def _grad_sums_run(dyr, xr, m):
-    """Along one run: sum(dy * (x - m)), sum(dy), sum(x - m)."""
-    dyx, dys, xs = acc(xr, 0.0), acc(xr, 0.0), acc(xr, 0.0)
+def _dx_run(dyr, xr, dxr, m, shift, wc, mean_g, rstd, c3):
+    """dx = (dy * w_c - mean_g) * rstd - (x - m - shift) * c3 along one run, where
+    mean_g = mean(dy * w), c3 = rstd^3 * mean(g * xs)."""
     for j in range(xr.shape[0]):
-        xc = ld(xr, j) - m
-        gy = ld(dyr, j)
-        dyx += gy * xc
-        dys += gy
-        xs += xc
-    return dyx, dys, xs
-
-
-@njit(inline="always")
-def _dx_run(dyr, xr, dxr, m, shift, scale, mean_g, c3):
-    """dx = dy * scale - mean_g - (x - m - shift) * c3 along one run, where
-    scale = rstd * w_c, mean_g = rstd * mean(dy * w), c3 = rstd^3 * mean(g * xs)."""
-    for j in range(xr.shape[0]):
-        st(dxr, j, ld(dyr, j) * scale - mean_g - (ld(xr, j) - m - shift) * c3)
+        st(dxr, j, (ld(dyr, j) * wc - mean_g) * rstd - (ld(xr, j) - m - shift) * c3)
 
 
 # GroupNorm's groups are contiguous blocks: one parallel step per group reduces and
@@ -333,12 +375,12 @@ def _affine_runs(x, y, coef):
 @njit(**_JIT)
 def _dx_runs(dy, x, dx, coef):
     """dx[n, c] from dy[n, c], x[n, c] and the per-channel coefficients of ``_dx_run``:
-    coef[0] = centre, [1] = shift, [2] = rstd * w, [3] = rstd * mean(g), [4] = c3."""
+    coef[0] = centre, [1] = shift, [2] = w, [3] = mean(g), [4] = rstd, [5] = c3."""
     n, channels = x.shape[0], x.shape[1]
     for r in prange(n * channels):
         i, c = r // channels, r % channels
         _dx_run(dy[i, c], x[i, c], dx[i, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c],
-                coef[4, c])
+                coef[4, c], coef[5, c])
 
 
 @njit(**_JIT)
@@ -360,30 +402,31 @@ def _group_norm_fwd(x, w, b, y, mean_out, var_out, eps):
 @njit(**_JIT)
 def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
     """x, dy, dx: (N, G, C/G, L) contiguous, one (n, g) group per parallel step;
-    per-sample partial sums dw_part[n, c], db_part[n, c]."""
+    per-sample float64 partial sums dw_part[n, c], db_part[n, c]."""
     n, groups, cpg, length = x.shape
     eps_, zero = acc(x, eps), acc(x, 0.0)
-    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
+    count = np.float64(max(1, cpg * length))
     for ng in prange(n * groups):
         i, g = ng // groups, ng % groups
         m = mean[i, g]
         rstd = acc(x, 1.0) / np.sqrt(var[i, g] + eps_)
-        a_sum, b_sum, s_sum = zero, zero, zero
+        a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
         for k in range(cpg):
             c = g * cpg + k
             wc = acc(x, 1.0) if w is None else ld(w, c)
-            dyx, dys, xs = _grad_sums_run(dy[i, g, k], x[i, g, k], m)
+            dyx, dys, xs = _grad_sums(dy[i, g, k], x[i, g, k], m, None, zero)
             a_sum += wc * dyx
             b_sum += wc * dys
             s_sum += xs
             dw_part[i, c], db_part[i, c] = dyx, dys
-        shift = s_sum * inv
-        c3 = rstd * rstd * rstd * (a_sum - shift * b_sum) * inv
+        shift = s_sum / count
+        c3 = rstd * rstd * rstd * acc(x, (a_sum - shift * b_sum) / count)
+        mean_g = acc(x, b_sum / count)
         for k in range(cpg):
             c = g * cpg + k
             wc = acc(x, 1.0) if w is None else ld(w, c)
             dw_part[i, c] = (dw_part[i, c] - shift * db_part[i, c]) * rstd
-            _dx_run(dy[i, g, k], x[i, g, k], dx[i, g, k], m, shift, rstd * wc, rstd * b_sum * inv, c3)
+            _dx_run(dy[i, g, k], x[i, g, k], dx[i, g, k], m, acc(x, shift), wc, mean_g, rstd, c3)
 
 
 @njit(**_JIT)
@@ -408,23 +451,24 @@ def _batch_norm_grad_sums(dy, x, w, mean, var, training, eps, coef, dw, db):
     dw, db, and coef[:, c] for ``_dx_runs``."""
     n, channels, length = x.shape
     eps_, zero = acc(x, eps), acc(x, 0.0)
-    inv = acc(x, 1.0) / acc(x, max(1, n * length))
+    count = np.float64(max(1, n * length))
     for c in prange(channels):
         m = acc(x, mean[c])
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
         wc = acc(x, 1.0) if w is None else ld(w, c)
-        dyx, dys, xs = zero, zero, zero
+        dyx, dys, xs = 0.0, 0.0, 0.0
         for i in range(n):
-            a, b, s = _grad_sums_run(dy[i, c], x[i, c], m)
+            a, b, s = _grad_sums(dy[i, c], x[i, c], m, None, zero)
             dyx += a
             dys += b
             xs += s
-        shift = xs * inv if training else zero
+        shift = xs / count if training else 0.0
         dyxs = dyx - shift * dys  # sum(dy * (x - mean)), with the mean's rounding undone
         dw[c], db[c] = dyxs * rstd, dys
-        coef[0, c], coef[1, c], coef[2, c] = m, shift, rstd * wc
-        coef[3, c] = rstd * wc * dys * inv if training else zero
-        coef[4, c] = rstd * rstd * rstd * wc * dyxs * inv if training else zero
+        coef[0, c], coef[1, c], coef[2, c] = m, shift, wc
+        coef[3, c] = wc * dys / count if training else 0.0
+        coef[4, c] = rstd
+        coef[5, c] = rstd * rstd * rstd * acc(x, wc * dyxs / count) if training else zero
 
 
 # Channels-last: x is (rows, C) for BatchNorm (rows = N * spatial) and (N, L, C) for
@@ -440,59 +484,80 @@ def _affine_row_cl(xr, yr, centre, scale, bias):
 
 @njit(inline="always")
 def _column_sums(x, lo, hi, centre, squares=True):
-    """Per channel over rows lo..hi of x (rows, C): sum(x - centre), sum((x - centre)^2)
-    (left at zero unless ``squares``).
-    Four rows a step, so the accumulators (arrays: they cannot live in registers) are
-    loaded and stored once per four values instead of once per value."""
+    """Per channel over rows lo..hi of x (rows, C), in float64: sum(x - centre),
+    sum((x - centre)^2) (left at zero unless ``squares``).  Blocks of ``_CL_BLOCK`` rows
+    are summed in the accumulation type, four rows a step, so the block accumulators
+    (arrays: they cannot live in registers) are loaded and stored once per four values."""
     channels = x.shape[1]
-    s1 = np.zeros(channels, dtype=centre.dtype)
-    s2 = np.zeros(channels, dtype=centre.dtype)
-    r = lo
-    while r + 4 <= hi:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    s1 = np.zeros(channels, dtype=np.float64)
+    s2 = np.zeros(channels, dtype=np.float64)
+    b1 = np.empty(channels, dtype=centre.dtype)
+    b2 = np.empty(channels, dtype=centre.dtype)
+    for blo in range(lo, hi, _CL_BLOCK):
+        bhi = min(blo + _CL_BLOCK, hi)
+        b1[:] = 0.0
+        b2[:] = 0.0
+        r = blo
+        while r + 4 <= bhi:
+            x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+            for c in range(channels):
+                m = centre[c]
+                d0, d1, d2, d3 = ld(x0, c) - m, ld(x1, c) - m, ld(x2, c) - m, ld(x3, c) - m
+                b1[c] += (d0 + d1) + (d2 + d3)
+                if squares:
+                    b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
+        for rr in range(r, bhi):
+            xr = x[rr]
+            for c in range(channels):
+                dv = ld(xr, c) - centre[c]
+                b1[c] += dv
+                if squares:
+                    b2[c] += dv * dv
         for c in range(channels):
-            m = centre[c]
-            d0, d1, d2, d3 = ld(x0, c) - m, ld(x1, c) - m, ld(x2, c) - m, ld(x3, c) - m
-            s1[c] += (d0 + d1) + (d2 + d3)
-            if squares:
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for rr in range(r, hi):
-        xr = x[rr]
-        for c in range(channels):
-            dv = ld(xr, c) - centre[c]
-            s1[c] += dv
-            if squares:
-                s2[c] += dv * dv
+            s1[c] += b1[c]
+            s2[c] += b2[c]
     return s1, s2
 
 
 @njit(inline="always")
 def _column_grad_sums(dy, x, lo, hi, centre):
-    """Per channel over rows lo..hi of dy, x (rows, C): sum(dy), sum(dy * (x - centre)),
-    sum(x - centre); two rows a step, to halve the accumulator traffic."""
+    """Per channel over rows lo..hi of dy, x (rows, C), in float64: sum(dy),
+    sum(dy * (x - centre)), sum(x - centre); blocked as ``_column_sums``, two rows a step."""
     channels = x.shape[1]
-    dys = np.zeros(channels, dtype=centre.dtype)
-    dyx = np.zeros(channels, dtype=centre.dtype)
-    xs = np.zeros(channels, dtype=centre.dtype)
-    r = lo
-    while r + 2 <= hi:
-        x0, x1, g0, g1 = x[r], x[r + 1], dy[r], dy[r + 1]
+    dys = np.zeros(channels, dtype=np.float64)
+    dyx = np.zeros(channels, dtype=np.float64)
+    xs = np.zeros(channels, dtype=np.float64)
+    b_dy = np.empty(channels, dtype=centre.dtype)
+    b_dyx = np.empty(channels, dtype=centre.dtype)
+    b_x = np.empty(channels, dtype=centre.dtype)
+    for blo in range(lo, hi, _CL_BLOCK):
+        bhi = min(blo + _CL_BLOCK, hi)
+        b_dy[:] = 0.0
+        b_dyx[:] = 0.0
+        b_x[:] = 0.0
+        r = blo
+        while r + 2 <= bhi:
+            x0, x1, g0, g1 = x[r], x[r + 1], dy[r], dy[r + 1]
+            for c in range(channels):
+                m = centre[c]
+                a0, a1, d0, d1 = ld(g0, c), ld(g1, c), ld(x0, c) - m, ld(x1, c) - m
+                b_dy[c] += a0 + a1
+                b_dyx[c] += a0 * d0 + a1 * d1
+                b_x[c] += d0 + d1
+            r += 2
+        for rr in range(r, bhi):
+            xr, dyr = x[rr], dy[rr]
+            for c in range(channels):
+                gy = ld(dyr, c)
+                xc = ld(xr, c) - centre[c]
+                b_dy[c] += gy
+                b_dyx[c] += gy * xc
+                b_x[c] += xc
         for c in range(channels):
-            m = centre[c]
-            a0, a1, d0, d1 = ld(g0, c), ld(g1, c), ld(x0, c) - m, ld(x1, c) - m
-            dys[c] += a0 + a1
-            dyx[c] += a0 * d0 + a1 * d1
-            xs[c] += d0 + d1
-        r += 2
-    for rr in range(r, hi):
-        xr, dyr = x[rr], dy[rr]
-        for c in range(channels):
-            gy = ld(dyr, c)
-            xc = ld(xr, c) - centre[c]
-            dys[c] += gy
-            dyx[c] += gy * xc
-            xs[c] += xc
+            dys[c] += b_dy[c]
+            dyx[c] += b_dyx[c]
+            xs[c] += b_x[c]
     return dys, dyx, xs
 
 
@@ -503,38 +568,38 @@ def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
     chunk order around the first chunk's mean (Chan et al.): deterministic."""
     rows, channels = x.shape
     chunks = part.shape[0]
-    zero = acc(x, 0.0)
-    centre = np.zeros(channels, dtype=part.dtype)
-    offset = np.zeros(channels, dtype=part.dtype)
+    centre = np.zeros(channels, dtype=mean.dtype)
+    offset = np.zeros(channels, dtype=mean.dtype)
     if training:
         for k in prange(chunks):
             lo, hi = k * rows // chunks, (k + 1) * rows // chunks
-            local, _ = _column_sums(x, lo, hi, np.zeros(channels, dtype=part.dtype), False)
-            local *= acc(x, 1.0) / acc(x, max(1, hi - lo))
+            total, _ = _column_sums(x, lo, hi, np.zeros(channels, dtype=mean.dtype), False)
+            local = np.empty(channels, dtype=mean.dtype)
+            for c in range(channels):
+                local[c] = total[c] / max(1, hi - lo)
             s1, s2 = _column_sums(x, lo, hi, local)
             part[k, 0], part[k, 1], part[k, 2] = local, s1, s2
-            part[k, 3] = acc(x, hi - lo)
-        inv_rows = acc(x, 1.0) / acc(x, max(1, rows))
+            part[k, 3] = hi - lo
         for c in prange(channels):
             base = part[0, 0, c]
-            t = zero
+            t = 0.0
             for k in range(chunks):
                 t += part[k, 3, c] * (part[k, 0, c] - base) + part[k, 1, c]
-            t *= inv_rows
-            m2 = zero
+            t /= max(1, rows)
+            m2 = 0.0
             for k in range(chunks):
                 cnt = part[k, 3, c]
                 if cnt > 0:
                     dk = (part[k, 0, c] - base) + part[k, 1, c] / cnt - t
                     m2 += part[k, 2, c] - part[k, 1, c] * part[k, 1, c] / cnt + cnt * dk * dk
-            mean[c], var[c] = base + t, max(m2 * inv_rows, zero)
+            mean[c], var[c] = base + t, max(m2 / max(1, rows), 0.0)
             centre[c], offset[c] = base, t
     else:
         for c in range(channels):
             centre[c] = mean[c]
     eps_ = acc(x, eps)
-    scale = np.empty(channels, dtype=part.dtype)
-    bias = np.empty(channels, dtype=part.dtype)
+    scale = np.empty(channels, dtype=mean.dtype)
+    bias = np.empty(channels, dtype=mean.dtype)
     for c in range(channels):
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
         scale[c], bias[c] = _channel_affine(w, b, c, rstd, offset[c])
@@ -544,41 +609,43 @@ def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
 
 @njit(**_JIT)
 def _batch_norm_cl_bwd(dy, x, w, mean, var, training, eps, dx, part, dw, db):
-    """x, dy, dx: (rows, C); part[k] holds per-chunk sums of dy, dy * (x - mean) and
-    x - mean, added in chunk order."""
+    """x, dy, dx: (rows, C); part[k] holds per-chunk float64 sums of dy, dy * (x - mean)
+    and x - mean, added in chunk order."""
     rows, channels = x.shape
     chunks = part.shape[0]
     zero, eps_ = acc(x, 0.0), acc(x, eps)
     for k in prange(chunks):
         lo, hi = k * rows // chunks, (k + 1) * rows // chunks
         part[k, 0], part[k, 1], part[k, 2] = _column_grad_sums(dy, x, lo, hi, mean)
-    inv = acc(x, 1.0) / acc(x, max(1, rows))
-    coef = np.empty((4, channels), dtype=part.dtype)  # rstd * w, rstd * mean(g), shift, c3
+    count = np.float64(max(1, rows))
+    coef = np.empty((5, channels), dtype=mean.dtype)  # as ``_dx_row_cl`` reads them
     for c in range(channels):
-        dys, dyx, xs = zero, zero, zero
+        dys, dyx, xs = 0.0, 0.0, 0.0
         for k in range(chunks):
             dys += part[k, 0, c]
             dyx += part[k, 1, c]
             xs += part[k, 2, c]
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
         wc = acc(x, 1.0) if w is None else ld(w, c)
-        shift = xs * inv if training else zero
+        shift = xs / count if training else 0.0
         dyxs = dyx - shift * dys
         dw[c], db[c] = dyxs * rstd, dys
-        coef[0, c] = rstd * wc
-        coef[1, c] = rstd * wc * dys * inv if training else zero
+        coef[0, c] = wc
+        coef[1, c] = wc * dys / count if training else 0.0
         coef[2, c] = shift
-        coef[3, c] = rstd * rstd * rstd * wc * dyxs * inv if training else zero
+        coef[3, c] = rstd * rstd * rstd * acc(x, wc * dyxs / count) if training else zero
+        coef[4, c] = rstd
     for r in prange(rows):
         _dx_row_cl(dy[r], x[r], dx[r], mean, coef)
 
 
 @njit(inline="always")
 def _dx_row_cl(dyr, xr, dxr, centre, coef):
-    """One channels-last row: dx = dy * coef0 - coef1 - (x - centre - coef2) * coef3."""
+    """One channels-last row, per channel c: coef[0] = w, [1] = mean(g), [2] = shift,
+    [3] = c3, [4] = rstd;  dx = (dy * w - mean(g)) * rstd - (x - centre - shift) * c3."""
     for c in range(xr.shape[0]):
         xs = ld(xr, c) - centre[c] - coef[2, c]
-        st(dxr, c, ld(dyr, c) * coef[0, c] - coef[1, c] - xs * coef[3, c])
+        st(dxr, c, (ld(dyr, c) * coef[0, c] - coef[1, c]) * coef[4, c] - xs * coef[3, c])
 
 
 @njit(**_JIT)
@@ -588,48 +655,49 @@ def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
     per channel, then the sample's output while its block is in cache."""
     n, length, channels = x.shape
     cpg = channels // groups
-    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
-    zero, eps_ = acc(x, 0.0), acc(x, eps)
+    count = np.float64(max(1, cpg * length))
+    eps_ = acc(x, eps)
     for i in prange(n):
         s, _ = _column_sums(x[i], 0, length, np.zeros(channels, dtype=mean_out.dtype), False)
         centre = coef[i, 0]
         for g in range(groups):
-            t = zero
+            t = 0.0
             for k in range(cpg):
                 t += s[g * cpg + k]
             for k in range(cpg):
-                centre[g * cpg + k] = t * inv
+                centre[g * cpg + k] = t / count
         s1, s2 = _column_sums(x[i], 0, length, centre)
         for g in range(groups):
-            t1, t2 = zero, zero
+            t1, t2 = 0.0, 0.0
             for k in range(cpg):
                 t1 += s1[g * cpg + k]
                 t2 += s2[g * cpg + k]
-            sh = t1 * inv
-            v = max(t2 * inv - sh * sh, zero)
+            sh = t1 / count
+            v = acc(x, max(t2 / count - sh * sh, 0.0))
             mean_out[i, g], var_out[i, g] = centre[g * cpg] + sh, v
             rstd = acc(x, 1.0) / np.sqrt(v + eps_)
             for k in range(cpg):
-                coef[i, 1, g * cpg + k], coef[i, 2, g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, sh)
+                coef[i, 1, g * cpg + k], coef[i, 2, g * cpg + k] = _channel_affine(
+                    w, b, g * cpg + k, rstd, acc(x, sh))
         for l in range(length):  # the sample's block is still in cache
             _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
 
 
 @njit(**_JIT)
 def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_part):
-    """x, dy, dx: (N, L, C); per-sample partial sums dw_part[n, c], db_part[n, c];
-    coef[n] = (centre, rstd * w, rstd * mean(g), shift, c3) per channel."""
+    """x, dy, dx: (N, L, C); per-sample float64 partial sums dw_part[n, c], db_part[n, c];
+    coef[n] = (centre, then ``_dx_row_cl``'s w, mean(g), shift, c3, rstd) per channel."""
     n, length, channels = x.shape
     cpg = channels // groups
-    inv = acc(x, 1.0) / acc(x, max(1, cpg * length))
-    zero, eps_ = acc(x, 0.0), acc(x, eps)
+    count = np.float64(max(1, cpg * length))
+    eps_ = acc(x, eps)
     for i in prange(n):
         centre = coef[i, 0]
         for c in range(channels):
             centre[c] = mean[i, c // cpg]
         dys, dyx, xs = _column_grad_sums(dy[i], x[i], 0, length, centre)
         for g in range(groups):
-            a_sum, b_sum, s_sum = zero, zero, zero
+            a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
             for k in range(cpg):
                 c = g * cpg + k
                 wc = acc(x, 1.0) if w is None else ld(w, c)
@@ -637,16 +705,17 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_p
                 b_sum += wc * dys[c]
                 s_sum += xs[c]
             rstd = acc(x, 1.0) / np.sqrt(var[i, g] + eps_)
-            sh = s_sum * inv
-            c3 = rstd * rstd * rstd * (a_sum - sh * b_sum) * inv
+            sh = s_sum / count
+            c3 = rstd * rstd * rstd * acc(x, (a_sum - sh * b_sum) / count)
             for k in range(cpg):
                 c = g * cpg + k
                 wc = acc(x, 1.0) if w is None else ld(w, c)
                 dw_part[i, c], db_part[i, c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
-                coef[i, 1, c] = rstd * wc
-                coef[i, 2, c] = rstd * b_sum * inv
+                coef[i, 1, c] = wc
+                coef[i, 2, c] = b_sum / count
                 coef[i, 3, c] = sh
                 coef[i, 4, c] = c3
+                coef[i, 5, c] = rstd
         for l in range(length):  # the sample's blocks are still in cache
             _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
 
@@ -697,15 +766,18 @@ def _dyt_fwd(x, alpha, w, b, y):
 
 
 @njit(**_JIT)
-def _dyt_bwd(dy, x, alpha, w, dx, part):
-    """dx, and per-chunk partial sums over the chunk's rows: part[0, k] of dy * t (dw),
+def _dyt_bwd(dy, x, alpha, w, dx, part, blocks):
+    """dx, and per-chunk float64 partial sums over the chunk's rows: part[0, k] of dy * t (dw),
     part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2) (dalpha), added in
-    order by the caller."""
+    order by the caller; blocks[k] (zeros, the accumulation type) holds the terms of up to
+    ``_ROW_BLOCK`` rows between float64 adds."""
     n, d = x.shape
     chunks = part.shape[1]
     a = ld(alpha, 0)
     for k in prange(chunks):
-        for i in range(k * n // chunks, (k + 1) * n // chunks):
+        lo, hi = k * n // chunks, (k + 1) * n // chunks
+        block = blocks[k]
+        for i in range(lo, hi):
             xr, dyr, dxr = x[i], dy[i], dx[i]
             for j in range(d):
                 xv = ld(xr, j)
@@ -714,9 +786,12 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
                 gw = g if w is None else g * ld(w, j)
                 dpre = gw * (acc(x, 1.0) - t * t)
                 st(dxr, j, dpre * a)
-                part[0, k, j] += g * t
-                part[1, k, j] += g
-                part[2, k, j] += dpre * xv
+                block[0, j] += g * t
+                block[1, j] += g
+                block[2, j] += dpre * xv
+            if (i - lo) % _ROW_BLOCK == _ROW_BLOCK - 1 or i == hi - 1:
+                for p in range(3):
+                    _flush(block[p], part[p, k])
 
 
 # ---------------------------------------------------------------------------
@@ -785,8 +860,8 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     acc = acc_dtype(rk.dtype)
     chunks = max(1, min(n, _GRAD_CHUNKS))
     dx = _empty(rk.shape, rk.dtype)
-    dw_part = None if weight is None else torch.zeros(chunks, d, dtype=acc)
-    db_part = None if bias is None else torch.zeros(chunks, d, dtype=acc)
+    dw_part = None if weight is None else torch.zeros(chunks, d, dtype=torch.float64)
+    db_part = None if bias is None else torch.zeros(chunks, d, dtype=torch.float64)
     _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
                   float(offset), _np(dx), _np(dw_part), _np(db_part))
     dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
@@ -852,11 +927,11 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     w = _np(weight)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
-    dw_part, db_part = torch.empty(n, c, dtype=acc), torch.empty(n, c, dtype=acc)
+    dw_part, db_part = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.float64)
     if _channels_last(x):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         dx = _empty(xl.shape, xl.dtype)
-        coef = torch.empty(n, 5, c, dtype=acc)
+        coef = torch.empty(n, 6, c, dtype=acc)
         _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
                            _np(dx), _np(coef), _np(dw_part), _np(db_part))
         dx = _from_channels_last(dx, x)
@@ -898,7 +973,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
         xl = _channels_last_view(x)
         rows = xl.reshape(-1, c)
         y = _empty(xl.shape, xl.dtype)
-        part = torch.empty(_cl_chunks(rows.shape[0], c), 4, c, dtype=acc)
+        part = torch.empty(_cl_chunks(rows.shape[0], c), 4, c, dtype=torch.float64)
         _batch_norm_cl_fwd(_np(rows), w, b, _np(y.view(-1, c)), _np(mean), _np(var), _np(part),
                            training, float(eps))
         return _from_channels_last(y, x), mean, var
@@ -920,14 +995,14 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         rows = xl.reshape(-1, c)
         dx = _empty(xl.shape, xl.dtype)
-        part = torch.empty(_cl_chunks(rows.shape[0], c), 3, c, dtype=acc)
+        part = torch.empty(_cl_chunks(rows.shape[0], c), 3, c, dtype=torch.float64)
         _batch_norm_cl_bwd(_np(dyl.reshape(-1, c)), _np(rows), w, _np(mean), _np(var), training,
                            float(eps), _np(dx.view(-1, c)), _np(part), _np(dw), _np(db))
         dx = _from_channels_last(dx, x)
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
         dx = _empty(x3.shape, x3.dtype)
-        coef = torch.empty(5, c, dtype=acc)
+        coef = torch.empty(6, c, dtype=acc)
         _batch_norm_grad_sums(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
                               _np(coef), _np(dw), _np(db))
         _dx_runs(_np(dy3), _np(x3), _np(dx), _np(coef))
@@ -953,9 +1028,10 @@ def dyt_backward(dy, x, alpha, weight, bias):
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
     dx = _empty(xk.shape, xk.dtype)
-    part = torch.zeros(3, max(1, min(n, _GRAD_CHUNKS)), d, dtype=acc)
-    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
-    dalpha_terms = torch.empty(d, dtype=acc)
+    part = torch.zeros(3, max(1, min(n, _GRAD_CHUNKS)), d, dtype=torch.float64)
+    blocks = torch.zeros(part.shape[1], 3, d, dtype=acc)
+    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part), _np(blocks))
+    dalpha_terms = torch.empty(d, dtype=torch.float64)
     _sum_chunks(_np(part[2]), _np(dalpha_terms))
     dalpha = dalpha_terms.sum().reshape(alpha.shape).to(alpha.dtype)
     return dx, dalpha, _param_grad(part[0], weight), _param_grad(part[1], bias)
