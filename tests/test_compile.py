@@ -72,3 +72,22 @@ def test_ops_pass_torch_library_opcheck():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_compiled_backward_runs_the_backward_op():
+    """The differentiable backward (for create_graph) must not leak into compiled graphs:
+    aot_autograd's backward graph holds the fast backward op."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = {}
+
+    def backend(gm, inputs):
+        def keep(kind):
+            return lambda g, _inputs: graphs.setdefault(kind, g) or g
+
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+
+    compiled = torch.compile(addnorm.LayerNorm(16), backend=backend, fullgraph=True)
+    compiled(torch.randn(4, 16, requires_grad=True)).sum().backward()
+    targets = {str(n.target) for n in graphs["bw"].graph.nodes if n.op == "call_function"}
+    assert "addnorm.row_norm_bwd.default" in targets, targets

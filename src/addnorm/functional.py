@@ -3,6 +3,11 @@
 Every function checks its arguments here, once, before any kernel runs, and raises an
 error that names the argument and what was expected; nothing is modified when it
 raises.  Then it picks a backend (``addnorm.backend``) and calls the op.
+
+Where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) or another
+``torch.func`` transform (``vmap``, ``grad``, ``jacfwd``) sees the tensors, the custom ops
+cannot follow (they have a backward formula only), so the same math runs from
+``reference`` as plain differentiable torch ops: tangents and batching are torch's own.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from ._backend import select
 from .reference import rms_eps, update_running_stats
 
@@ -125,6 +131,26 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
         raise ValueError("running_mean and running_var must be given together or both be None")
 
 
+def _watched(args: tuple) -> bool:
+    """Whether forward-mode AD or a torch.func transform sees any tensor in ``args``.
+    (torch.compile traces neither: there the op is always what it sees.)"""
+    if torch.compiler.is_compiling():
+        return False
+    tensors = [t for t in args if isinstance(t, Tensor)]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    return forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
+def _forward(op, math, *args, device: torch.device):
+    """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches."""
+    if _watched(args):
+        return math(*args)
+    return op(*args, select(device))
+
+
 def _channel_layout(x: Tensor) -> Tensor:
     """Contiguous or channels-last as it is; any other striding made contiguous."""
     if ops.memory_format(x) is not torch.contiguous_format:
@@ -148,7 +174,9 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
         eps = rms_eps(eps, x.dtype)
     _check_eps(eps)
     d = math.prod(shape)
-    y, r, _, _ = ops.row_norm_fwd(
+    y, r, _, _ = _forward(
+        ops.row_norm_fwd,
+        reference.row_norm_forward,
         x.reshape(-1, d).contiguous(),
         None if residual is None else residual.reshape(-1, d).contiguous(),
         None if weight is None else weight.reshape(d),
@@ -156,9 +184,9 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
         float(eps),
         float(offset),
         rms,
-        select(x.device),
+        device=x.device,
     )
-    return y.view(x.shape), None if residual is None else r.view(x.shape)
+    return y.reshape(x.shape), None if residual is None else r.reshape(x.shape)
 
 
 def layer_norm(
@@ -245,9 +273,10 @@ def batch_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps, positive=training)
-    y, mean, var = ops.batch_norm_fwd(
+    y, mean, var = _forward(
+        ops.batch_norm_fwd, reference.batch_norm_forward,
         _channel_layout(input), weight, bias, running_mean, running_var, training, float(eps),
-        select(input.device),
+        device=input.device,
     )
     if training and running_mean is not None and values_per_channel > 0:
         update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
@@ -281,8 +310,9 @@ def instance_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps)
-    y, mean, var = ops.group_norm_fwd(
-        _channel_layout(input), weight, bias, c, float(eps), select(input.device)
+    y, mean, var = _forward(
+        ops.group_norm_fwd, reference.group_norm_forward,
+        _channel_layout(input), weight, bias, c, float(eps), device=input.device,
     )
     if running_mean is not None and input.numel() > 0:
         update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum)
@@ -307,8 +337,9 @@ def group_norm(
         )
     _check_per_channel(input, c, weight=weight, bias=bias)
     _check_eps(eps)
-    y, _, _ = ops.group_norm_fwd(
-        _channel_layout(input), weight, bias, num_groups, float(eps), select(input.device)
+    y, _, _ = _forward(
+        ops.group_norm_fwd, reference.group_norm_forward,
+        _channel_layout(input), weight, bias, num_groups, float(eps), device=input.device,
     )
     return y
 
@@ -330,14 +361,16 @@ def dyt(
     _check_param(weight, "weight", shape, input)
     _check_param(bias, "bias", shape, input)
     d = math.prod(shape)
-    y = ops.dyt_fwd(
+    y = _forward(
+        ops.dyt_fwd,
+        reference.dyt_forward,
         input.reshape(-1, d).contiguous(),
         alpha,
         None if weight is None else weight.reshape(d),
         None if bias is None else bias.reshape(d),
-        select(input.device),
+        device=input.device,
     )
-    return y.view(input.shape)
+    return y.reshape(input.shape)
 
 
 def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -348,7 +381,8 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
         raise ValueError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
     _check_one_element(weight, "weight", input)
     _check_eps(eps)
-    y, _ = ops.scale_norm_fwd(
-        input.reshape(-1, input.shape[-1]).contiguous(), weight, float(eps), select(input.device)
+    y, _ = _forward(
+        ops.scale_norm_fwd, reference.scale_norm_forward,
+        input.reshape(-1, input.shape[-1]).contiguous(), weight, float(eps), device=input.device,
     )
-    return y.view(input.shape)
+    return y.reshape(input.shape)

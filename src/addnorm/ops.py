@@ -5,6 +5,12 @@ named by their last argument (``addnorm._backend``), have a fake implementation 
 ``torch.compile`` traces them without running them, and the forward has its autograd
 registered with the backward op, so compiled graphs keep forward and backward whole.
 
+The first-order backward runs the backward op (the fast kernel).  When autograd records
+the backward itself (``create_graph=True``: double backward, gradient penalties,
+Hessian-vector products) it runs ``reference``'s backward instead, as plain
+differentiable torch ops, with the statistics recomputed from the saved input so that
+their dependence on it is differentiated too.
+
 Ops never return ``None`` and never alias an input (custom ops may not): an absent
 output (no residual, no weight, RMSNorm's mean) is an empty tensor, which the autograd
 wiring here and the callers in ``functional`` know to ignore.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import reference
 from ._backend import kernel
 from .reference import acc_dtype
 
@@ -52,6 +59,12 @@ def _param_grads(weight: Tensor | None, bias: Tensor | None, like: Tensor):
 
 def _present(t: Tensor, wanted: bool) -> Tensor | None:
     return t if wanted else None
+
+
+def _recording_backward() -> bool:
+    """Whether autograd records this backward (create_graph=True): then it must be made
+    of differentiable ops, not of a custom op without a derivative."""
+    return torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------
@@ -116,18 +129,25 @@ def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend):
 
 
 def _row_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps, offset, rms, backend = inputs
+    x, residual, weight, bias, eps, offset, rms, backend = inputs
     _y, r, mean, rstd = output
     ctx.has_residual = residual is not None
+    ctx.eps = eps
     ctx.args = (offset, rms, backend)
     ctx.save_for_backward(r if ctx.has_residual else x, weight, bias, mean, rstd)
 
 
 def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     r, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = row_norm_bwd(
-        dy, dr if ctx.has_residual else None, r, weight, bias, mean, rstd, *ctx.args
-    )
+    dr = dr if ctx.has_residual else None
+    offset, rms, backend = ctx.args
+    if _recording_backward():
+        _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
+        dx, dw, db = reference.row_norm_backward(
+            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, bias
+        )
+    else:
+        dx, dw, db = row_norm_bwd(dy, dr, r, weight, bias, mean, rstd, offset, rms, backend)
     return (
         dx,
         _present(dx, ctx.has_residual),
@@ -195,7 +215,12 @@ def _group_norm_setup(ctx, inputs, output):
 
 def _group_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
-    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, var, *ctx.args)
+    num_groups, eps, backend = ctx.args
+    if _recording_backward():
+        _, mean, var = reference.group_norm_forward(x, None, None, num_groups, eps)
+        dx, dw, db = reference.group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias)
+    else:
+        dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, var, num_groups, eps, backend)
     return dx, _present(dw, weight is not None), _present(db, bias is not None), None, None, None
 
 
@@ -258,7 +283,13 @@ def _batch_norm_setup(ctx, inputs, output):
 
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
-    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, *ctx.args)
+    training, eps, backend = ctx.args
+    if _recording_backward():
+        if training:  # batch statistics depend on x; running ones are constants
+            _, mean, var = reference.batch_norm_forward(x, None, None, None, None, True, eps)
+        dx, dw, db = reference.batch_norm_backward(dy, x, weight, mean, var, training, eps, bias)
+    else:
+        dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, training, eps, backend)
     return (
         dx,
         _present(dw, weight is not None),
@@ -312,7 +343,10 @@ def _dyt_setup(ctx, inputs, output):
 
 def _dyt_backward(ctx, dy):
     x, alpha, weight, bias = ctx.saved_tensors
-    dx, dalpha, dw, db = dyt_bwd(dy, x, alpha, weight, bias, ctx.backend)
+    if _recording_backward():
+        dx, dalpha, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias)
+    else:
+        dx, dalpha, dw, db = dyt_bwd(dy, x, alpha, weight, bias, ctx.backend)
     return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None), None
 
 
@@ -352,7 +386,12 @@ def _scale_norm_setup(ctx, inputs, output):
 
 def _scale_norm_backward(ctx, dy, _drnorm):
     x, weight, rnorm = ctx.saved_tensors
-    dx, dw = scale_norm_bwd(dy, x, weight, rnorm, *ctx.args)
+    eps, backend = ctx.args
+    if _recording_backward():
+        rnorm = reference.scale_norm_forward(x, weight, eps)[1]
+        dx, dw = reference.scale_norm_backward(dy, x, weight, rnorm, eps)
+    else:
+        dx, dw = scale_norm_bwd(dy, x, weight, rnorm, eps, backend)
     return dx, dw, None, None
 
 

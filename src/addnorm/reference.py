@@ -255,6 +255,7 @@ def update_running_stats(
     """r <- (1 - momentum) * r + momentum * batch, in place, as torch does; the running
     variance takes the unbiased batch variance var * n / (n - 1) (n values per stat)."""
     acc = mean.dtype
+    mean, var = mean.detach(), var.detach()  # statistics, never a path for (forward) gradients
     unbiased = var * (n / (n - 1)) if n > 1 else var
     with torch.no_grad():
         running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))

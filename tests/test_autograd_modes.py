@@ -1,0 +1,138 @@
+"""Every autograd mode torch.nn's norms support: forward AD (jvp), torch.func, double
+backward; compared with torch.nn itself where torch has the norm."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import jvp, vmap
+
+import addnorm.functional as AF
+
+D = torch.float64
+g = torch.Generator().manual_seed(0)
+X = torch.randn(3, 4, 6, dtype=D, generator=g)
+R = torch.randn(3, 4, 6, dtype=D, generator=g)
+W6, B6 = torch.randn(6, dtype=D, generator=g), torch.randn(6, dtype=D, generator=g)
+W4, B4 = torch.randn(4, dtype=D, generator=g), torch.randn(4, dtype=D, generator=g)
+ALPHA = torch.tensor([0.7], dtype=D)
+GAIN = torch.tensor([1.3], dtype=D)
+
+# name -> (ours, torch's spelling of the same thing, inputs); each a function of its inputs
+CASES = {
+    "layer_norm": (lambda x, w, b: AF.layer_norm(x, (6,), w, b),
+                   lambda x, w, b: F.layer_norm(x, (6,), w, b), (X, W6, B6)),
+    "rms_norm": (lambda x, w: AF.rms_norm(x, (6,), w, 1e-5),
+                 lambda x, w: F.rms_norm(x, (6,), w, 1e-5), (X, W6)),
+    "add_layer_norm": (lambda x, r, w, b: AF.add_layer_norm(x, r, (6,), w, b),
+                       lambda x, r, w, b: (F.layer_norm(x + r, (6,), w, b), x + r), (X, R, W6, B6)),
+    "add_rms_norm": (lambda x, r, w: AF.add_rms_norm(x, r, (6,), w, 1e-5),
+                     lambda x, r, w: (F.rms_norm(x + r, (6,), w, 1e-5), x + r), (X, R, W6)),
+    "group_norm": (lambda x, w, b: AF.group_norm(x, 2, w, b),
+                   lambda x, w, b: F.group_norm(x, 2, w, b), (X, W4, B4)),
+    "instance_norm": (lambda x, w, b: AF.instance_norm(x, weight=w, bias=b),
+                      lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (X, W4, B4)),
+    "batch_norm_train": (lambda x, w, b: AF.batch_norm(x, None, None, w, b, True),
+                         lambda x, w, b: F.batch_norm(x, None, None, w, b, True), (X, W4, B4)),
+    "batch_norm_eval": (lambda x, w, b: AF.batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D) * 2, w, b),
+                        lambda x, w, b: F.batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D) * 2, w, b),
+                        (X, W4, B4)),
+    "dyt": (lambda x, a, w, b: AF.dyt(x, a, w, b),
+            lambda x, a, w, b: w * torch.tanh(a * x) + b, (X, ALPHA, W6, B6)),
+    "scale_norm": (lambda x, s: AF.scale_norm(x, s),
+                   lambda x, s: s * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-5), (X, GAIN)),
+}
+
+
+def _tangents(inputs):
+    gen = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in inputs)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_jvp_equals_torch(backend, name):
+    ours, theirs, inputs = CASES[name]
+    tangents = _tangents(inputs)
+    out, tan = jvp(ours, inputs, tangents)
+    ref_out, ref_tan = jvp(theirs, inputs, tangents)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(tan, ref_tan)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_forward_ad_dual_tensors(backend, name):
+    """torch.autograd.forward_ad: the tangent of the output is there, and right."""
+    ours, theirs, inputs = CASES[name]
+    tangents = _tangents(inputs)
+    with fwAD.dual_level():
+        out = ours(*(fwAD.make_dual(p, t) for p, t in zip(inputs, tangents)))
+        ref = theirs(*(fwAD.make_dual(p, t) for p, t in zip(inputs, tangents)))
+        outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+        for o, r in zip(outs, refs):
+            o_tan, r_tan = fwAD.unpack_dual(o).tangent, fwAD.unpack_dual(r).tangent
+            assert o_tan is not None, "the tangent was dropped"
+            torch.testing.assert_close(o_tan, r_tan)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradgradcheck(backend, name):
+    ours, _, inputs = CASES[name]
+    inputs = tuple(t.clone().requires_grad_() for t in inputs)
+    assert torch.autograd.gradgradcheck(ours, inputs)
+
+
+def test_gradient_penalty_equals_torch(backend):
+    """create_graph=True, then backward through the gradient (WGAN-GP style): the same
+    parameter gradients as torch.nn.LayerNorm's."""
+    import addnorm
+
+    grads = []
+    for module in (addnorm.LayerNorm(6, dtype=D), torch.nn.LayerNorm(6, dtype=D)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            module.weight.copy_(W6)
+            module.bias.copy_(B6)
+        x = X.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(module(x).pow(3).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        grads.append((x.grad, module.weight.grad, module.bias.grad))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_first_order_backward_stays_on_the_kernel(monkeypatch):
+    """Only a recorded backward (create_graph) takes the differentiable path."""
+    from addnorm import reference
+
+    calls = []
+    real = reference.row_norm_backward
+    monkeypatch.setattr(reference, "row_norm_backward", lambda *a: calls.append(1) or real(*a))
+    x = X.clone().requires_grad_()
+    AF.layer_norm(x, (6,)).sum().backward()
+    assert not calls or _forced_torch_backend()
+    (gx,) = torch.autograd.grad(AF.layer_norm(x, (6,)).pow(2).sum(), x, create_graph=True)
+    assert calls
+
+
+def _forced_torch_backend():
+    import addnorm
+
+    return not addnorm.backends()["numba"]
+
+
+def test_vmap_over_samples(backend):
+    """torch.func.vmap: per-sample calls, batched, equal to the batched call."""
+    out = vmap(lambda x: AF.layer_norm(x, (6,), W6, B6))(X)
+    torch.testing.assert_close(out, F.layer_norm(X, (6,), W6, B6))
+    out = vmap(lambda x: AF.group_norm(x.unsqueeze(0), 2, W4, B4)[0])(X)
+    torch.testing.assert_close(out, F.group_norm(X, 2, W4, B4))
+
+
+def test_running_stats_take_no_tangent():
+    """BatchNorm's running statistics are updated from the batch's, never dual."""
+    import addnorm
+
+    bn = addnorm.BatchNorm1d(4, dtype=D)
+    with fwAD.dual_level():
+        bn(fwAD.make_dual(X, torch.ones_like(X)))
+        assert fwAD.unpack_dual(bn.running_mean).tangent is None
