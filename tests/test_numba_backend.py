@@ -84,32 +84,102 @@ def test_bfloat16_nan_and_rounding_edges():
     assert y[1].isnan().all() and not y[0].isnan().any() and not y[2].isnan().any()
 
 
-def test_forked_child_falls_back_to_the_reference():
-    """A child forked after numba's OpenMP threads started cannot use them (numba kills
-    it): it must still compute, on the reference backend, as torch's own ops do in a
-    child with one thread."""
+def _in_forked_child(work):
+    """Run ``work()`` (returning a str) in a child forked from this process; its report."""
     import os
 
-    x = torch.randn(64, 32)
-    with addnorm.backend("numba"):
-        expected = AF.rms_norm(x, (32,))  # starts numba's threads in this process
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: report the backend and whether the result matches, then exit
+    if pid == 0:
         try:
-            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP is not fork-safe either
-            ok = torch.allclose(AF.rms_norm(x, (32,)), expected, atol=1e-6)
-            os.write(write, f"{addnorm.backends()['numba']} {ok}".encode())
+            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP is not fork-safe
+            os.write(write, work().encode())
         finally:
             os._exit(0)
     os.close(write)
     _, status = os.waitpid(pid, 0)
-    report = os.read(read, 100).decode()
     assert status == 0
+    return os.read(read, 1000).decode()
+
+
+def test_forked_child_keeps_the_numba_kernels():
+    """A DataLoader worker or torch.multiprocessing child forked after the kernels ran:
+    on TBB (fork-safe) it keeps the numba backend and computes the same bits; without it
+    (GNU OpenMP) it falls back to the reference and warns."""
+    import warnings
+
     import numba
 
-    layer = numba.threading_layer()
-    assert report == ("False True" if layer == "omp" else "True True"), (layer, report)
+    from addnorm import _backend
+
+    x = torch.randn(64, 32)
+    with addnorm.backend("numba"):
+        expected = AF.rms_norm(x, (32,))  # starts numba's threads in this process
+
+    def child():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = AF.rms_norm(x, (32,))
+        return f"{_backend.select(x.device)} {torch.equal(y, expected)} {len(caught)}"
+
+    report = _in_forked_child(child)
+    if numba.threading_layer() == "omp":
+        assert report.startswith("torch True"), report
+    else:
+        assert report == "numba True 0", report
+
+
+def test_tbb_is_the_threading_layer_where_installed():
+    """The project installs tbb where wheels exist: then the kernels must run on it."""
+    import importlib.metadata
+    import os
+    import platform
+
+    import numba
+
+    AF.layer_norm(torch.randn(8, 8), (8,))
+    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("NUMBA_THREADING_LAYER"):
+        assert importlib.metadata.version("tbb")  # a dependency of the project there
+        assert numba.threading_layer() == "tbb"
+
+
+def test_dataloader_fork_workers():
+    """A fork-context DataLoader whose dataset normalizes: every worker computes right."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader, Dataset
+
+    norm = addnorm.LayerNorm(48)
+    data = torch.randn(16, 10, 48)
+    norm(data)  # the parent ran the kernels before forking
+
+    class Normalized(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            with torch.no_grad():
+                return norm(data[i])
+
+    loader = DataLoader(Normalized(), batch_size=4, num_workers=2,
+                        multiprocessing_context=multiprocessing.get_context("fork"))
+    got = torch.cat(list(loader))
+    with torch.no_grad():
+        torch.testing.assert_close(got, torch.nn.functional.layer_norm(data, (48,), norm.weight, norm.bias))
+
+
+def test_python_threads_at_once():
+    """Several Python threads calling the kernels at the same time get their own results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(256, 128, generator=gen) for _ in range(8)]
+    with addnorm.backend("numba"):
+        expected = [AF.layer_norm(x, (128,)) for x in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):
+                got = list(pool.map(lambda x: AF.layer_norm(x, (128,)), inputs))
+                assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,8 +33,11 @@ could change without its callers being recompiled.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import math
 import os
+import sys
 import warnings
 
 import numba
@@ -53,16 +56,48 @@ from ..reference import acc_dtype
 # selects are what keep the loops vectorized (an arithmetic mask is 2x slower).
 warnings.filterwarnings("ignore", category=numba.NumbaIRAssumptionWarning, module="numba.core.ssa")
 
+def _use_tbb() -> None:
+    """Run the parallel kernels on TBB, numba's threading layer that is both fork-safe and
+    thread-safe: a DataLoader worker or a torch.multiprocessing child forked after the
+    kernels ran keeps them, and Python threads may call them at once.  (GNU OpenMP, the
+    default, cannot run in a forked child: numba kills it.)  pip's ``tbb`` wheel puts
+    libtbb in ``<prefix>/lib``, which a virtual environment does not search, so it is
+    loaded from there by path first.  A layer the user chose is kept."""
+    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+        return
+    for lib in ("libtbb.so.12", "libtbb.12.dylib"):
+        path = os.path.join(sys.prefix, "lib", lib)
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass
+    try:
+        importlib.import_module("numba.np.ufunc.tbbpool")  # fails without a usable libtbb
+    except ImportError:
+        return
+    numba.config.THREADING_LAYER = "tbb"
+
+
+_use_tbb()
+
+
 def _retire_in_forked_child() -> None:
-    """GNU OpenMP cannot run in a child forked after it started (numba kills such a
-    child: "fork() called from a process already using GNU OpenMP"), as with
-    torch.multiprocessing's fork or a DataLoader worker: the child runs the reference."""
+    """Without TBB, GNU OpenMP cannot run in a child forked after it started (numba kills
+    such a child): the child runs the reference backend, and says so once."""
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran before the fork: the child can start its own
         return
     if layer == "omp":
-        _backend.retire("numba", "the process was forked after numba's OpenMP threads started")
+        why = "the process was forked after numba's GNU OpenMP threads started"
+        _backend.retire("numba", why)
+        warnings.warn(
+            f"addnorm: {why}; this process runs the slower 'torch' backend. Install the "
+            "'tbb' package (fork-safe threads) to keep the numba kernels in forked workers.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 os.register_at_fork(after_in_child=_retire_in_forked_child)
