@@ -195,3 +195,72 @@ def test_torch_nn_raises_too_for_the_same_inputs():
             ours()
         with pytest.raises((ValueError, RuntimeError)):
             theirs()
+
+
+X4 = torch.randn(4, 6, 8)
+MISTAKES = {
+    # the same mistake made with torch and with addnorm: (torch's call, ours)
+    "layer_norm normalized_shape": (lambda m: m.layer_norm(X4, (7,)), None),
+    "layer_norm weight shape": (lambda m: m.layer_norm(X4, (8,), torch.ones(7)), None),
+    "layer_norm weight dtype": (lambda m: m.layer_norm(X4, (8,), torch.ones(8, dtype=torch.float64)), None),
+    "layer_norm integer input": (lambda m: m.layer_norm(X4.long(), (8,)), None),
+    "layer_norm empty normalized_shape": (lambda m: m.layer_norm(X4, ()), None),
+    "rms_norm normalized_shape": (lambda m: m.rms_norm(X4, (7,)), None),
+    "group_norm not dividing": (lambda m: m.group_norm(X4, 4), None),
+    "group_norm one value per group": (lambda m: m.group_norm(torch.randn(1, 4), 4), None),
+    "group_norm weight shape": (lambda m: m.group_norm(X4, 2, torch.ones(5)), None),
+    "batch_norm running_mean size": (lambda m: m.batch_norm(X4, torch.zeros(5), torch.ones(5)), None),
+    "batch_norm running_mean size, training":
+        (lambda m: m.batch_norm(X4, torch.zeros(5), torch.ones(5), training=True), None),
+    "batch_norm weight size": (lambda m: m.batch_norm(X4, torch.zeros(6), torch.ones(6), torch.ones(5)), None),
+    "batch_norm eval without stats": (lambda m: m.batch_norm(X4, None, None, training=False), None),
+    "batch_norm one value per channel": (lambda m: m.batch_norm(torch.randn(1, 6), None, None, training=True), None),
+    "instance_norm one spatial value": (lambda m: m.instance_norm(torch.randn(2, 3, 1)), None),
+    "instance_norm weight size": (lambda m: m.instance_norm(X4, weight=torch.ones(5)), None),
+    "instance_norm eval without stats": (lambda m: m.instance_norm(X4, use_input_stats=False), None),
+    "not a tensor": (lambda m: m.layer_norm([[1.0, 2.0]], (2,)), None),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_error_is_an_instance_of_what_torch_raises(mistake):
+    """Code written against torch catches our error with the class torch raises."""
+    import torch.nn.functional as F
+
+    call, _ = MISTAKES[mistake]
+    with pytest.raises(Exception) as theirs:
+        call(F)
+    with pytest.raises(Exception) as ours:
+        call(AF)
+    expected = theirs.type if theirs.type is not NotImplementedError else RuntimeError
+    assert isinstance(ours.value, expected), (
+        f"torch raises {theirs.type.__name__}, addnorm {ours.type.__mro__}: {ours.value}")
+    assert isinstance(ours.value, (ValueError, TypeError)), "and keeps its own class"
+
+
+@pytest.mark.parametrize("module", [
+    lambda m: m.BatchNorm1d(6)(torch.randn(6)),
+    lambda m: m.InstanceNorm3d(6)(X4),
+    lambda m: m.GroupNorm(3, 8),
+    lambda m: m.LayerNorm(8)(torch.randn(4, 7)),
+    lambda m: m.RMSNorm(8)(torch.randn(4, 7)),
+    lambda m: m.GroupNorm(2, 6)(torch.randn(4, 5, 3)),
+])
+def test_module_errors_are_torchs_classes(module):
+    with pytest.raises(Exception) as theirs:
+        module(nn)
+    with pytest.raises(Exception) as ours:
+        module(addnorm)
+    assert isinstance(ours.value, theirs.type), (theirs.type, ours.type, ours.value)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: addnorm.ScaleNorm(0),
+    lambda: addnorm.ScaleNorm(8, eps=0.0),
+    lambda: addnorm.ScaleNorm(8, eps=-1.0),
+    lambda: addnorm.DyT((8, 0)),
+    lambda: addnorm.DyT(-3),
+])
+def test_constructor_checks_its_arguments(bad):
+    with pytest.raises(addnorm.ArgumentError):
+        bad()

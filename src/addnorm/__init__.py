@@ -12,6 +12,7 @@ replacements for torch.nn, running on the fastest backend for the tensor's devic
 
 from . import functional
 from ._backend import backend, backends
+from .functional import ArgumentError, ArgumentTypeError
 from .modules import (
     AddLayerNorm,
     AddRMSNorm,
@@ -35,6 +36,8 @@ __all__ = [
     "functional",
     "backend",
     "backends",
+    "ArgumentError",
+    "ArgumentTypeError",
     "LayerNorm",
     "RMSNorm",
     "AddLayerNorm",

@@ -24,6 +24,8 @@ from ._backend import select
 from .reference import rms_eps, update_running_stats
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -44,11 +46,22 @@ _REDUCED = (torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape.  A ``ValueError``, and a ``RuntimeError`` too,
+    because that is what torch.nn raises for the same mistakes: code written against torch
+    that catches ``RuntimeError`` catches this."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (torch raises ``RuntimeError`` for a wrong
+    dtype); a ``TypeError`` and a ``RuntimeError``."""
+
+
 def _check_input(t: object, name: str = "input") -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATING:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
             f"float64), got {t.dtype}"
         )
@@ -58,7 +71,7 @@ def _check_eps(eps: float, *, positive: bool = False) -> None:
     ok = eps > 0 if positive else eps >= 0  # also False for NaN
     if not ok:
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"eps must be {bound}, got {eps}")
+        raise ArgumentError(f"eps must be {bound}, got {eps}")
 
 
 def _check_param(
@@ -69,21 +82,21 @@ def _check_param(
     if t is None:
         return
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}{why}, got {tuple(t.shape)}")
+        raise ArgumentError(f"{name} must have shape {shape}{why}, got {tuple(t.shape)}")
     allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
     if t.dtype not in allowed:
         expected = " or ".join(str(d) for d in allowed)
-        raise TypeError(f"{name} must have dtype {expected} (input is {input.dtype}), got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must have dtype {expected} (input is {input.dtype}), got {t.dtype}")
     if t.device != input.device:
-        raise ValueError(f"{name} must be on input's device {input.device}, got {t.device}")
+        raise ArgumentError(f"{name} must be on input's device {input.device}, got {t.device}")
 
 
 def _check_one_element(t: object, name: str, input: Tensor) -> None:
     if not isinstance(t, Tensor) or t.numel() != 1:
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a one-element tensor, got {got}")
+        raise ArgumentError(f"{name} must be a one-element tensor, got {got}")
     _check_param(t, name, tuple(t.shape), input)
 
 
@@ -91,9 +104,9 @@ def _check_same(t: object, name: str, x: Tensor) -> None:
     """The second operand of an add-norm: exactly x's shape, dtype and device."""
     _check_input(t, name)
     if t.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+        raise ArgumentError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
     if t.dtype != x.dtype or t.device != x.device:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must have x's dtype {x.dtype} on {x.device}, got {t.dtype} on {t.device}"
         )
 
@@ -101,12 +114,12 @@ def _check_same(t: object, name: str, x: Tensor) -> None:
 def _normalized_shape(normalized_shape: int | Sequence[int], input: Tensor) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(
+        raise ArgumentError(
             f"normalized_shape must be a positive int or a non-empty sequence of them, "
             f"got {normalized_shape!r}"
         )
     if input.ndim < len(shape) or tuple(input.shape[input.ndim - len(shape) :]) != shape:
-        raise ValueError(
+        raise ArgumentError(
             f"normalized_shape {shape} must match the trailing dims of input, "
             f"whose shape is {tuple(input.shape)}"
         )
@@ -115,7 +128,7 @@ def _normalized_shape(normalized_shape: int | Sequence[int], input: Tensor) -> t
 
 def _check_channels(input: Tensor, what: str) -> int:
     if input.ndim < 2:
-        raise ValueError(
+        raise ArgumentError(
             f"{what} expects input of shape (N, C, *), got shape {tuple(input.shape)}"
         )
     return input.shape[1]
@@ -128,7 +141,7 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
     if "running_mean" in tensors and (tensors["running_mean"] is None) != (
         tensors["running_var"] is None
     ):
-        raise ValueError("running_mean and running_var must be given together or both be None")
+        raise ArgumentError("running_mean and running_var must be given together or both be None")
 
 
 def _watched(args: tuple) -> bool:
@@ -265,10 +278,10 @@ def batch_norm(
         input, c, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
+        raise ArgumentError("running_mean and running_var are required when training=False")
     values_per_channel = input.numel() // c if c else 0
     if training and values_per_channel == 1:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(input.shape)}"
         )
@@ -305,7 +318,7 @@ def instance_norm(
     )
     spatial = math.prod(input.shape[2:])
     if spatial == 1:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected more than 1 spatial element when training, got input size "
             f"{tuple(input.shape)}"
         )
@@ -331,11 +344,16 @@ def group_norm(
     _check_input(input)
     c = _check_channels(input, "group_norm")
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
-        raise ValueError(
+        raise ArgumentError(
             f"num_groups must be a positive int dividing the number of channels "
             f"(input.shape[1] = {c}), got {num_groups!r}"
         )
     _check_per_channel(input, c, weight=weight, bias=bias)
+    if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:
+        raise ArgumentError(  # where torch raises: statistics of one value per group
+            f"Expected more than 1 value per group, got input size {tuple(input.shape)} "
+            f"with num_groups={num_groups}"
+        )
     _check_eps(eps)
     y, _, _ = _forward(
         ops.group_norm_fwd, reference.group_norm_forward,
@@ -378,7 +396,7 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     dim, g a one-element tensor."""
     _check_input(input)
     if input.ndim == 0:
-        raise ValueError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
+        raise ArgumentError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
     _check_one_element(weight, "weight", input)
     _check_eps(eps)
     y, _ = _forward(

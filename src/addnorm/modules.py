@@ -208,6 +208,10 @@ class ScaleNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
+        if not isinstance(dim, int) or dim <= 0:
+            raise AF.ArgumentError(f"dim must be a positive int, got {dim!r}")
+        if not eps > 0:
+            raise AF.ArgumentError(f"eps must be > 0, got {eps}")
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
@@ -237,6 +241,10 @@ class DyT(nn.Module):
         super().__init__()
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
+        if not all(isinstance(s, int) and s > 0 for s in normalized_shape):
+            raise AF.ArgumentError(
+                f"normalized_shape must be positive ints, got {tuple(normalized_shape)!r}"
+            )
         self.normalized_shape = tuple(normalized_shape)
         self.alpha_init = alpha_init
         factory = {"device": device, "dtype": dtype}
