@@ -1,4 +1,4 @@
-"""The math of DESIGN.md section 2, line by line, in plain torch.
+"""The math of docs/design.md section 2, line by line, in plain torch.
 
 This module is the ground truth every backend is tested against, and it is the
 ``torch`` backend itself.  Each norm is a forward and a hand-derived backward; the
