@@ -526,12 +526,10 @@ def _column_sums(x, lo, hi, centre, squares=True):
     channels = x.shape[1]
     s1 = np.zeros(channels, dtype=np.float64)
     s2 = np.zeros(channels, dtype=np.float64)
-    b1 = np.empty(channels, dtype=centre.dtype)
-    b2 = np.empty(channels, dtype=centre.dtype)
+    b1 = np.zeros(channels, dtype=centre.dtype)
+    b2 = np.zeros(channels, dtype=centre.dtype)
     for blo in range(lo, hi, _CL_BLOCK):
         bhi = min(blo + _CL_BLOCK, hi)
-        b1[:] = 0.0
-        b2[:] = 0.0
         r = blo
         while r + 4 <= bhi:
             x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
@@ -549,9 +547,8 @@ def _column_sums(x, lo, hi, centre, squares=True):
                 b1[c] += dv
                 if squares:
                     b2[c] += dv * dv
-        for c in range(channels):
-            s1[c] += b1[c]
-            s2[c] += b2[c]
+        _flush(b1, s1)
+        _flush(b2, s2)
     return s1, s2
 
 
@@ -563,14 +560,11 @@ def _column_grad_sums(dy, x, lo, hi, centre):
     dys = np.zeros(channels, dtype=np.float64)
     dyx = np.zeros(channels, dtype=np.float64)
     xs = np.zeros(channels, dtype=np.float64)
-    b_dy = np.empty(channels, dtype=centre.dtype)
-    b_dyx = np.empty(channels, dtype=centre.dtype)
-    b_x = np.empty(channels, dtype=centre.dtype)
+    b_dy = np.zeros(channels, dtype=centre.dtype)
+    b_dyx = np.zeros(channels, dtype=centre.dtype)
+    b_x = np.zeros(channels, dtype=centre.dtype)
     for blo in range(lo, hi, _CL_BLOCK):
         bhi = min(blo + _CL_BLOCK, hi)
-        b_dy[:] = 0.0
-        b_dyx[:] = 0.0
-        b_x[:] = 0.0
         r = blo
         while r + 2 <= bhi:
             x0, x1, g0, g1 = x[r], x[r + 1], dy[r], dy[r + 1]
@@ -589,10 +583,9 @@ def _column_grad_sums(dy, x, lo, hi, centre):
                 b_dy[c] += gy
                 b_dyx[c] += gy * xc
                 b_x[c] += xc
-        for c in range(channels):
-            dys[c] += b_dy[c]
-            dyx[c] += b_dyx[c]
-            xs[c] += b_x[c]
+        _flush(b_dy, dys)
+        _flush(b_dyx, dyx)
+        _flush(b_x, xs)
     return dys, dyx, xs
 
 
