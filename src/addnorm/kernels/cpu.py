@@ -104,10 +104,10 @@ os.register_at_fork(after_in_child=_retire_in_forked_child)
 
 _FASTMATH = {"reassoc"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True}
-_GRAD_CHUNKS = 32  # row chunks whose parameter-gradient partial sums are added in order
 _BLOCK = 512  # values of a contiguous run summed in float32 lanes before a float64 add
 _CL_BLOCK = 64  # channels-last rows summed per channel before a float64 add
 _ROW_BLOCK = 32  # rows whose parameter-gradient terms are summed before a float64 add
+_SUM_TILE = 256  # columns per parallel step when partial sums are added
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +297,9 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
 
 @njit(**_JIT)
 def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
-    """dx (+ dr) per row, and per-chunk float64 partial sums of dw, db; mean None: RMSNorm.
+    """dx (+ dr) per row; dw_part[k], db_part[k]: sums over rows block k (``_ROW_BLOCK``
+    rows, in the accumulation type), added in float64 and in order by ``_sum_chunks``.
+    mean None: RMSNorm.
 
     With g = dy * w and xc = x - mean: xhat = (xc - shift) * rstd, where shift is the
     residual mean (recovering the saved mean's rounding), and
@@ -306,12 +308,13 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
     one value (g - mean(g) = 0, xc - shift = 0) dx is exactly 0, as the true gradient.
     """
     n, d = src.shape
-    chunks = dw_part.shape[0] if dw_part is not None else db_part.shape[0] if db_part is not None else 1
     offset_, zero = acc(src, offset), acc(src, 0.0)
-    for c in prange(chunks):
-        lo, hi = c * n // chunks, (c + 1) * n // chunks
-        block = np.zeros((2, d), dtype=rstd.dtype)  # dw, db terms of up to _ROW_BLOCK rows
-        for i in range(lo, hi):
+    for k in prange((n + _ROW_BLOCK - 1) // _ROW_BLOCK):
+        if dw_part is not None:
+            dw_part[k] = 0.0
+        if db_part is not None:
+            db_part[k] = 0.0
+        for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
             rs = rstd[i]
             m = zero if mean is None else mean[i]
             s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_)
@@ -329,14 +332,9 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
                     v = v + ld(dr, (i, j))
                 st(dx, (i, j), v)
                 if dw_part is not None:
-                    block[0, j] += gy * xs * rs
+                    dw_part[k, j] += gy * xs * rs
                 if db_part is not None:
-                    block[1, j] += gy
-            if (i - lo) % _ROW_BLOCK == _ROW_BLOCK - 1 or i == hi - 1:
-                if dw_part is not None:
-                    _flush(block[0], dw_part[c])
-                if db_part is not None:
-                    _flush(block[1], db_part[c])
+                    db_part[k, j] += gy
 
 
 @njit(inline="always")
@@ -350,12 +348,17 @@ def _flush(block, total):
 @njit(parallel=True, cache=True, nogil=True)
 def _sum_chunks(part, out):
     """out[j] = sum over chunks of part[c, j] (zero for no chunks), in float64, chunks in
-    order: deterministic."""
-    for j in prange(part.shape[1]):
-        s = 0.0
+    order: deterministic.  Columns in tiles, so each thread reads rows of its tile."""
+    cols = part.shape[1]
+    for t in prange((cols + _SUM_TILE - 1) // _SUM_TILE):
+        lo = t * _SUM_TILE
+        width = min(_SUM_TILE, cols - lo)
+        s = np.zeros(width, dtype=np.float64)
         for c in range(part.shape[0]):
-            s += part[c, j]
-        st(out, j, s)
+            for j in range(width):
+                s[j] += part[c, lo + j]
+        for j in range(width):
+            st(out, lo + j, s[j])
 
 
 # ---------------------------------------------------------------------------
@@ -794,18 +797,15 @@ def _dyt_fwd(x, alpha, w, b, y):
 
 
 @njit(**_JIT)
-def _dyt_bwd(dy, x, alpha, w, dx, part, blocks):
-    """dx, and per-chunk float64 partial sums over the chunk's rows: part[0, k] of dy * t (dw),
-    part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2) (dalpha), added in
-    order by the caller; blocks[k] (zeros, the accumulation type) holds the terms of up to
-    ``_ROW_BLOCK`` rows between float64 adds."""
+def _dyt_bwd(dy, x, alpha, w, dx, part):
+    """dx, and sums over each block k of ``_ROW_BLOCK`` rows (in the accumulation type,
+    added in float64 and in order by ``_sum_chunks``): part[0, k] of dy * t (dw),
+    part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2) (dalpha)."""
     n, d = x.shape
-    chunks = part.shape[1]
     a = ld(alpha, 0)
-    for k in prange(chunks):
-        lo, hi = k * n // chunks, (k + 1) * n // chunks
-        block = blocks[k]
-        for i in range(lo, hi):
+    for k in prange(part.shape[1]):
+        part[:, k] = 0.0
+        for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
             xr, dyr, dxr = x[i], dy[i], dx[i]
             for j in range(d):
                 xv = ld(xr, j)
@@ -814,12 +814,9 @@ def _dyt_bwd(dy, x, alpha, w, dx, part, blocks):
                 gw = g if w is None else g * ld(w, j)
                 dpre = gw * (acc(x, 1.0) - t * t)
                 st(dxr, j, dpre * a)
-                block[0, j] += g * t
-                block[1, j] += g
-                block[2, j] += dpre * xv
-            if (i - lo) % _ROW_BLOCK == _ROW_BLOCK - 1 or i == hi - 1:
-                for p in range(3):
-                    _flush(block[p], part[p, k])
+                part[0, k, j] += g * t
+                part[1, k, j] += g
+                part[2, k, j] += dpre * xv
 
 
 # ---------------------------------------------------------------------------
@@ -886,10 +883,10 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     dyk, drk, rk, wk = (None if t is None else t.contiguous() for t in (dy, dr, r, weight))
     n, d = r.shape
     acc = acc_dtype(rk.dtype)
-    chunks = max(1, min(n, _GRAD_CHUNKS))
+    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
     dx = _empty(rk.shape, rk.dtype)
-    dw_part = None if weight is None else torch.zeros(chunks, d, dtype=torch.float64)
-    db_part = None if bias is None else torch.zeros(chunks, d, dtype=torch.float64)
+    dw_part = None if weight is None else torch.empty(blocks, d, dtype=acc)
+    db_part = None if bias is None else torch.empty(blocks, d, dtype=acc)
     _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
                   float(offset), _np(dx), _np(dw_part), _np(db_part))
     dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
@@ -1056,9 +1053,8 @@ def dyt_backward(dy, x, alpha, weight, bias):
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
     dx = _empty(xk.shape, xk.dtype)
-    part = torch.zeros(3, max(1, min(n, _GRAD_CHUNKS)), d, dtype=torch.float64)
-    blocks = torch.zeros(part.shape[1], 3, d, dtype=acc)
-    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part), _np(blocks))
+    part = torch.empty(3, (n + _ROW_BLOCK - 1) // _ROW_BLOCK, d, dtype=acc)
+    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
     dalpha_terms = torch.empty(d, dtype=torch.float64)
     _sum_chunks(_np(part[2]), _np(dalpha_terms))
     dalpha = dalpha_terms.sum().reshape(alpha.shape).to(alpha.dtype)
