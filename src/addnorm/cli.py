@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                        "e.g. rms_norm,batch_norm_train")
     bench.add_argument("--out", type=Path, default=Path("bench-out"),
                        help="folder for bench.json and bench.md (default: bench-out)")
+    bench.add_argument("--sweep", action="store_true",
+                       help="every shape models use (rows 1..65536 x hidden 64..16384, CNN and "
+                       "UNet channel shapes), float32/bfloat16/float16, no_grad forward, "
+                       "forward with grad and forward+backward, per-call time against torch "
+                       "eager; --quick: a subset; writes sweep.json and sweep.md")
     args = parser.parse_args(argv)
     # rich sizes tables to the terminal; logs and pipes get room for the bench's columns
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -85,8 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from . import bench as B
 
+        console.print(B.header(), highlight=False)
+        ops = {o for o in args.ops.split(",") if o} or None
+        if args.sweep:
+            results = B.sweep(quick=args.quick, ops=ops, rounds=args.rounds, console=console)
+            console.print(B.sweep_table(results))
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "sweep.json").write_text(json.dumps(
+                {"meta": B.header(), "summary": B.sweep_summary(results),
+                 "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+            (args.out / "sweep.md").write_text(f"{B.header()}\n\n{B.sweep_markdown(results)}")
+            console.print(f"saved {args.out / 'sweep.json'} and {args.out / 'sweep.md'}")
+            return 0
         results = B.run(quick=args.quick, compile=not args.no_compile, rounds=args.rounds,
-                        console=console, ops={o for o in args.ops.split(",") if o} or None)
+                        console=console, ops=ops)
         console.print(B.table(results))
         prealloc = B.preallocated() if B._backend_name() == "numba" else []
         if prealloc:

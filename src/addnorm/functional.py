@@ -19,7 +19,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from . import ops, reference
+import torch.nn.functional as F
+
+from . import _backend, ops, reference
 from ._backend import select
 from .reference import rms_eps, update_running_stats
 
@@ -164,6 +166,35 @@ def _forward(op, math, *args, device: torch.device):
     return op(*args, select(device))
 
 
+# Torch's own kernel where it is the faster one.  The rule: in plain eager execution
+# (torch.compile and export always see addnorm's op), with the backend left to addnorm
+# (``with addnorm.backend("numba")`` runs our kernels everywhere), a norm whose
+# torch.nn.functional twin computes the same function runs that twin when its input has
+# fewer elements than the bound below: there torch's C++ kernel, running from cache,
+# beats our fixed per-call cost (argument conversion, numba dispatch, threads).  The
+# bounds are crossovers measured with ``addnorm bench --sweep``.  RMSNorm, the fused
+# add+norms, DyT and ScaleNorm have no such twin (torch's RMSNorm is a chain of
+# elementwise ops, slower than ours at every size) and always run ours.
+_NATIVE_BELOW = {
+    "layer_norm": 1 << 23,
+    "group_norm": 1 << 23,
+    "batch_norm": 1 << 23,
+}
+
+
+def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
+    """Whether ``op`` on these arguments runs torch's twin (the rule above); cheap: it
+    runs first on every call."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(input) is Tensor
+        and 0 < input.numel() < _NATIVE_BELOW[op]
+        and not _backend.forced()
+        and input.device.type == "cpu"
+        and ops.eager((input, *params))
+    )
+
+
 def _channel_layout(x: Tensor) -> Tensor:
     """Contiguous or channels-last as it is; any other striding made contiguous."""
     if ops.memory_format(x) is not torch.contiguous_format:
@@ -188,7 +219,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
     _check_eps(eps)
     d = math.prod(shape)
     y, r, _, _ = _forward(
-        ops.row_norm_fwd,
+        ops.row_norm,
         reference.row_norm_forward,
         x.reshape(-1, d).contiguous(),
         None if residual is None else residual.reshape(-1, d).contiguous(),
@@ -210,6 +241,11 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
+    if _native("layer_norm", input, weight, bias) and eps >= 0:
+        try:  # torch validates in C++; where it refuses, the checks below say why
+            return torch.layer_norm(input, normalized_shape, weight, bias, eps)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            pass
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
 
 
@@ -286,8 +322,10 @@ def batch_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps, positive=training)
+    if _native("batch_norm", input, weight, bias, running_mean, running_var):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
-        ops.batch_norm_fwd, reference.batch_norm_forward,
+        ops.batch_norm, reference.batch_norm_forward,
         _channel_layout(input), weight, bias, running_mean, running_var, training, float(eps),
         device=input.device,
     )
@@ -323,8 +361,10 @@ def instance_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps)
+    if _native("group_norm", input, weight, bias, running_mean, running_var):
+        return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
-        ops.group_norm_fwd, reference.group_norm_forward,
+        ops.group_norm, reference.group_norm_forward,
         _channel_layout(input), weight, bias, c, float(eps), device=input.device,
     )
     if running_mean is not None and input.numel() > 0:
@@ -355,8 +395,10 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     _check_eps(eps)
+    if _native("group_norm", input, weight, bias):
+        return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
-        ops.group_norm_fwd, reference.group_norm_forward,
+        ops.group_norm, reference.group_norm_forward,
         _channel_layout(input), weight, bias, num_groups, float(eps), device=input.device,
     )
     return y
@@ -380,7 +422,7 @@ def dyt(
     _check_param(bias, "bias", shape, input)
     d = math.prod(shape)
     y = _forward(
-        ops.dyt_fwd,
+        ops.dyt,
         reference.dyt_forward,
         input.reshape(-1, d).contiguous(),
         alpha,
@@ -400,7 +442,7 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     _check_one_element(weight, "weight", input)
     _check_eps(eps)
     y, _ = _forward(
-        ops.scale_norm_fwd, reference.scale_norm_forward,
+        ops.scale_norm, reference.scale_norm_forward,
         input.reshape(-1, input.shape[-1]).contiguous(), weight, float(eps), device=input.device,
     )
     return y.reshape(input.shape)

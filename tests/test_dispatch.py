@@ -1,0 +1,119 @@
+"""Which implementation a call takes: the custom op where anything traces, the same
+kernels without the dispatcher in plain eager, and torch's own kernel for small inputs
+where the rule in ``functional`` (``_NATIVE_BELOW``) says torch's is the faster one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import addnorm
+import addnorm.functional as AF
+from addnorm import ops
+
+
+class _SeenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ours(name, monkeypatch):
+    """Count the calls of ops' eager function for ``name`` (the kernels' entry)."""
+    entry = getattr(ops, name)
+    calls = []
+    real = entry.fn
+    monkeypatch.setattr(entry, "fn", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(entry.function, "forward", staticmethod(entry.fn))
+    return calls
+
+
+def test_eager_calls_skip_the_dispatcher_and_match_the_op(monkeypatch):
+    x = torch.randn(5, 16)
+    w = torch.randn(16, requires_grad=True)
+    xe = x.clone().requires_grad_()
+
+    def dispatched(*args):
+        raise AssertionError("plain eager went through the custom op")
+
+    with monkeypatch.context() as m:
+        m.setattr(ops.row_norm, "op", dispatched)
+        m.setattr(ops, "row_norm_bwd", dispatched)
+        ye = AF.rms_norm(xe, (16,), w)
+        ye.sum().backward()
+    with _SeenOps() as mode:  # a dispatch mode counts as tracing: the op runs
+        xt = x.clone().requires_grad_()
+        yt = AF.rms_norm(xt, (16,), w)
+    assert "addnorm.row_norm_fwd.default" in mode.seen
+    torch.testing.assert_close(ye, yt, rtol=0, atol=0)
+    gw = w.grad.clone()
+    w.grad = None
+    yt.sum().backward()
+    torch.testing.assert_close(xe.grad, xt.grad, rtol=0, atol=0)
+    torch.testing.assert_close(gw, w.grad, rtol=0, atol=0)
+
+
+def test_eager_no_grad_runs_no_autograd_node():
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.no_grad():
+        y = AF.rms_norm(x, (8,))
+    assert y.grad_fn is None and not y.requires_grad
+
+
+@pytest.mark.native_rule
+def test_small_layer_norm_runs_torchs_kernel(monkeypatch):
+    calls = _ours("row_norm", monkeypatch)
+    x, w, b = torch.randn(8, 64, requires_grad=True), torch.randn(64), torch.randn(64)
+    y = AF.layer_norm(x, (64,), w, b)
+    assert not calls and type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), rtol=0, atol=0)
+
+
+@pytest.mark.native_rule
+def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypatch):
+    calls = _ours("row_norm", monkeypatch)
+    x = torch.randn(8, 64)
+    with addnorm.backend("numba" if addnorm.backends()["numba"] else "torch"):
+        AF.layer_norm(x, (64,))
+    assert calls
+    graph = make_fx(lambda t: AF.layer_norm(t, (64,)))(x)
+    assert "addnorm.row_norm_fwd" in str(graph.code)
+    monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", x.numel())
+    calls.clear()
+    AF.layer_norm(x, (64,))
+    assert calls
+
+
+@pytest.mark.native_rule
+def test_the_rule_keeps_our_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(AF.ArgumentError, match="weight must have shape"):
+        AF.layer_norm(x, (8,), torch.randn(7))
+    with pytest.raises(AF.ArgumentError, match="eps"):
+        AF.layer_norm(x, (8,), eps=-1.0)
+    with pytest.raises(AF.ArgumentError, match="one value per group|more than 1 value"):
+        AF.group_norm(torch.randn(1, 2, 1), 2)
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("norm", ["batch_norm", "group_norm", "instance_norm"])
+def test_small_channel_norms_equal_torch(norm):
+    x = torch.randn(2, 4, 5, 5)
+    w, b = torch.randn(4), torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    ours_rm, ours_rv = rm.clone(), rv.clone()
+    if norm == "batch_norm":
+        y = AF.batch_norm(x, ours_rm, ours_rv, w, b, True)
+        ref = F.batch_norm(x, rm, rv, w, b, True)
+    elif norm == "group_norm":
+        y, ref = AF.group_norm(x, 2, w, b), F.group_norm(x, 2, w, b)
+    else:
+        y = AF.instance_norm(x, ours_rm, ours_rv, w, b)
+        ref = F.instance_norm(x, rm, rv, w, b)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close((ours_rm, ours_rv), (rm, rv))
