@@ -151,12 +151,18 @@ def _watched(args: tuple) -> bool:
     (torch.compile traces neither: there the op is always what it sees.)"""
     if torch.compiler.is_compiling():
         return False
+    # fast exit, the common case: no transform is active and no dual level is open
+    if _functorch_level() is None and forward_ad._current_level < 0:
+        return False
     tensors = [t for t in args if isinstance(t, Tensor)]
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return True
     return forward_ad._current_level >= 0 and any(
         forward_ad.unpack_dual(t).tangent is not None for t in tensors
     )
+
+
+_functorch_level = torch._C._functorch.maybe_current_level
 
 
 def _forward(op, math, *args, device: torch.device):

@@ -38,6 +38,7 @@ import importlib
 import math
 import os
 import sys
+import threading
 import warnings
 
 import numba
@@ -828,7 +829,8 @@ def _np(t: torch.Tensor | None):
     """A zero-copy numpy view; bfloat16 as its uint16 bits, float16 as its int16 bits."""
     if t is None:
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     if t.dtype == torch.float16:
@@ -860,8 +862,16 @@ def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return t.view(dtype) if dtype in (torch.bfloat16, torch.float16) else t
 
 
+_thread_count = threading.local()  # numba's thread count is per calling thread, as torch's
+
+
 def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba runs as many threads as torch (``torch.set_num_threads``); set only on a
+    change, since numba's setter costs microseconds a call."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_thread_count, "n", None) != n:
+        numba.set_num_threads(n)
+        _thread_count.n = n
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
