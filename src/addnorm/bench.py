@@ -246,35 +246,30 @@ def _progress(console: Console, total: int):
         yield step
 
 
-def _time_rounds(runners: dict[str, Callable], rounds: int) -> dict[str, float]:
-    """Best time of each runner, in ms, over ``rounds`` interleaved rounds."""
+def _time_rounds(runners: dict[str, Callable], rounds: int,
+                 number: dict[str, int] | None = None) -> dict[str, float]:
+    """Best time of each runner, in ms per call, over ``rounds`` interleaved rounds; a
+    round calls runner ``name`` ``number[name]`` times (once by default)."""
     best = {name: float("inf") for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            t = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return {name: 1e3 * t for name, t in best.items()}
-
-
-def _time_calls(runners: dict[str, Callable], rounds: int, round_s: float = 2e-3) -> dict[str, float]:
-    """Like ``_time_rounds``, in ms per call, for calls far shorter than the timer's
-    resolution and Python's loop: each round repeats a contender's call enough times to
-    last about ``round_s``."""
-    number = {}
-    for name, run in runners.items():
-        t = time.perf_counter()
-        run()
-        number[name] = max(1, min(10_000, int(round_s / max(time.perf_counter() - t, 1e-7))))
-    best = {name: float("inf") for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            n = number[name]
+            n = number[name] if number else 1
             t = time.perf_counter()
             for _ in range(n):
                 run()
             best[name] = min(best[name], (time.perf_counter() - t) / n)
     return {name: 1e3 * t for name, t in best.items()}
+
+
+def _time_calls(runners: dict[str, Callable], rounds: int, round_s: float = 2e-3) -> dict[str, float]:
+    """``_time_rounds`` for calls far shorter than the timer's resolution and Python's
+    loop: each round repeats a contender's call enough times to last about ``round_s``."""
+    number = {}
+    for name, run in runners.items():
+        t = time.perf_counter()
+        run()
+        number[name] = max(1, min(10_000, int(round_s / max(time.perf_counter() - t, 1e-7))))
+    return _time_rounds(runners, rounds, number)
 
 
 def copy_bandwidth(nbytes: int, rounds: int = 10) -> float:

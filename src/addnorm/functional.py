@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _backend, ops, reference
 from ._backend import select
@@ -192,12 +191,11 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
     """Whether ``op`` on these arguments runs torch's twin (the rule above); cheap: it
     runs first on every call."""
     return (
-        not torch.compiler.is_compiling()
+        ops.eager((input, *params))  # first: under torch.compile it folds to False
         and type(input) is Tensor
         and 0 < input.numel() < _NATIVE_BELOW[op]
         and not _backend.forced()
         and input.device.type == "cpu"
-        and ops.eager((input, *params))
     )
 
 

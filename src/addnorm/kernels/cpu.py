@@ -310,7 +310,7 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
     """
     n, d = src.shape
     offset_, zero = acc(src, offset), acc(src, 0.0)
-    for k in prange((n + _ROW_BLOCK - 1) // _ROW_BLOCK):
+    for k in prange((n + _ROW_BLOCK - 1) // _ROW_BLOCK):  # as ``_row_blocks(n)``
         if dw_part is not None:
             dw_part[k] = 0.0
         if db_part is not None:
@@ -865,6 +865,11 @@ def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
 _thread_count = threading.local()  # numba's thread count is per calling thread, as torch's
 
 
+def _row_blocks(n: int) -> int:
+    """How many blocks of ``_ROW_BLOCK`` rows cover n rows (each its own partial sums)."""
+    return (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+
+
 def _threads() -> None:
     """numba runs as many threads as torch (``torch.set_num_threads``); set only on a
     change, since numba's setter costs microseconds a call."""
@@ -893,10 +898,9 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
     dyk, drk, rk, wk = (None if t is None else t.contiguous() for t in (dy, dr, r, weight))
     n, d = r.shape
     acc = acc_dtype(rk.dtype)
-    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
     dx = _empty(rk.shape, rk.dtype)
-    dw_part = None if weight is None else torch.empty(blocks, d, dtype=acc)
-    db_part = None if bias is None else torch.empty(blocks, d, dtype=acc)
+    dw_part = None if weight is None else torch.empty(_row_blocks(n), d, dtype=acc)
+    db_part = None if bias is None else torch.empty(_row_blocks(n), d, dtype=acc)
     _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
                   float(offset), _np(dx), _np(dw_part), _np(db_part))
     dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
@@ -1063,7 +1067,7 @@ def dyt_backward(dy, x, alpha, weight, bias):
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
     dx = _empty(xk.shape, xk.dtype)
-    part = torch.empty(3, (n + _ROW_BLOCK - 1) // _ROW_BLOCK, d, dtype=acc)
+    part = torch.empty(3, _row_blocks(n), d, dtype=acc)
     _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
     dalpha_terms = torch.empty(d, dtype=torch.float64)
     _sum_chunks(_np(part[2]), _np(dalpha_terms))
