@@ -24,11 +24,13 @@ class _SeenOps(TorchDispatchMode):
 
 
 def _ours(name, monkeypatch):
-    """Count the calls of ops' eager function for ``name`` (the kernels' entry)."""
+    """Count the calls of ops' eager functions for ``name`` (the kernels' entries: with
+    and without a gradient to record)."""
     entry = getattr(ops, name)
     calls = []
-    real = entry.fn
-    monkeypatch.setattr(entry, "fn", lambda *a: calls.append(1) or real(*a))
+    for attr in ("fn", "lean"):
+        real = getattr(entry, attr)
+        monkeypatch.setattr(entry, attr, lambda *a, real=real: calls.append(1) or real(*a))
     monkeypatch.setattr(entry.function, "forward", staticmethod(entry.fn))
     return calls
 
@@ -62,7 +64,11 @@ def test_eager_no_grad_runs_no_autograd_node():
     x = torch.randn(4, 8, requires_grad=True)
     with torch.no_grad():
         y = AF.rms_norm(x, (8,))
+        y_add, r = AF.add_layer_norm(x, x, (8,))
     assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, F.rms_norm(x, (8,), eps=torch.finfo(torch.float32).eps))
+    torch.testing.assert_close(r, 2 * x)
+    torch.testing.assert_close(y_add, F.layer_norm(2 * x, (8,)))
 
 
 @pytest.mark.native_rule

@@ -10,7 +10,12 @@ pytestmark = pytest.mark.skipif(not addnorm.backends()["numba"], reason="numba i
 
 
 @pytest.fixture
-def threads():
+def threads(monkeypatch):
+    """torch's thread count restored after the test, and every kernel threaded however
+    small its work (below ``_ONE_THREAD_BELOW`` elements they run on one thread)."""
+    from addnorm.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -59,6 +64,23 @@ def test_thread_count_follows_torch(threads):
             torch.set_num_threads(n)
             AF.rms_norm(x, (32,))
             assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_small_work_runs_on_the_calling_thread_alone():
+    import numba
+
+    from addnorm.kernels import cpu
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with addnorm.backend("numba"):
+            AF.rms_norm(torch.randn(1, 64), (64,))
+            assert numba.get_num_threads() == 1
+            AF.rms_norm(torch.randn(cpu._ONE_THREAD_BELOW // 64, 64), (64,))
+            assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bfloat16_output_is_one_rounding_of_the_float32_result():

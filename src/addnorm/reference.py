@@ -141,6 +141,7 @@ def row_norm_forward(
     eps: float,
     offset: float,
     rms: bool,
+    stats: bool = True,
 ):
     """LayerNorm (rms=False) or RMSNorm (rms=True) of the rows of ``x`` (N, D).
 
@@ -148,7 +149,8 @@ def row_norm_forward(
     would round it), y = norm(r); otherwise r = x.
     LayerNorm: y = (r - mean) * rstd * w + b.   RMSNorm: y = r * rstd * (w + offset).
 
-    Returns ``(y, r or None, mean (N,) or None, rstd (N,))``.
+    Returns ``(y, r or None, mean (N,) or None, rstd (N,))``.  ``stats=False`` says the
+    caller wants y and r only: a backend may then return None for rstd (this one does not).
     """
     r = x if residual is None else x + residual
     xhat, mean, _, rstd = standardize(r, (-1,), eps, centered=not rms)

@@ -45,7 +45,8 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .. import _backend
 from ..ops import memory_format
@@ -55,7 +56,9 @@ from ..reference import acc_dtype
 # numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
 # float16) with a "pedantic" internal warning at compile time; the code is right and the
 # selects are what keep the loops vectorized (an arithmetic mask is 2x slower).
-warnings.filterwarnings("ignore", category=numba.NumbaIRAssumptionWarning, module="numba.core.ssa")
+warnings.filterwarnings(
+    "ignore", message=r"variable '_(ld|st)__locals__", category=numba.NumbaIRAssumptionWarning
+)
 
 def _use_tbb() -> None:
     """Run the parallel kernels on TBB, numba's threading layer that is both fork-safe and
@@ -192,6 +195,31 @@ def _acc(a, v):
     return lambda a, v: np.float32(v)
 
 
+# Arrays by address.  ``Tensor.numpy()`` costs ~1.3 µs (a bfloat16 view ~2.3 µs), as much
+# as a whole small kernel, so the row-norm entry points take ``data_ptr()``s and build the
+# arrays inside: ``at(address, like, shape)``, with the dtype of the empty array ``like``
+# (``_TOKENS``), a compile-time constant.
+
+
+@intrinsic
+def _pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+def at(address, like, shape):
+    """The C-contiguous array of ``like``'s dtype and ``shape`` at ``address``; None for None."""
+
+
+@overload(at, inline="always")
+def _at(address, like, shape):
+    if isinstance(address, types.NoneType):
+        return lambda address, like, shape: None
+    return lambda address, like, shape: numba.carray(_pointer(address), shape, like.dtype)
+
+
 # ---------------------------------------------------------------------------
 # LayerNorm / RMSNorm rows, with or without the residual add.
 # ---------------------------------------------------------------------------
@@ -269,7 +297,8 @@ def _grad_sums(dyr, xr, m, w, offset):
 
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
-    """y = norm(x [+ res]) per row; mean_out None means RMSNorm."""
+    """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
+    statistics are not wanted."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     for i in prange(n):
@@ -286,7 +315,8 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
             mean0, shift, var = _moments(src.reshape((1, n, d)), i)
             mean_out[i] = mean0 + shift
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
-        rstd_out[i] = rstd
+        if rstd_out is not None:
+            rstd_out[i] = rstd
         for j in range(d):
             h = (ld(row, j) - mean0 - shift) * rstd
             if w is not None:
@@ -336,6 +366,25 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
                     dw_part[k, j] += gy * xs * rs
                 if db_part is not None:
                     db_part[k, j] += gy
+
+
+@njit(cache=True, nogil=True)
+def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, r_out, mean_out, rstd_out, ts, eps, offset):
+    """``_row_norm_fwd`` on (n, d) rows given by address: x, res, y, r_out of ``tx``'s
+    dtype, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s."""
+    _row_norm_fwd(at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)),
+                  at(y, tx, (n, d)), at(r_out, tx, (n, d)), at(mean_out, ts, (n,)),
+                  at(rstd_out, ts, (n,)), eps, offset)
+
+
+@njit(cache=True, nogil=True)
+def _row_norm_bwd_at(n, d, dy, dr, src, tx, w, tw, mean, rstd, ts, offset, dx, dw_part, db_part):
+    """``_row_norm_bwd`` by address: dy, dr, src, dx of ``tx``'s dtype, w of ``tw``'s,
+    mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s."""
+    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    _row_norm_bwd(at(dy, tx, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)),
+                  at(mean, ts, (n,)), at(rstd, ts, (n,)), offset, at(dx, tx, (n, d)),
+                  at(dw_part, ts, (blocks, d)), at(db_part, ts, (blocks, d)))
 
 
 @njit(inline="always")
@@ -849,20 +898,40 @@ _NUMPY_DTYPES = {
 _FRESH_MMAP_BYTES = 32 << 20  # glibc serves larger blocks from a fresh mmap every time
 
 
-def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized output tensor.  Blocks of 32 MB and more come from a fresh mmap
-    on every call (glibc's largest mmap threshold), and first touching a 64 MB one costs
-    ~15 ms of page faults on 4 KB pages: numpy asks the kernel for huge pages there
-    (madvise), which cuts that to ~3 ms.  The result is an ordinary CPU tensor (only not
-    resizable).  Smaller blocks are reused from the heap: torch's allocator is best."""
-    numel = math.prod(shape)
-    if numel * torch.empty((), dtype=dtype).element_size() < _FRESH_MMAP_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    t = torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
-    return t.view(dtype) if dtype in (torch.bfloat16, torch.float16) else t
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of contiguous t's shape and dtype.  Blocks of 32 MB and more
+    come from a fresh mmap on every call (glibc's largest mmap threshold), and first
+    touching a 64 MB one costs ~15 ms of page faults on 4 KB pages: numpy asks the kernel
+    for huge pages there (madvise), which cuts that to ~3 ms.  The result is an ordinary
+    CPU tensor (only not resizable).  Smaller blocks are reused from the heap: torch's
+    allocator is best, and ``empty_like`` its cheapest call (~1.4 µs)."""
+    if t.numel() * t.itemsize < _FRESH_MMAP_BYTES:
+        return torch.empty_like(t)
+    e = torch.from_numpy(np.empty(t.shape, dtype=_NUMPY_DTYPES[t.dtype]))
+    return e.view(t.dtype) if t.dtype in (torch.bfloat16, torch.float16) else e
+
+
+_TOKENS = {dtype: np.empty(0, dtype=np_dtype) for dtype, np_dtype in _NUMPY_DTYPES.items()}
+
+
+def _contiguous(*tensors: torch.Tensor | None):
+    return (None if t is None else t.contiguous() for t in tensors)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    """Where contiguous t's elements start; None for None.  The caller keeps t alive."""
+    return None if t is None else t.data_ptr()
+
+
+def _token(t: torch.Tensor | None, default: np.ndarray) -> np.ndarray:
+    """The dtype token ``at`` builds ``t``'s array with (``default`` where t is absent)."""
+    return default if t is None else _TOKENS[t.dtype]
 
 
 _thread_count = threading.local()  # numba's thread count is per calling thread, as torch's
+# Work (elements) below which a kernel runs on the calling thread alone: waking the
+# pool's other threads costs more (~8 µs here) than sharing this much work saves.
+_ONE_THREAD_BELOW = 1 << 17
 
 
 def _row_blocks(n: int) -> int:
@@ -870,41 +939,46 @@ def _row_blocks(n: int) -> int:
     return (n + _ROW_BLOCK - 1) // _ROW_BLOCK
 
 
-def _threads() -> None:
-    """numba runs as many threads as torch (``torch.set_num_threads``); set only on a
-    change, since numba's setter costs microseconds a call."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _threads(work: int) -> None:
+    """numba runs as many threads as torch (``torch.set_num_threads``), or one for less
+    than ``_ONE_THREAD_BELOW`` elements of work; set only on a change, since numba's
+    setter costs ~2 µs a call."""
+    n = 1 if work < _ONE_THREAD_BELOW else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if getattr(_thread_count, "n", None) != n:
         numba.set_num_threads(n)
         _thread_count.n = n
 
 
-def row_norm_forward(x, residual, weight, bias, eps, offset, rms):
-    _threads()
-    xk, rk, wk, bk = (None if t is None else t.contiguous() for t in (x, residual, weight, bias))
-    n = x.shape[0]
-    acc = acc_dtype(xk.dtype)
-    y = _empty(xk.shape, xk.dtype)
-    r = None if residual is None else _empty(xk.shape, xk.dtype)
+def row_norm_forward(x, residual, weight, bias, eps, offset, rms, stats=True):
+    x, residual, weight, bias = _contiguous(x, residual, weight, bias)
+    n, d = x.shape
+    _threads(n * d)
+    acc = acc_dtype(x.dtype)
+    y = _empty_like(x)
+    r = None if residual is None else _empty_like(x)
     mean = None if rms else torch.empty(n, dtype=acc)
-    rstd = torch.empty(n, dtype=acc)
-    _row_norm_fwd(_np(xk), _np(rk), _np(wk), _np(bk), _np(y), _np(r), _np(mean), _np(rstd),
-                  float(eps), float(offset))
+    rstd = torch.empty(n, dtype=acc) if stats else None
+    tx = _TOKENS[x.dtype]
+    _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
+                     _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
+                     _address(r), _address(mean), _address(rstd), _TOKENS[acc], float(eps),
+                     float(offset))
     return y, r, mean, rstd
 
 
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
-    _threads()
-    dyk, drk, rk, wk = (None if t is None else t.contiguous() for t in (dy, dr, r, weight))
+    dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
     n, d = r.shape
-    acc = acc_dtype(rk.dtype)
-    dx = _empty(rk.shape, rk.dtype)
+    _threads(n * d)
+    acc = acc_dtype(r.dtype)
+    dx = _empty_like(r)
     dw_part = None if weight is None else torch.empty(_row_blocks(n), d, dtype=acc)
     db_part = None if bias is None else torch.empty(_row_blocks(n), d, dtype=acc)
-    _row_norm_bwd(_np(dyk), _np(drk), _np(rk), _np(wk), None if rms else _np(mean), _np(rstd),
-                  float(offset), _np(dx), _np(dw_part), _np(db_part))
-    dw, db = _param_grad(dw_part, weight), _param_grad(db_part, bias)
-    return dx, dw, db
+    tx = _TOKENS[r.dtype]
+    _row_norm_bwd_at(n, d, dy.data_ptr(), _address(dr), r.data_ptr(), tx, _address(weight),
+                     _token(weight, tx), _address(mean), rstd.data_ptr(), _TOKENS[acc],
+                     float(offset), dx.data_ptr(), _address(dw_part), _address(db_part))
+    return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
 _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of float32, in L2
@@ -942,41 +1016,41 @@ def _cl_chunks(rows: int, channels: int) -> int:
 
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
-    _threads()
+    _threads(x.numel())
     w, b = _np(weight), _np(bias)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
     if _channels_last(x):
         xl = _channels_last_view(x)
-        y = _empty(xl.shape, xl.dtype)
+        y = _empty_like(xl)
         coef = torch.empty(n, 3, c, dtype=acc)
         _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), num_groups,
                            float(eps))
         return _from_channels_last(y, x), mean, var
     x3 = _channels_first(x)
-    y = _empty(x3.shape, x3.dtype)
+    y = _empty_like(x3)
     shape4 = _group_shape(x3, num_groups)
     _group_norm_fwd(_np(x3.view(shape4)), w, b, _np(y.view(shape4)), _np(mean), _np(var), float(eps))
     return _like_input(y, x), mean, var
 
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
-    _threads()
+    _threads(x.numel())
     w = _np(weight)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     dw_part, db_part = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.float64)
     if _channels_last(x):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
-        dx = _empty(xl.shape, xl.dtype)
+        dx = _empty_like(xl)
         coef = torch.empty(n, 6, c, dtype=acc)
         _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
                            _np(dx), _np(coef), _np(dw_part), _np(db_part))
         dx = _from_channels_last(dx, x)
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
-        dx = _empty(x3.shape, x3.dtype)
+        dx = _empty_like(x3)
         shape4 = _group_shape(x3, num_groups)
         _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), w, _np(mean), _np(var),
                         float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
@@ -1000,7 +1074,7 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
-    _threads()
+    _threads(x.numel())
     w, b = _np(weight), _np(bias)
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
@@ -1011,13 +1085,13 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
     if _channels_last(x):
         xl = _channels_last_view(x)
         rows = xl.reshape(-1, c)
-        y = _empty(xl.shape, xl.dtype)
+        y = _empty_like(xl)
         part = torch.empty(_cl_chunks(rows.shape[0], c), 4, c, dtype=torch.float64)
         _batch_norm_cl_fwd(_np(rows), w, b, _np(y.view(-1, c)), _np(mean), _np(var), _np(part),
                            training, float(eps))
         return _from_channels_last(y, x), mean, var
     x3 = _channels_first(x)
-    y = _empty(x3.shape, x3.dtype)
+    y = _empty_like(x3)
     coef = torch.empty(3, c, dtype=acc)
     _batch_norm_stats(_np(x3), w, b, _np(mean), _np(var), _np(coef), training, float(eps))
     _affine_runs(_np(x3), _np(y), _np(coef))
@@ -1025,7 +1099,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
-    _threads()
+    _threads(x.numel())
     w = _np(weight)
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
@@ -1033,14 +1107,14 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
     if _channels_last(x):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         rows = xl.reshape(-1, c)
-        dx = _empty(xl.shape, xl.dtype)
+        dx = _empty_like(xl)
         part = torch.empty(_cl_chunks(rows.shape[0], c), 3, c, dtype=torch.float64)
         _batch_norm_cl_bwd(_np(dyl.reshape(-1, c)), _np(rows), w, _np(mean), _np(var), training,
                            float(eps), _np(dx.view(-1, c)), _np(part), _np(dw), _np(db))
         dx = _from_channels_last(dx, x)
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
-        dx = _empty(x3.shape, x3.dtype)
+        dx = _empty_like(x3)
         coef = torch.empty(6, c, dtype=acc)
         _batch_norm_grad_sums(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
                               _np(coef), _np(dw), _np(db))
@@ -1054,19 +1128,19 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
 
 
 def dyt_forward(x, alpha, weight, bias):
-    _threads()
+    _threads(x.numel())
     xk = x.contiguous()
-    y = _empty(xk.shape, xk.dtype)
+    y = _empty_like(xk)
     _dyt_fwd(_np(xk), _np(alpha.reshape(1)), _np(weight), _np(bias), _np(y))
     return y
 
 
 def dyt_backward(dy, x, alpha, weight, bias):
-    _threads()
+    _threads(x.numel())
     xk, dyk = x.contiguous(), dy.contiguous()
     n, d = xk.shape
     acc = acc_dtype(xk.dtype)
-    dx = _empty(xk.shape, xk.dtype)
+    dx = _empty_like(xk)
     part = torch.empty(3, _row_blocks(n), d, dtype=acc)
     _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
     dalpha_terms = torch.empty(d, dtype=torch.float64)
