@@ -28,10 +28,9 @@ def _ours(name, monkeypatch):
     and without a gradient to record)."""
     entry = getattr(ops, name)
     calls = []
-    for attr in ("fn", "lean"):
+    for attr in ("eager", "lean"):
         real = getattr(entry, attr)
         monkeypatch.setattr(entry, attr, lambda *a, real=real: calls.append(1) or real(*a))
-    monkeypatch.setattr(entry.function, "forward", staticmethod(entry.fn))
     return calls
 
 
@@ -78,6 +77,22 @@ def test_small_layer_norm_runs_torchs_kernel(monkeypatch):
     y = AF.layer_norm(x, (64,), w, b)
     assert not calls and type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
     torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), rtol=0, atol=0)
+
+
+@pytest.mark.native_rule
+def test_small_add_layer_norm_runs_torchs_add_and_kernel(monkeypatch):
+    calls = _ours("row_norm", monkeypatch)
+    x, res = torch.randn(8, 64, requires_grad=True), torch.randn(8, 64).to(torch.bfloat16)
+    w, b = torch.randn(64), torch.randn(64)
+    y, r = AF.add_layer_norm(x.to(torch.bfloat16), res, (64,), w.bfloat16(), b.bfloat16())
+    assert not calls and type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    r_torch = x.to(torch.bfloat16) + res
+    torch.testing.assert_close(r, r_torch, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.layer_norm(r_torch, (64,), w.bfloat16(), b.bfloat16()), rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad is not None
+    with pytest.raises(AF.ArgumentError, match="residual must have the shape of x"):
+        AF.add_layer_norm(x, torch.randn(1, 64), (64,))  # x + residual would broadcast
 
 
 @pytest.mark.native_rule

@@ -1,4 +1,5 @@
-"""What the numba backend promises beyond parity: threads, determinism, bfloat16 bits."""
+"""What the numba backend promises beyond parity: threads, determinism, bfloat16 and
+float16 bits."""
 
 import pytest
 import torch
@@ -104,6 +105,44 @@ def test_bfloat16_nan_and_rounding_edges():
     with addnorm.backend("numba"):
         y = AF.layer_norm(x, (64,))
     assert y[1].isnan().all() and not y[0].isnan().any() and not y[2].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conversions_match_torchs_bit_for_bit(dtype):
+    """``ld`` widens every one of the 65,536 bit patterns as torch does, and ``st``
+    rounds float32 values of every magnitude (ties, subnormals, overflow, Inf, NaN) to
+    the bits torch's ``.to(dtype)`` gives."""
+    from numba import njit
+
+    from addnorm.kernels import cpu
+
+    @njit
+    def widen(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = cpu.ld(bits, i)
+
+    @njit
+    def narrow(values, out):
+        for i in range(values.shape[0]):
+            cpu.st(out, i, values[i])
+
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    wide = torch.empty(every.shape, dtype=torch.float32)
+    widen(cpu._np(every), wide.numpy())
+    expected = every.float()
+    assert torch.equal(wide.isnan(), expected.isnan())
+    assert torch.equal(wide.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32))
+
+    g = torch.Generator().manual_seed(0)
+    magnitudes = 10.0 ** torch.linspace(-45, 38, 200_000)
+    values = torch.cat([
+        torch.randn(200_000, generator=g) * magnitudes,
+        wide[~wide.isnan()] + wide[~wide.isnan()].abs() * 2.0**-9,  # near ties of float16
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65520.0, 1e-8]),
+    ])
+    out = torch.empty(values.shape, dtype=dtype)
+    narrow(values.numpy(), cpu._np(out))
+    assert torch.equal(out.view(torch.int16), values.to(dtype).view(torch.int16))
 
 
 def _in_forked_child(work):

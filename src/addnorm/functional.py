@@ -179,8 +179,9 @@ def _forward(op, math, *args, device: torch.device):
 # torch.nn.functional twin computes the same function runs that twin when its input has
 # fewer elements than the bound below: there torch's C++ kernel, running from cache,
 # beats our fixed per-call cost (argument conversion, numba dispatch, threads).  The
-# bounds are crossovers measured with ``addnorm bench --sweep``.  RMSNorm, the fused
-# add+norms, DyT and ScaleNorm have no such twin (torch's RMSNorm is a chain of
+# fused add+LayerNorm runs torch's add and LayerNorm there (the same r, rounded in x's
+# dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
+# --sweep``.  RMSNorm, the fused add+RMSNorm, DyT and ScaleNorm have no such twin (torch's RMSNorm is a chain of
 # elementwise ops, slower than ours at every size) and always run ours.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
@@ -193,11 +194,12 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
     """Whether ``op`` on these arguments runs torch's twin (the rule above); cheap: it
     runs first on every call."""
     return (
-        ops.eager((input, *params))  # first: under torch.compile it folds to False
+        not torch.compiler.is_compiling()  # first: torch.compile folds the rest away
         and type(input) is Tensor
+        and input.is_cpu
         and 0 < input.numel() < _NATIVE_BELOW[op]
         and not _backend.forced()
-        and input.device.type == "cpu"
+        and ops.eager(params)  # input is a plain Tensor: params and modes are what is left
     )
 
 
@@ -291,6 +293,13 @@ def add_layer_norm(
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
+    if _native("layer_norm", x, residual, weight, bias) and eps >= 0:
+        _check_same(residual, "residual", x)  # x + residual must not broadcast
+        r = x + residual
+        try:
+            return torch.layer_norm(r, normalized_shape, weight, bias, eps), r
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            pass
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
 
 

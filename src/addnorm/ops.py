@@ -72,22 +72,19 @@ def _custom_op(fn):
     return torch.library.custom_op(f"addnorm::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
 def _traced(args: tuple) -> bool:
     """Whether anything but plain eager execution sees these arguments: torch.compile or
     export (dynamo, AOTAutograd), a dispatch or function mode (make_fx, FakeTensorMode,
-    FlopCounterMode, ``with torch.device``), or a tensor subclass.  Those must see the
-    custom op; plain eager calls skip the dispatcher (about 12 µs a call at small shapes)."""
+    FlopCounterMode, ``with torch.device``), or a tensor subclass with a
+    ``__torch_function__`` (a Parameter has none).  Those must see the custom op; plain
+    eager calls skip the dispatcher (about 12 µs a call at small shapes)."""
     if torch.compiler.is_compiling():  # first: dynamo folds it, and traces nothing after
         return True
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return True
-    for a in args:  # a loop, not any(): this runs on every call, and a generator costs ~1 µs
-        if isinstance(a, Tensor) and type(a) not in _PLAIN:
-            return True
-    return False
+    # one C call for subclasses and function modes: this runs on every call
+    return bool(torch._C._len_torch_dispatch_stack()) or _has_torch_function(*args)
+
+
+_has_torch_function = torch._C._has_torch_function_variadic
 
 
 def eager(args: tuple) -> bool:
@@ -102,24 +99,31 @@ def _run(op, fn, *args):
 
 class _Entry:
     """What ``functional`` calls for one norm: the forward custom op where anything
-    traces (see ``_traced``), otherwise the same function called straight, inside an
-    ``autograd.Function`` with the op's own setup and backward when a gradient is
-    wanted.  Both paths run the same kernels and the same backward.  A call that records
-    no gradient runs ``lean`` where given: the kernel's outputs as it returns them, absent
-    ones None, without the op's output contract (two empty tensors are ~5 µs, a third of
-    a small norm's time)."""
+    traces (see ``_traced``); in plain eager, ``eager`` (the op's function, or the same
+    kernel call without the op's output contract: absent outputs None, not empty
+    tensors) called straight, inside an ``autograd.Function`` with the op's own setup and
+    backward when a gradient is wanted, or ``lean`` (``eager`` without the statistics,
+    where the kernel can skip them) when none is.  All paths run the same kernels and
+    the same backward.
 
-    def __init__(self, op, fn, setup, backward, lean=None):
+    The ``autograd.Function`` has the old-style ``forward(ctx, *args)``: with a separate
+    ``setup_context``, ``Function.apply`` binds the arguments through
+    ``inspect.signature`` on every call (~35 µs, twice a small norm's time)."""
+
+    def __init__(self, op, fn, setup, backward, eager=None, lean=None):
         op.register_autograd(backward, setup_context=setup)
-        self.op, self.fn, self.lean = op, fn, lean or fn
+        self.op, self.eager = op, eager or fn
+        self.lean = lean or self.eager
+
+        def forward(ctx, *args):
+            out = self.eager(*args)
+            setup(ctx, args, out)
+            return out
+
         self.function = type(
             fn.__name__.strip("_"),
             (torch.autograd.Function,),
-            {
-                "forward": staticmethod(fn),
-                "setup_context": staticmethod(setup),
-                "backward": staticmethod(backward),
-            },
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
         )
 
     def __call__(self, *args):
@@ -143,10 +147,14 @@ def _recording_backward() -> bool:
 # ---------------------------------------------------------------------------
 
 
+def _row_norm(x, residual, weight, bias, eps, offset, rms, backend, stats=True):
+    """-> (y, residual_out or None, mean or None, rstd or None) as the backend's kernel
+    gives them: the eager forward (``stats=False``: where no gradient is recorded)."""
+    return kernel(backend, "row_norm_forward")(x, residual, weight, bias, eps, offset, rms, stats)
+
+
 def _row_norm_lean(x, residual, weight, bias, eps, offset, rms, backend):
-    """-> (y, residual_out or None, ...): the forward of a call that records no gradient,
-    as the backend's kernel gives it, without the statistics where it can skip them."""
-    return kernel(backend, "row_norm_forward")(x, residual, weight, bias, eps, offset, rms, False)
+    return _row_norm(x, residual, weight, bias, eps, offset, rms, backend, stats=False)
 
 
 def _row_norm_fwd(
@@ -160,9 +168,7 @@ def _row_norm_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y, residual_out or empty, mean or empty, rstd)"""
-    y, r, mean, rstd = kernel(backend, "row_norm_forward")(
-        x, residual, weight, bias, eps, offset, rms
-    )
+    y, r, mean, rstd = _row_norm(x, residual, weight, bias, eps, offset, rms, backend)
     acc = acc_dtype(x.dtype)
     return y.contiguous(), _or_empty(r, x), _or_empty(mean, x, acc), rstd.contiguous()
 
@@ -188,13 +194,14 @@ def _row_norm_bwd(
     r: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean: Tensor,
+    mean: Tensor | None,
     rstd: Tensor,
     offset: float,
     rms: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx, dweight or empty, dbias or empty); dx already includes dresidual."""
+    """-> (dx, dweight or empty, dbias or empty); dx already includes dresidual.  mean is
+    None (eager) or empty (the op's output) for RMSNorm."""
     dx, dw, db = kernel(backend, "row_norm_backward")(
         dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, bias
     )
@@ -241,7 +248,9 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     )
 
 
-row_norm = _Entry(row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm_lean)
+row_norm = _Entry(
+    row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean
+)
 
 
 # ---------------------------------------------------------------------------

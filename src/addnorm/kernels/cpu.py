@@ -11,8 +11,9 @@ How the kernels are built:
   with the ``is None`` branches pruned, so the flags cost nothing in the inner loops.
 * bfloat16 and float16 travel as their bit patterns, uint16 and int16 (numba can do no
   arithmetic in either): ``ld`` widens them to float32 exactly, ``st`` rounds to
-  nearest-even on the way out, bit-equal to torch's own conversions (NaN included), in
-  integer selects that keep the loops vectorized.
+  nearest-even on the way out, bit-equal to torch's own conversions (NaN included).
+  bfloat16 in integer selects that keep the loops vectorized; float16 by LLVM's own
+  ``half`` conversions, which the CPU does in vector registers (F16C on x86).
 * Every reduction is blocked: a block of values (``_BLOCK`` along a contiguous run,
   ``_CL_BLOCK`` channels-last rows) is summed in the accumulation type, in vector lanes,
   and the block sums are added in float64, so the error does not grow with the length
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from numba import njit, prange, types
 from numba.core import cgutils
+from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 from .. import _backend
@@ -119,6 +121,28 @@ _SUM_TILE = 256  # columns per parallel step when partial sums are added
 # ---------------------------------------------------------------------------
 
 
+@intrinsic
+def _half_to_float(typingctx, bits):
+    """float16 bits (int16) -> float32, exactly: LLVM's ``fpext half``, which x86's F16C
+    (and ARM's fcvt) do in vector registers."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, v):
+    """float32 -> float16 bits (int16): LLVM's ``fptrunc`` to half rounds to nearest-even
+    and keeps Inf, NaN and subnormals, the bits torch's own conversion gives."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(v), codegen
+
+
 def ld(a, i):
     """a[i] widened to the accumulation type (bfloat16 or float16 bits -> float32)."""
 
@@ -137,18 +161,7 @@ def _ld(a, i):
     if a.dtype == types.uint16:  # bfloat16: the high half of a float32
         return lambda a, i: np.uint32(np.uint32(a[i]) << 16).view(np.float32)
     if a.dtype == types.int16:  # float16
-
-        def load_float16(a, i):
-            h = np.uint32(np.uint16(a[i]))
-            sign = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
-            em = np.uint32(h & np.uint32(0x7FFF))  # exponent and mantissa
-            normal = np.uint32((em << np.uint32(13)) + np.uint32(0x38000000)).view(np.float32)
-            inf_nan = np.uint32((em << np.uint32(13)) + np.uint32(0x70000000)).view(np.float32)
-            subnormal = np.float32(em) * np.float32(2.0**-24)
-            v = subnormal if em < np.uint32(0x0400) else (inf_nan if em >= np.uint32(0x7C00) else normal)
-            return np.uint32(np.float32(v).view(np.uint32) | sign).view(np.float32)
-
-        return load_float16
+        return lambda a, i: _half_to_float(a[i])
     return lambda a, i: a[i]
 
 
@@ -168,17 +181,7 @@ def _st(a, i, v):
     if a.dtype == types.int16:
 
         def store_float16(a, i, v):
-            bits = np.float32(v).view(np.uint32)
-            sign = np.uint32(bits & np.uint32(0x80000000))
-            m = np.uint32(bits ^ sign)  # |v|
-            # a normal half: rebias the exponent, round the 13 dropped bits to even
-            normal = np.uint32(np.uint32(m + np.uint32(0xC8000FFF) + ((m >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
-            # a subnormal half (|v| < 2^-14): adding 0.5 makes the float unit round there
-            half = np.uint32(126 << 23)
-            subnormal = np.uint32(np.float32(m.view(np.float32) + half.view(np.float32)).view(np.uint32) - half)
-            huge = np.uint32(0x7E00) if m > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN, Inf
-            o = huge if m >= np.uint32(0x47800000) else (subnormal if m < np.uint32(0x38800000) else normal)
-            a[i] = np.uint16(np.uint32(o | (sign >> np.uint32(16)))).view(np.int16)
+            a[i] = _float_to_half(np.float32(v))
 
         return store_float16
 
