@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                        "UNet channel shapes), float32/bfloat16/float16, no_grad forward, "
                        "forward with grad and forward+backward, per-call time against torch "
                        "eager; --quick: a subset; writes sweep.json and sweep.md")
+    bench.add_argument("--model", action="store_true",
+                       help="whole models with torch.nn's norms and with addnorm's: a "
+                       "nanoGPT-style training step, Llama-style prefill and decode, a "
+                       "UNet-style GroupNorm stack; eager and compiled; --quick: small "
+                       "models; writes model.json and model.md")
     args = parser.parse_args(argv)
     # rich sizes tables to the terminal; logs and pipes get room for the bench's columns
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -94,6 +99,18 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(B.header(), highlight=False)
         ops = {o for o in args.ops.split(",") if o} or None
+        if args.model:
+            from . import bench_model as M
+
+            results = M.run(quick=args.quick, compile=not args.no_compile, rounds=args.rounds,
+                            console=console)
+            console.print(M.table(results))
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "model.json").write_text(json.dumps(
+                {"meta": B.header(), "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+            (args.out / "model.md").write_text(f"{B.header()}\n\n{M.markdown(results)}")
+            console.print(f"saved {args.out / 'model.json'} and {args.out / 'model.md'}")
+            return 0
         if args.sweep:
             results = B.sweep(quick=args.quick, ops=ops, rounds=args.rounds, console=console)
             console.print(B.sweep_table(results))

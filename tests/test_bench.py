@@ -1,0 +1,50 @@
+"""The benchmarks' logic, without timing anything: which timings it refuses to trust,
+and that the whole-model benchmark compares equal models."""
+
+import pytest
+import torch
+
+import addnorm
+from addnorm import bench as B
+from addnorm import bench_model as M
+
+
+def _result(pass_, addnorm_ms, torch_ms, gbps=None, copy_gbps=None):
+    r = B.Result("rms_norm", [8, 64], "rows", "float32", pass_,
+                 {"addnorm": addnorm_ms, "torch": torch_ms})
+    r.gbps, r.copy_gbps = gbps, copy_gbps
+    return r
+
+
+def test_consistent_timings_are_trusted():
+    passes = [_result("fwd", 1.0, 2.0, 10, 20), _result("fwd grad", 1.2, 2.5, 9, 20),
+              _result("fwd+bwd", 3.0, 6.0, 8, 20)]
+    assert B.untrusted(passes) is None
+
+
+@pytest.mark.parametrize("slow", ["fwd", "fwd grad"])
+def test_a_forward_slower_than_forward_and_backward_is_untrusted(slow):
+    passes = [_result("fwd", 1.0, 2.0), _result("fwd grad", 1.2, 2.5), _result("fwd+bwd", 3.0, 6.0)]
+    next(r for r in passes if r.pass_ == slow).ms["torch"] = 7.0
+    assert B.untrusted(passes) == f"torch {slow} slower than its fwd+bwd"
+
+
+def test_more_than_copy_bandwidth_is_untrusted():
+    passes = [_result("fwd", 1.0, 2.0, gbps=30, copy_gbps=20), _result("fwd+bwd", 3.0, 6.0)]
+    assert "above copy bandwidth" in B.untrusted(passes)
+
+
+@pytest.mark.parametrize("index", range(len(M.cases(quick=True))))
+def test_model_benchmark_compares_equal_models(index):
+    """Both sides of each whole-model case have the same parameters and compute the same
+    function (the norms' rounding aside)."""
+    model, norm, dtype, what, build = M.cases(quick=True)[index]
+    models, runner = build()
+    ours, theirs = models["addnorm"].state_dict(), models["torch"].state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(isinstance(m, addnorm.LayerNorm | addnorm.RMSNorm | addnorm.GroupNorm)
+               for m in models["addnorm"].modules())
+    outs = {side: runner(m)().float() for side, m in models.items()}
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(outs["addnorm"], outs["torch"], rtol=tol, atol=tol * outs["torch"].abs().max().item())
