@@ -181,8 +181,9 @@ def _forward(op, math, *args, device: torch.device):
 # beats our fixed per-call cost (argument conversion, numba dispatch, threads).  The
 # fused add+LayerNorm runs torch's add and LayerNorm there (the same r, rounded in x's
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
-# --sweep``.  RMSNorm, the fused add+RMSNorm, DyT and ScaleNorm have no such twin (torch's RMSNorm is a chain of
-# elementwise ops, slower than ours at every size) and always run ours.
+# --sweep``.  RMSNorm, the fused add+RMSNorm, DyT and ScaleNorm have no such twin
+# (torch's RMSNorm is a chain of elementwise ops, slower than ours at every size) and
+# always run ours.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
@@ -201,6 +202,15 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
         and not _backend.forced()
         and ops.eager(params)  # input is a plain Tensor: params and modes are what is left
     )
+
+
+def _torch_layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor | None:
+    """torch's LayerNorm (the rule above), or None where torch refuses the arguments:
+    torch validates in C++, and our checks, which run next, then say why."""
+    try:
+        return torch.layer_norm(input, normalized_shape, weight, bias, eps)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _channel_layout(x: Tensor) -> Tensor:
@@ -260,10 +270,9 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
     if _native("layer_norm", input, weight, bias) and eps >= 0:
-        try:  # torch validates in C++; where it refuses, the checks below say why
-            return torch.layer_norm(input, normalized_shape, weight, bias, eps)
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            pass
+        y = _torch_layer_norm(input, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
 
 
@@ -296,10 +305,9 @@ def add_layer_norm(
     if _native("layer_norm", x, residual, weight, bias) and eps >= 0:
         _check_same(residual, "residual", x)  # x + residual must not broadcast
         r = x + residual
-        try:
-            return torch.layer_norm(r, normalized_shape, weight, bias, eps), r
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            pass
+        y = _torch_layer_norm(r, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y, r
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
 
 
@@ -449,13 +457,13 @@ def dyt(
     y = _forward(
         ops.dyt,
         reference.dyt_forward,
-        input.reshape(-1, d).contiguous(),
+        _rows(input, d).contiguous(),
         alpha,
-        None if weight is None else weight.reshape(d),
-        None if bias is None else bias.reshape(d),
+        None if weight is None else _reshaped(weight, (d,)),
+        None if bias is None else _reshaped(bias, (d,)),
         device=input.device,
     )
-    return y.reshape(input.shape)
+    return _reshaped(y, input.shape)
 
 
 def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -468,6 +476,6 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     _check_eps(eps)
     y, _ = _forward(
         ops.scale_norm, reference.scale_norm_forward,
-        input.reshape(-1, input.shape[-1]).contiguous(), weight, float(eps), device=input.device,
+        _rows(input, input.shape[-1]).contiguous(), weight, float(eps), device=input.device,
     )
-    return y.reshape(input.shape)
+    return _reshaped(y, input.shape)

@@ -298,6 +298,13 @@ def _grad_sums(dyr, xr, m, w, offset):
     return s_gx, s_g, s_x
 
 
+@njit(inline="always", cache=True)
+def _row_blocks(n):
+    """How many blocks of ``_ROW_BLOCK`` rows cover n rows (each its own partial sums);
+    called by the kernels and by their Python wrappers alike."""
+    return (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+
+
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
@@ -343,7 +350,7 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
     """
     n, d = src.shape
     offset_, zero = acc(src, offset), acc(src, 0.0)
-    for k in prange((n + _ROW_BLOCK - 1) // _ROW_BLOCK):  # as ``_row_blocks(n)``
+    for k in prange(_row_blocks(n)):
         if dw_part is not None:
             dw_part[k] = 0.0
         if db_part is not None:
@@ -384,7 +391,7 @@ def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, r_out, mean_out, rstd_ou
 def _row_norm_bwd_at(n, d, dy, dr, src, tx, w, tw, mean, rstd, ts, offset, dx, dw_part, db_part):
     """``_row_norm_bwd`` by address: dy, dr, src, dx of ``tx``'s dtype, w of ``tw``'s,
     mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s."""
-    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    blocks = _row_blocks(n)
     _row_norm_bwd(at(dy, tx, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)),
                   at(mean, ts, (n,)), at(rstd, ts, (n,)), offset, at(dx, tx, (n, d)),
                   at(dw_part, ts, (blocks, d)), at(db_part, ts, (blocks, d)))
@@ -937,16 +944,13 @@ _thread_count = threading.local()  # numba's thread count is per calling thread,
 _ONE_THREAD_BELOW = 1 << 17
 
 
-def _row_blocks(n: int) -> int:
-    """How many blocks of ``_ROW_BLOCK`` rows cover n rows (each its own partial sums)."""
-    return (n + _ROW_BLOCK - 1) // _ROW_BLOCK
-
-
 def _threads(work: int) -> None:
     """numba runs as many threads as torch (``torch.set_num_threads``), or one for less
     than ``_ONE_THREAD_BELOW`` elements of work; set only on a change, since numba's
     setter costs ~2 µs a call."""
-    n = 1 if work < _ONE_THREAD_BELOW else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    n = 1
+    if work >= _ONE_THREAD_BELOW:
+        n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if getattr(_thread_count, "n", None) != n:
         numba.set_num_threads(n)
         _thread_count.n = n
