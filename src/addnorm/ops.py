@@ -108,7 +108,10 @@ class _Entry:
 
     The ``autograd.Function`` has the old-style ``forward(ctx, *args)``: with a separate
     ``setup_context``, ``Function.apply`` binds the arguments through
-    ``inspect.signature`` on every call (~35 µs, twice a small norm's time)."""
+    ``inspect.signature`` on every call (~35 µs, twice a small norm's time).  Where no
+    functorch transform is active it is entered through the C++ ``apply`` underneath,
+    after the one thing the Python ``apply`` adds there, unwrapping tensors left over
+    from a finished transform (another ~2 µs a call)."""
 
     def __init__(self, op, fn, setup, backward, eager=None, lean=None):
         op.register_autograd(backward, setup_context=setup)
@@ -125,6 +128,7 @@ class _Entry:
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward)},
         )
+        self._apply = _function_apply.__get__(None, self.function)
 
     def __call__(self, *args):
         if _traced(args):
@@ -132,8 +136,17 @@ class _Entry:
         if torch.is_grad_enabled():
             for a in args:
                 if isinstance(a, Tensor) and a.requires_grad:
-                    return self.function.apply(*args)
+                    if _transforms_active():
+                        return self.function.apply(*args)
+                    return self._apply(*[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
         return self.lean(*args)
+
+
+# torch.autograd.Function.apply's C++ half, and what the Python half does before it
+# when no functorch transform is active (torch/autograd/function.py, ``apply``)
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
+_transforms_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _recording_backward() -> bool:
@@ -188,6 +201,14 @@ def _(x, residual, weight, bias, eps, offset, rms, backend):
     )
 
 
+def _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted):
+    """-> (dx, dweight, dbias) as the backend's kernel gives them (None where absent or not
+    ``wanted``): the eager backward.  dx already includes dresidual."""
+    return kernel(backend, "row_norm_backward")(
+        dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, bias, tuple(wanted)
+    )
+
+
 def _row_norm_bwd(
     dy: Tensor,
     dresidual: Tensor | None,
@@ -199,21 +220,21 @@ def _row_norm_bwd(
     offset: float,
     rms: bool,
     backend: str,
+    wanted: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx, dweight or empty, dbias or empty); dx already includes dresidual.  mean is
-    None (eager) or empty (the op's output) for RMSNorm."""
-    dx, dw, db = kernel(backend, "row_norm_backward")(
-        dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, bias
-    )
-    return dx.contiguous(), _or_empty(dw, r), _or_empty(db, r)
+    """-> (dx, dweight, dbias), each empty where absent or not ``wanted``.  mean is
+    empty (the forward op's output) for RMSNorm."""
+    dx, dw, db = _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted)
+    return _or_empty(dx, r), _or_empty(dw, r), _or_empty(db, r)
 
 
 row_norm_bwd = _custom_op(_row_norm_bwd)
 
 
 @row_norm_bwd.register_fake
-def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend):
-    return (torch.empty_like(r), *_param_grads(weight, bias, r))
+def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted):
+    dweight, dbias = _param_grads(weight if wanted[1] else None, bias if wanted[2] else None, r)
+    return (torch.empty_like(r) if wanted[0] else _empty(r)), dweight, dbias
 
 
 def _row_norm_setup(ctx, inputs, output):
@@ -227,20 +248,24 @@ def _row_norm_setup(ctx, inputs, output):
 
 def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     r, weight, bias, mean, rstd = ctx.saved_tensors
-    dr = dr if ctx.has_residual else None
+    needs, has_residual = ctx.needs_input_grad, ctx.has_residual
+    # the kernels compute only what autograd asks for: dx (x's and the residual's), dw, db
+    wanted = [needs[0] or (has_residual and needs[1]), needs[2], needs[3]]
+    dr = dr if has_residual else None
     offset, rms, backend = ctx.args
     if _recording_backward():
         _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
         dx, dw, db = reference.row_norm_backward(
-            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, bias
+            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, bias, wanted
         )
     else:
-        dx, dw, db = _run(row_norm_bwd, _row_norm_bwd, dy, dr, r, weight, bias, mean, rstd, offset, rms, backend)
+        args = (dy, dr, r, weight, bias, mean, rstd, offset, rms, backend, wanted)
+        dx, dw, db = _run(row_norm_bwd, _row_norm_grads, *args)
     return (
-        dx,
-        _present(dx, ctx.has_residual),
-        _present(dw, weight is not None),
-        _present(db, bias is not None),
+        _present(dx, needs[0]),
+        _present(dx, has_residual and needs[1]),
+        _present(dw, needs[2]),
+        _present(db, needs[3]),
         None,
         None,
         None,

@@ -173,26 +173,31 @@ def row_norm_backward(
     offset: float,
     rms: bool,
     bias: Tensor | None,
+    wanted: tuple[bool, bool, bool] = (True, True, True),
 ):
     """Backward of ``row_norm_forward``.
 
     r is the normalized input (x + residual, or x); dr the gradient flowing into the
     residual output, which joins dx: d(x) = d(residual) = dnorm(dy) + dr.
-    Returns ``(dx, dweight or None, dbias or None)``.
+    ``wanted``: which of (dx, dweight, dbias) to compute (``ctx.needs_input_grad``).
+    Returns ``(dx, dweight, dbias)``, each None where absent or not wanted.
     """
     acc = acc_dtype(r.dtype)
     rf = r.to(acc)
     rstd = rstd.unsqueeze(-1)
     xhat = (rf if rms else recenter(rf, mean.unsqueeze(-1), (-1,))) * rstd
     dyf = dy.to(acc)
-    scale = _scale(weight, offset, xhat)
-    dxhat = dyf if scale is None else dyf * scale
-    dx = standardize_backward(dxhat, xhat, rstd, (-1,), centered=not rms)
-    if dr is not None:
-        dx = dx + dr.to(acc)
-    dweight = None if weight is None else _sum_to(dyf * xhat, (0,), weight)
-    dbias = None if bias is None else _sum_to(dyf, (0,), bias)
-    return dx.to(r.dtype), dweight, dbias
+    dx = None
+    if wanted[0]:
+        scale = _scale(weight, offset, xhat)
+        dxhat = dyf if scale is None else dyf * scale
+        dx = standardize_backward(dxhat, xhat, rstd, (-1,), centered=not rms)
+        if dr is not None:
+            dx = dx + dr.to(acc)
+        dx = dx.to(r.dtype)
+    dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, (0,), weight)
+    dbias = None if bias is None or not wanted[2] else _sum_to(dyf, (0,), bias)
+    return dx, dweight, dbias
 
 
 # ---------------------------------------------------------------------------

@@ -340,7 +340,7 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
 def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
     """dx (+ dr) per row; dw_part[k], db_part[k]: sums over rows block k (``_ROW_BLOCK``
     rows, in the accumulation type), added in float64 and in order by ``_sum_chunks``.
-    mean None: RMSNorm.
+    mean None: RMSNorm.  dx None: only the parameter sums (the input needs no gradient).
 
     With g = dy * w and xc = x - mean: xhat = (xc - shift) * rstd, where shift is the
     residual mean (recovering the saved mean's rounding), and
@@ -358,20 +358,24 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
         for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
             rs = rstd[i]
             m = zero if mean is None else mean[i]
-            s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_)
-            if mean is None:
-                shift, mean_g, s_gxs = zero, zero, s_gx
-            else:
-                shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
-            c3 = rs * rs * rs * acc(src, s_gxs / d)
+            shift, mean_g, c3 = zero, zero, zero
+            if dx is not None:
+                s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_)
+                s_gxs = s_gx
+                if mean is not None:
+                    shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
+                c3 = rs * rs * rs * acc(src, s_gxs / d)
+            elif mean is not None and dw_part is not None:
+                shift = acc(src, _run_sums(src[i], m, False)[0] / d)
             for j in range(d):
                 xs = ld(src, (i, j)) - m - shift
                 gy = ld(dy, (i, j))
-                g = gy if w is None else gy * (ld(w, j) + offset_)
-                v = rs * (g - mean_g) - xs * c3
-                if dr is not None:
-                    v = v + ld(dr, (i, j))
-                st(dx, (i, j), v)
+                if dx is not None:
+                    g = gy if w is None else gy * (ld(w, j) + offset_)
+                    v = rs * (g - mean_g) - xs * c3
+                    if dr is not None:
+                        v = v + ld(dr, (i, j))
+                    st(dx, (i, j), v)
                 if dw_part is not None:
                     dw_part[k, j] += gy * xs * rs
                 if db_part is not None:
@@ -973,18 +977,19 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, stats=True):
     return y, r, mean, rstd
 
 
-def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias):
+def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias, wanted=(True, True, True)):
     dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
     n, d = r.shape
     _threads(n * d)
     acc = acc_dtype(r.dtype)
-    dx = _empty_like(r)
-    dw_part = None if weight is None else torch.empty(_row_blocks(n), d, dtype=acc)
-    db_part = None if bias is None else torch.empty(_row_blocks(n), d, dtype=acc)
+    dx = _empty_like(r) if wanted[0] else None
+    dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=acc)
+    db_part = None if bias is None or not wanted[2] else torch.empty(_row_blocks(n), d, dtype=acc)
     tx = _TOKENS[r.dtype]
-    _row_norm_bwd_at(n, d, dy.data_ptr(), _address(dr), r.data_ptr(), tx, _address(weight),
-                     _token(weight, tx), _address(mean), rstd.data_ptr(), _TOKENS[acc],
-                     float(offset), dx.data_ptr(), _address(dw_part), _address(db_part))
+    _row_norm_bwd_at(n, d, dy.data_ptr(), None if dx is None else _address(dr), r.data_ptr(), tx,
+                     _address(weight), _token(weight, tx), _address(mean), rstd.data_ptr(),
+                     _TOKENS[acc], float(offset), _address(dx), _address(dw_part),
+                     _address(db_part))
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
@@ -1072,9 +1077,13 @@ def _group_shape(x3: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]
 
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
     """A parameter's gradient from per-sample (or per-chunk) partial sums (rows of
-    ``part``), added in order; in the parameter's dtype."""
-    if param is None:
+    ``part``), added in order; in the parameter's dtype.  None where either is None."""
+    if param is None or part is None:
         return None
+    if part.shape[0] == 1 and part._base is None:
+        # one chunk: its sums, rounded once as ``_sum_chunks`` would; a view only where it
+        # is part's own storage (an op's outputs may not share one)
+        return part.view(-1).to(param.dtype)
     out = torch.empty(part.shape[1], dtype=param.dtype)
     _sum_chunks(_np(part), _np(out))
     return out.to(param.dtype)
