@@ -96,6 +96,45 @@ def test_small_add_layer_norm_runs_torchs_add_and_kernel(monkeypatch):
 
 
 @pytest.mark.native_rule
+@pytest.mark.parametrize("fused", [False, True])
+def test_small_float32_rms_norm_recording_autograd_runs_torchs(monkeypatch, fused):
+    calls = _ours("row_norm", monkeypatch)
+    x, res = torch.randn(8, 64, requires_grad=True), torch.randn(8, 64)
+    w = torch.randn(64, requires_grad=True)
+    if fused:
+        y, r = AF.add_rms_norm(x, res, 64, w, 1e-6)
+        torch.testing.assert_close(r, x + res, rtol=0, atol=0)
+    else:
+        y = AF.rms_norm(x, 64, w, 1e-6)
+    assert not calls
+    ref = F.rms_norm(x + res if fused else x, (64,), w, 1e-6)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    assert type(y.grad_fn).__name__ == type(ref.grad_fn).__name__
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.native_rule
+def test_rms_norm_runs_ours_where_torchs_is_not_the_same_function_or_not_faster(monkeypatch):
+    """No autograd recording (ours is faster), bfloat16 (torch rounds twice), Gemma's
+    offset (torch has none), a float32 weight beside float64 input: our kernel."""
+    calls = _ours("row_norm", monkeypatch)
+    x, w = torch.randn(8, 64), torch.randn(64, requires_grad=True)
+    AF.rms_norm(x, 64, w.detach())
+    with torch.no_grad():
+        AF.rms_norm(x, 64, w)
+    AF.rms_norm(x.bfloat16(), 64, w.detach().bfloat16().requires_grad_())
+    AF.rms_norm(x, 64, w, offset=1.0)
+    assert len(calls) == 4
+    with pytest.raises(AF.ArgumentTypeError, match="weight must have dtype"):
+        AF.rms_norm(x.double(), 64, w)  # torch would promote; ours says what is wrong
+    with pytest.raises(AF.ArgumentError, match="weight must have shape"):
+        AF.rms_norm(x, 64, torch.randn(63, requires_grad=True))
+    with pytest.raises(AF.ArgumentError, match="residual must have the shape of x"):
+        AF.add_rms_norm(x, torch.randn(1, 64), 64, w)  # x + residual would broadcast
+
+
+@pytest.mark.native_rule
 def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypatch):
     calls = _ours("row_norm", monkeypatch)
     x = torch.randn(8, 64)

@@ -181,13 +181,21 @@ def _forward(op, math, *args, device: torch.device):
 # beats our fixed per-call cost (argument conversion, numba dispatch, threads).  The
 # fused add+LayerNorm runs torch's add and LayerNorm there (the same r, rounded in x's
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
-# --sweep``.  RMSNorm, the fused add+RMSNorm, DyT and ScaleNorm have no such twin
-# (torch's RMSNorm is a chain of elementwise ops, slower than ours at every size) and
-# always run ours.
+# --sweep``.
+#
+# RMSNorm's twin, ``torch.rms_norm``, computes the same function only in float32 and
+# float64 (in float16 and bfloat16 it rounds x * rstd to the input dtype before the
+# weight multiplies it: two roundings where ours has one) and without Gemma's offset;
+# and it is a chain of elementwise ops, slower than ours without autograd.  While
+# autograd records, though, its C++ graph nodes cost less than our autograd.Function
+# (~5 µs more per forward, ~15 µs more per backward): so there, below its bound, the
+# float32/float64 RMSNorm and add+RMSNorm run it (the add as x + residual).  DyT and
+# ScaleNorm have no twin and always run ours.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
+    "rms_norm": 1 << 17,  # with autograd recording, float32/float64, offset 0
 }
 
 
@@ -200,15 +208,39 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
         and input.is_cpu
         and 0 < input.numel() < _NATIVE_BELOW[op]
         and not _backend.forced()
-        and ops.eager(params)  # input is a plain Tensor: params and modes are what is left
+        # is_compiling is checked above; input is a plain Tensor: params and modes are left
+        and ops.eager(params)
     )
 
 
-def _torch_layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor | None:
-    """torch's LayerNorm (the rule above), or None where torch refuses the arguments:
-    torch validates in C++, and our checks, which run next, then say why."""
+def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:
+    """Whether this RMSNorm runs ``torch.rms_norm`` (the rule above)."""
+    return (
+        not offset
+        and _native("rms_norm", input, residual, weight)  # input is a plain CPU Tensor
+        and input.dtype in _TWIN_RMS_DTYPES
+        and (weight is None or (type(weight) in _TENSORS and weight.dtype is input.dtype))
+        and torch.is_grad_enabled()
+        and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (type(residual) is Tensor and residual.requires_grad)
+        )
+    )
+
+
+_TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_native`` lets through (no subclass)
+_TWIN_RMS_DTYPES = (torch.float32, torch.float64)
+
+
+def _torch_norm(norm, input, normalized_shape, *args) -> Tensor | None:
+    """torch's ``norm(input, normalized_shape, *args)`` (the rule above), or None where
+    torch refuses the arguments: torch validates in C++, and our checks, which run next,
+    then say why."""
+    if type(normalized_shape) is int:  # torch takes a sequence only
+        normalized_shape = (normalized_shape,)
     try:
-        return torch.layer_norm(input, normalized_shape, weight, bias, eps)
+        return norm(input, normalized_shape, *args)
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None
 
@@ -270,7 +302,7 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
     if _native("layer_norm", input, weight, bias) and eps >= 0:
-        y = _torch_layer_norm(input, normalized_shape, weight, bias, eps)
+        y = _torch_norm(torch.layer_norm, input, normalized_shape, weight, bias, eps)
         if y is not None:
             return y
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
@@ -290,6 +322,10 @@ def rms_norm(
     torch: the epsilon of the dtype the statistics are computed in; ``offset=1.0`` is
     Gemma's ``(1 + w)`` convention.
     """
+    if _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):
+        y = _torch_norm(torch.rms_norm, input, normalized_shape, weight, eps)
+        if y is not None:
+            return y
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]
 
 
@@ -305,7 +341,7 @@ def add_layer_norm(
     if _native("layer_norm", x, residual, weight, bias) and eps >= 0:
         _check_same(residual, "residual", x)  # x + residual must not broadcast
         r = x + residual
-        y = _torch_layer_norm(r, normalized_shape, weight, bias, eps)
+        y = _torch_norm(torch.layer_norm, r, normalized_shape, weight, bias, eps)
         if y is not None:
             return y, r
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
@@ -321,6 +357,12 @@ def add_rms_norm(
     offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (rms_norm(r), r)`` in one pass."""
+    if _native_rms(x, residual, weight, offset) and (eps is None or eps >= 0):
+        _check_same(residual, "residual", x)  # x + residual must not broadcast
+        r = x + residual
+        y = _torch_norm(torch.rms_norm, r, normalized_shape, weight, eps)
+        if y is not None:
+            return y, r
     return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True)
 
 

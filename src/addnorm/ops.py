@@ -80,16 +80,18 @@ def _traced(args: tuple) -> bool:
     eager calls skip the dispatcher (about 12 µs a call at small shapes)."""
     if torch.compiler.is_compiling():  # first: dynamo folds it, and traces nothing after
         return True
-    # one C call for subclasses and function modes: this runs on every call
-    return bool(torch._C._len_torch_dispatch_stack()) or _has_torch_function(*args)
-
-
-_has_torch_function = torch._C._has_torch_function_variadic
+    return not eager(args)
 
 
 def eager(args: tuple) -> bool:
-    """Plain eager execution: nothing traces these arguments (see ``_traced``)."""
-    return not _traced(args)
+    """Plain eager execution, for a caller that has seen torch.compile is not tracing: no
+    dispatch or function mode, no subclass among ``args`` (see ``_traced``); two C calls,
+    since this runs on every call."""
+    return not _len_dispatch_stack() and not _has_torch_function(*args)
+
+
+_has_torch_function = torch._C._has_torch_function_variadic
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
 
 
 def _run(op, fn, *args):
