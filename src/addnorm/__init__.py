@@ -30,6 +30,9 @@ from .modules import (
     weight_norm,
 )
 
+from .residual import DeepNormCoefficients, Residual, deepnorm_coefficients
+from .transformer import Transformer
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -52,4 +55,8 @@ __all__ = [
     "ScaleNorm",
     "DyT",
     "weight_norm",
+    "Residual",
+    "deepnorm_coefficients",
+    "DeepNormCoefficients",
+    "Transformer",
 ]
