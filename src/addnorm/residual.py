@@ -26,12 +26,13 @@ PLACEMENTS = ("post", "pre", "sandwich", "peri", "deepnorm", "subln", "rezero", 
 _DEFERRING = ("pre", "sandwich", "peri", "subln", "layerscale", "lns")
 
 
-def add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+def add_norm(norm: nn.Module, x: Tensor, residual: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(norm(x + residual), x + residual)``: one fused kernel for a LayerNorm or RMSNorm
-    (addnorm's or torch.nn's, with their own parameters), an add and a call otherwise."""
+    (addnorm's or torch.nn's, with their own parameters), an add and a call otherwise
+    (with the padding ``mask`` for a norm that reads one)."""
     if not _fusable(norm):
         r = x + residual
-        return norm(r), r
+        return normed(norm, r, mask), r
     if isinstance(norm, nn.LayerNorm):
         return AF.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     offset = getattr(norm, "offset", 0.0)
@@ -47,9 +48,9 @@ def _fusable(norm: nn.Module) -> bool:
 _FUSABLE_FORWARDS = (nn.LayerNorm.forward, nn.RMSNorm.forward, LayerNorm.forward, RMSNorm.forward)
 
 
-def _normed(norm: nn.Module, x: Tensor, kw: dict) -> Tensor:
+def normed(norm: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """norm(x), with the padding mask for a norm that reads one (BatchNorm over tokens)."""
-    return norm(x, kw.get("mask")) if getattr(norm, "takes_mask", False) else norm(x)
+    return norm(x, mask) if getattr(norm, "takes_mask", False) else norm(x)
 
 
 def scale_init_(sublayer: nn.Module, scale: float) -> None:
@@ -174,7 +175,7 @@ class Residual(nn.Module):
             h = h * (1.0 / math.sqrt(self.layer))
         out = self.sublayer(h, **kw)
         if self.placement == "sandwich":
-            out = _normed(self.norm2, out, kw)
+            out = normed(self.norm2, out, kw.get("mask"))
         elif self.placement == "layerscale":
             out = out * self.gamma
         return out
@@ -183,23 +184,19 @@ class Residual(nn.Module):
         """One layer inside a stack: the stream is ``x + pending`` (pending None: x), and so
         is the result.  A deferring placement returns its branch as the new ``pending``,
         for the next norm to add in its fused kernel; the others return pending None."""
+        mask = kw.get("mask")
         if self.placement in _DEFERRING:
             if pending is None:
-                h, r = _normed(self.norm, x, kw), x
-            elif _fusable(self.norm):
-                h, r = add_norm(self.norm, pending, x)
+                h, r = normed(self.norm, x, mask), x
             else:
-                r = x + pending
-                h = _normed(self.norm, r, kw)
+                h, r = add_norm(self.norm, pending, x, mask)
             return r, self.branch(h, **kw)
         if pending is not None:
             x = x + pending
         if self.placement == "rezero":
             return x + self.gate * self.sublayer(x, **kw), None
-        out, residual = self.sublayer(x, **kw), x if self.alpha == 1.0 else x * self.alpha
-        if _fusable(self.norm):
-            return add_norm(self.norm, out, residual)[0], None
-        return _normed(self.norm, out + residual, kw), None
+        residual = x if self.alpha == 1.0 else x * self.alpha
+        return add_norm(self.norm, self.sublayer(x, **kw), residual, mask)[0], None
 
     def forward(self, x: Tensor, **kw) -> Tensor:
         """x_{l+1} for input x; keyword arguments go to the sublayer."""

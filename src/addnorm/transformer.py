@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .functional import ArgumentError
 from .modules import BatchNorm1d, DyT, LayerNorm, RMSNorm, ScaleNorm
-from .residual import PLACEMENTS, Residual, add_norm, deepnorm_coefficients, scale_init_
+from .residual import PLACEMENTS, Residual, add_norm, deepnorm_coefficients, normed, scale_init_
 
 KINDS = ("decoder", "encoder", "encoder-decoder")
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "batchnorm", "none")
@@ -273,25 +273,26 @@ class Transformer(nn.Module):
                 scale_init_(module.sublayer, module.init_scale)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor, final: nn.Module | None, which: str, **kw) -> Tensor:
+        mask = kw.get("mask")
         if self.placement == "hyper":
             h = x.unsqueeze(-2).expand(*x.shape[:-1], self.streams, x.shape[-1])
             for hc in getattr(self, f"hyper_{which}"):
                 h = hc(h, **kw)
             x = h.sum(-2)
-            return final(x) if final is not None else x
+            return normed(final, x, mask) if final is not None else x
         if self.placement == "resi-dual":  # Post-LN stream x, dual stream d: out = x + N(d)
             dual = x
             for block in blocks:
                 for r in block.residuals():
                     f = r.sublayer(x, **kw)
-                    x, dual = add_norm(r.norm, f, x)[0], dual + f
-            return x + final(dual)
+                    x, dual = add_norm(r.norm, f, x, mask)[0], dual + f
+            return x + normed(final, dual, mask)
         pending = None
         for block in blocks:
             for r in block.residuals():
                 x, pending = r.step(x, pending, **kw)
         if final is not None:
-            return add_norm(final, pending, x)[0] if pending is not None else final(x)
+            return add_norm(final, pending, x, mask)[0] if pending is not None else normed(final, x, mask)
         return x if pending is None else x + pending
 
     def _embed(self, idx: Tensor) -> Tensor:
