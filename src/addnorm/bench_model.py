@@ -6,6 +6,9 @@ the two are timed interleaved in one process, eager and under ``torch.compile``:
 
 * ``gpt``: a nanoGPT-style pre-norm decoder, one training step (forward, cross-entropy,
   backward, AdamW), with LayerNorm or RMSNorm, float32 or bfloat16.
+* ``transformer``: ``addnorm.Transformer`` (Pre-LN; each residual add fused into the
+  next norm) against the same model with torch.nn's norms and unfused adds, one
+  training step as ``gpt``.
 * ``llama``: a Llama-style decoder (RMSNorm, SwiGLU, no biases, a KV cache) in
   bfloat16: prefill of a prompt, then the latency of decoding one token after it.
 * ``unet``: a diffusion-UNet-style stack of GroupNorm + SiLU + 3x3 conv residual
@@ -195,6 +198,50 @@ def _gpt(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
     return models, runner
 
 
+class _TorchLayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm behind a forward of its own, so that ``Residual`` does not fuse
+    it: the stack adds, then calls torch's norm (the unfused baseline)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class _TorchRMSNorm(nn.RMSNorm):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def _transformer(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
+    """``addnorm.Transformer`` (Pre-LN, each residual add fused into the next norm)
+    against the same model with torch.nn's norms and unfused adds."""
+    models = {}
+    for side in ("torch", "addnorm"):
+        torch.manual_seed(0)
+        model = addnorm.Transformer("decoder", VOCAB, size["d"], size["heads"], size["layers"], norm,
+                                    "pre", max_len=size["seq"])
+        if side == "torch":
+            for module in model.modules():
+                if type(module) in (addnorm.LayerNorm, addnorm.RMSNorm):
+                    module.__class__ = _TorchLayerNorm if norm == "layernorm" else _TorchRMSNorm
+        models[side] = model.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
+    targets = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
+
+    def runner(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            logits = model(idx)[0]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+    return models, runner
+
+
 def _llama(what: str, dtype, size: dict) -> tuple[dict, Callable]:
     models = _built(lambda n: Decoder(VOCAB, size["d"], size["heads"], size["layers"],
                                       lambda d: n["rmsnorm"](d, eps=1e-6), SwiGLU, bias=False,
@@ -243,6 +290,8 @@ def cases(quick: bool = False) -> list[tuple[str, str, torch.dtype, str, Callabl
         for norm in ("rmsnorm", "layernorm"):
             out.append(("gpt", norm, dtype, "train step",
                         lambda n=norm, dt=dtype: _gpt(n, dt, SIZES["gpt"][pick])))
+            out.append(("transformer", norm, dtype, "train step (fused add)",
+                        lambda n=norm, dt=dtype: _transformer(n, dt, SIZES["gpt"][pick])))
     for what in ("prefill", "decode"):
         out.append(("llama", "rmsnorm", torch.bfloat16, what,
                     lambda w=what: _llama(w, torch.bfloat16, SIZES["llama"][pick])))
