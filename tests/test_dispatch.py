@@ -177,3 +177,22 @@ def test_small_channel_norms_equal_torch(norm):
         ref = F.instance_norm(x, rm, rv, w, b)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close((ours_rm, ours_rv), (rm, rv))
+
+
+@pytest.mark.native_rule
+def test_small_inputs_under_compile_trace_as_torch_ops_and_large_ones_as_the_op(monkeypatch):
+    """Below the bound, torch.compile sees the reference's torch ops (inductor fuses them
+    with their neighbours); above it, the custom op (our kernel)."""
+    x, res, w = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
+    f = lambda x: AF.add_rms_norm(x, res, 32, w)[0] * 2
+
+    def graph_of():
+        graphs = []
+        torch._dynamo.reset()
+        y = torch.compile(f, backend=lambda gm, ex: graphs.append(str(gm.code)) or gm.forward, fullgraph=True)(x)
+        torch.testing.assert_close(y, f(x))
+        return graphs[0]
+
+    assert "addnorm" not in graph_of()
+    monkeypatch.setitem(AF._NATIVE_BELOW, "compiled", x.numel())
+    assert "addnorm.row_norm_fwd" in graph_of()

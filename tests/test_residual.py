@@ -231,22 +231,28 @@ def test_the_pre_ln_stack_calls_the_fused_add_norm(monkeypatch):
     assert len(calls) == 4  # 2 layers x 2 sublayers: 3 between sublayers, 1 into the final norm
 
 
-_COMPILED = [("layernorm", p) for p in BUILDER_PLACEMENTS] + [(n, "pre") for n in NORMS if n != "layernorm"]
+_COMPILED = (
+    [("decoder", "layernorm", p) for p in BUILDER_PLACEMENTS]
+    + [("decoder", n, "rezero" if n == "none" else "pre") for n in NORMS if n != "layernorm"]
+    + [("encoder", "batchnorm", "post"), ("encoder-decoder", "rmsnorm", "deepnorm"),
+       ("encoder-decoder", "layernorm", "hyper")]
+)
 
 
-@pytest.mark.parametrize("norm,placement", _COMPILED)
-def test_compiles_fullgraph_forward_and_backward(norm, placement):
-    """Every placement, and every norm, under torch.compile(fullgraph=True): the same loss
-    and gradients as eager (aot_eager: dynamo and AOTAutograd trace it whole)."""
-    placement = "rezero" if norm == "none" else placement
-    model = _model("decoder", norm, placement)
+@pytest.mark.parametrize("kind,norm,placement", _COMPILED)
+def test_compiles_fullgraph_forward_and_backward(kind, norm, placement):
+    """Every placement, every norm and every kind under torch.compile(fullgraph=True): the
+    same loss and gradients as eager (aot_eager: dynamo and AOTAutograd trace it whole)."""
+    torch._dynamo.reset()  # one process compiles many models of the same code: fresh limits
+    model = _model(kind, norm, placement)
     idx = torch.randint(0, 40, (2, 6))
+    src = torch.randint(0, 40, (2, 5)) if kind == "encoder-decoder" else None
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(idx, idx)[1]
+    loss_c = compiled(idx, idx, src=src)[1]
     loss_c.backward()
     grads_c = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss_e = model(idx, idx)[1]
+    loss_e = model(idx, idx, src=src)[1]
     loss_e.backward()
     torch.testing.assert_close(loss_c, loss_e)
     for gc, p in zip(grads_c, model.parameters()):

@@ -178,9 +178,9 @@ def _built(make: Callable[[dict], nn.Module], dtype) -> dict[str, nn.Module]:
     return models
 
 
-def _gpt(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
-    models = _built(lambda n: Decoder(VOCAB, size["d"], size["heads"], size["layers"],
-                                      n[norm], max_len=size["seq"]), dtype)
+def _train_runner(size: dict, logits_of: Callable = lambda out: out) -> Callable:
+    """One training step on a fixed batch of tokens (forward, cross-entropy, backward,
+    AdamW); ``logits_of`` picks the logits from the model's output."""
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
     targets = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
@@ -189,13 +189,19 @@ def _gpt(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            loss = F.cross_entropy(model(idx).flatten(0, 1).float(), targets.flatten())
+            loss = F.cross_entropy(logits_of(model(idx)).flatten(0, 1).float(), targets.flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach()
         return step
-    return models, runner
+    return runner
+
+
+def _gpt(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
+    models = _built(lambda n: Decoder(VOCAB, size["d"], size["heads"], size["layers"],
+                                      n[norm], max_len=size["seq"]), dtype)
+    return models, _train_runner(size)
 
 
 class _TorchLayerNorm(nn.LayerNorm):
@@ -224,22 +230,7 @@ def _transformer(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
                 if type(module) in (addnorm.LayerNorm, addnorm.RMSNorm):
                     module.__class__ = _TorchLayerNorm if norm == "layernorm" else _TorchRMSNorm
         models[side] = model.to(dtype)
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
-    targets = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
-
-    def runner(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            logits = model(idx)[0]
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
-    return models, runner
+    return models, _train_runner(size, lambda out: out[0])
 
 
 def _llama(what: str, dtype, size: dict) -> tuple[dict, Callable]:

@@ -167,10 +167,21 @@ _functorch_level = torch._C._functorch.maybe_current_level
 
 
 def _forward(op, math, *args, device: torch.device):
-    """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches."""
-    if _watched(args):
+    """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches
+    or torch.compile traces a small input (``_inlined``)."""
+    if _watched(args) or _inlined(args[0]):
         return math(*args)
     return op(*args, select(device))
+
+
+def _inlined(x: Tensor) -> bool:
+    """Under torch.compile (and export), an input below ``_NATIVE_BELOW["compiled"]``
+    elements, with the backend left to addnorm, traces as the reference's torch ops, not as
+    the custom op: inductor then fuses the norm with its neighbours (the residual add
+    before it, the projection's epilogue after), which it cannot do across an opaque op,
+    and the call skips the op's dispatch (~14 µs).  Above the bound our kernel's speed
+    outweighs the fusion."""
+    return torch.compiler.is_compiling() and not _backend.forced() and x.numel() < _NATIVE_BELOW["compiled"]
 
 
 # Torch's own kernel where it is the faster one.  The rule: in plain eager execution
@@ -196,6 +207,7 @@ _NATIVE_BELOW = {
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
     "rms_norm": 1 << 17,  # with autograd recording, float32/float64, offset 0
+    "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 
 
