@@ -196,3 +196,18 @@ def test_small_inputs_under_compile_trace_as_torch_ops_and_large_ones_as_the_op(
     assert "addnorm" not in graph_of()
     monkeypatch.setitem(AF._NATIVE_BELOW, "compiled", x.numel())
     assert "addnorm.row_norm_fwd" in graph_of()
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("norm", ["group_norm", "batch_norm"])
+def test_small_channel_norms_under_compile_trace_as_torchs(norm):
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    f = {"group_norm": lambda x: AF.group_norm(x, 4),
+         "batch_norm": lambda x: AF.batch_norm(x, rm, rv, training=True)}[norm]
+    graphs = []
+    torch._dynamo.reset()
+    y = torch.compile(f, backend=lambda gm, ex: graphs.append(str(gm.code)) or gm.forward, fullgraph=True)(x)
+    assert "addnorm" not in graphs[0]
+    ref = F.group_norm(x, 4) if norm == "group_norm" else F.batch_norm(x, torch.zeros(8), torch.ones(8), training=True)
+    torch.testing.assert_close(y, ref)

@@ -180,7 +180,9 @@ def _inlined(x: Tensor) -> bool:
     the custom op: inductor then fuses the norm with its neighbours (the residual add
     before it, the projection's epilogue after), which it cannot do across an opaque op,
     and the call skips the op's dispatch (~14 µs).  Above the bound our kernel's speed
-    outweighs the fusion."""
+    outweighs the fusion.  The channel norms trace as their torch.nn.functional twin
+    there (``_native``'s twins): inductor's own lowering of those keeps channels-last
+    layouts, where the reference's group reshapes would copy."""
     return torch.compiler.is_compiling() and not _backend.forced() and x.numel() < _NATIVE_BELOW["compiled"]
 
 
@@ -409,7 +411,7 @@ def batch_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps, positive=training)
-    if _native("batch_norm", input, weight, bias, running_mean, running_var):
+    if _native("batch_norm", input, weight, bias, running_mean, running_var) or _inlined(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
         ops.batch_norm, reference.batch_norm_forward,
@@ -448,7 +450,7 @@ def instance_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, weight, bias, running_mean, running_var):
+    if _native("group_norm", input, weight, bias, running_mean, running_var) or _inlined(input):
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
         ops.group_norm, reference.group_norm_forward,
@@ -482,7 +484,7 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, weight, bias):
+    if _native("group_norm", input, weight, bias) or _inlined(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
         ops.group_norm, reference.group_norm_forward,
