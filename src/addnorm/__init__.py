@@ -10,7 +10,7 @@ replacements for torch.nn, running on the fastest backend for the tensor's devic
     with addnorm.backend("torch"): ...     # force one backend
 """
 
-from . import functional
+from . import diagnostics, functional
 from ._backend import backend, backends
 from .functional import ArgumentError, ArgumentTypeError
 from .modules import (
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "diagnostics",
     "backend",
     "backends",
     "ArgumentError",

@@ -183,7 +183,11 @@ class Residual(nn.Module):
     def step(self, x: Tensor, pending: Tensor | None = None, **kw) -> tuple[Tensor, Tensor | None]:
         """One layer inside a stack: the stream is ``x + pending`` (pending None: x), and so
         is the result.  A deferring placement returns its branch as the new ``pending``,
-        for the next norm to add in its fused kernel; the others return pending None."""
+        for the next norm to add in its fused kernel; the others return pending None.
+        It runs through the module's call, so forward hooks see ``(x, pending)``."""
+        return self(x, pending, stack=True, **kw)
+
+    def _step(self, x: Tensor, pending: Tensor | None, kw: dict) -> tuple[Tensor, Tensor | None]:
         mask = kw.get("mask")
         if self.placement in _DEFERRING:
             if pending is None:
@@ -198,9 +202,12 @@ class Residual(nn.Module):
         residual = x if self.alpha == 1.0 else x * self.alpha
         return add_norm(self.norm, self.sublayer(x, **kw), residual, mask)[0], None
 
-    def forward(self, x: Tensor, **kw) -> Tensor:
-        """x_{l+1} for input x; keyword arguments go to the sublayer."""
-        x, pending = self.step(x, None, **kw)
+    def forward(self, x: Tensor, pending: Tensor | None = None, *, stack: bool = False, **kw):
+        """x_{l+1} for input x (plus ``pending``); keyword arguments go to the sublayer.
+        ``stack=True`` is ``step``: the result as ``(x, pending)``, the add deferred."""
+        x, pending = self._step(x, pending, kw)
+        if stack:
+            return x, pending
         return x if pending is None else x + pending
 
 
