@@ -213,3 +213,20 @@ def test_rms_norm_default_eps_is_torchs(backend, dtype, rms_level, fused):
     ref = R.rms_norm(s.double(), (512,), ours.weight.double(), eps)
     assert_close(got, expected, ref, dtype)
     assert_close(functional, expected, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True])
+def test_output_bits_do_not_depend_on_autograd_or_the_batch(backend, dtype, rms):
+    """The same row gives the same bits whether autograd records (the kernel then also
+    stores statistics) or not, and alone or among other rows."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 48, generator=g) + 3).to(dtype)
+    w = torch.randn(48, generator=g).to(dtype).requires_grad_()
+    b = None if rms else torch.randn(48, generator=g).to(dtype)
+    f = (lambda t: AF.rms_norm(t, 48, w)) if rms else (lambda t: AF.layer_norm(t, 48, w, b))
+    recorded = f(x)
+    with torch.no_grad():
+        assert torch.equal(recorded, f(x))
+        assert torch.equal(recorded[:3], f(x[:3]))
+        assert torch.equal(recorded, f(torch.cat([x, torch.randn(40, 48, generator=g).to(dtype)]))[:16])

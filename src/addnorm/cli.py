@@ -1,4 +1,4 @@
-"""The ``addnorm`` command: ``info`` (versions, backends, CPU, GPU) and ``bench``."""
+"""The ``addnorm`` command: ``info`` (versions, backends, CPU, GPU), ``bench`` and ``lab``."""
 
 from __future__ import annotations
 
@@ -89,11 +89,27 @@ def main(argv: list[str] | None = None) -> int:
                        "nanoGPT-style training step, Llama-style prefill and decode, a "
                        "UNet-style GroupNorm stack; eager and compiled; --quick: small "
                        "models; writes model.json and model.md")
+    lab = sub.add_parser("lab", help="answer the seed articles' claims with measurements; "
+                         "writes runs.jsonl, claims.json and report.html (resumable)")
+    lab.add_argument("--quick", action="store_true", help="small models, few runs (minutes)")
+    lab.add_argument("--out", type=Path, default=Path("lab-out"), help="results folder (default: lab-out)")
+    lab.add_argument("--claims", default="", help="comma-separated claim numbers (default: all)")
+    lab.add_argument("--seeds", type=int, default=None, help="seeds per setting (quick 2, full 3)")
+    lab.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
     args = parser.parse_args(argv)
     # rich sizes tables to the terminal; logs and pipes get room for the bench's columns
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.command == "info":
         info(console)
+    elif args.command == "lab":
+        from . import lab as L
+
+        try:
+            claims = [int(c) for c in args.claims.split(",") if c.strip()] or None
+            L.run(args.out, quick=args.quick, claims=claims, seeds=args.seeds, workers=args.workers,
+                  console=console)
+        except ValueError as e:
+            parser.error(str(e))
     elif args.command == "bench":
         from . import bench as B
 

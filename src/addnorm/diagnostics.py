@@ -115,6 +115,10 @@ class Diagnostics:
         self._current = {}
         self.step += 1
 
+    def discard(self) -> None:
+        """Drop what this step recorded, without filing it (a step not worth keeping)."""
+        self._current = {}
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()

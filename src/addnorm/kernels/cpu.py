@@ -327,13 +327,21 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
         if rstd_out is not None:
             rstd_out[i] = rstd
-        for j in range(d):
-            h = (ld(row, j) - mean0 - shift) * rstd
-            if w is not None:
-                h = h * (ld(w, j) + offset_)
-            if b is not None:
-                h = h + ld(b, j)
-            st(y, (i, j), h)
+        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_)
+
+
+@njit(cache=True)
+def _normalized_row(row, out, mean0, shift, rstd, w, b, offset):
+    """out = ((row - mean0 - shift) * rstd) * (w + offset) + b, in this order: a function
+    of its own, compiled without ``reassoc``, so that the output's bits do not depend on
+    the code around it (with or without the statistics stored, ...)."""
+    for j in range(row.shape[0]):
+        h = (ld(row, j) - mean0 - shift) * rstd
+        if w is not None:
+            h = h * (ld(w, j) + offset)
+        if b is not None:
+            h = h + ld(b, j)
+        st(out, j, h)
 
 
 @njit(**_JIT)

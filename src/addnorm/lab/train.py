@@ -1,0 +1,80 @@
+"""One training run of a character-level language model, recorded as numbers."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import lru_cache
+
+import torch
+
+from ..diagnostics import Diagnostics
+from ..transformer import Transformer
+from .data import CharData
+
+
+@lru_cache(maxsize=1)
+def _data() -> CharData:
+    return CharData()
+
+
+def train_lm(config: dict) -> dict:
+    """Train ``addnorm.Transformer`` (a decoder) with ``config``: norm, placement,
+    n_layers, d_model, n_heads, lr, steps, warmup (steps of linear warm-up, 0: none),
+    batch, seq, seed.  Returns the loss every ``log_every`` steps, the validation loss at
+    the end, whether it diverged (a non-finite loss, or a final training loss no lower
+    than 95% of the first), the gradient norm and the activation RMS by layer at the first
+    step and at the last, and the wall time."""
+    data = _data()
+    torch.manual_seed(config["seed"])
+    model = Transformer("decoder", data.vocab_size, config["d_model"], config["n_heads"], config["n_layers"],
+                        config["norm"], config["placement"], max_len=config["seq"])
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
+    warmup = config.get("warmup", 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    g = torch.Generator().manual_seed(config["seed"])
+    diag = Diagnostics(model)
+    losses, start = [], time.perf_counter()
+    log_every = max(1, config["steps"] // 20)
+    first = last = math.nan
+    for step in range(config["steps"]):
+        x, y = data.batch("train", config["batch"], config["seq"], g)
+        loss = model(x, y)[1]
+        loss.backward()
+        record = step in (0, config["steps"] - 1)
+        if record:
+            diag.record_gradients()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("clip", math.inf))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        first = value if step == 0 else first
+        last = value
+        if record:
+            diag.end_step()
+        else:
+            diag.discard()  # only the first and last steps are kept
+        if step % log_every == 0 or step == config["steps"] - 1:
+            losses.append([step, value])
+        if not math.isfinite(value):
+            break
+    diag.remove()
+    val = math.nan
+    if math.isfinite(last):
+        with torch.no_grad():
+            model.eval()
+            vals = [model(*data.batch("val", config["batch"], config["seq"], g))[1].item() for _ in range(4)]
+            val = sum(vals) / len(vals)
+    diverged = not math.isfinite(last) or not math.isfinite(val) or last >= 0.95 * first
+    steps_recorded = sorted({r["step"] for r in diag.records})
+    return {
+        "losses": losses,
+        "first_loss": first,
+        "final_loss": last,
+        "val_loss": val,
+        "diverged": diverged,
+        "grad_norm_by_layer": {str(s): diag.by_layer("grad_norm", s) for s in steps_recorded},
+        "act_rms_by_layer": {str(s): diag.by_layer("act_rms", s) for s in steps_recorded},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
