@@ -53,6 +53,14 @@ def normed(norm: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return norm(x, mask) if getattr(norm, "takes_mask", False) else norm(x)
 
 
+def norm_stream(norm: nn.Module, x: Tensor, pending: Tensor | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(norm(s), s)`` for the residual stream s = x + pending (x where pending is None),
+    the deferred add fused into the norm (``add_norm``)."""
+    if pending is None:
+        return normed(norm, x, mask), x
+    return add_norm(norm, pending, x, mask)
+
+
 def scale_init_(sublayer: nn.Module, scale: float) -> None:
     """Multiply the sublayer's value, output and feed-forward projections by ``scale``
     after its own init, as torchscale does for DeepNorm (scale β) and SubLN (scale γ);
@@ -190,10 +198,7 @@ class Residual(nn.Module):
     def _step(self, x: Tensor, pending: Tensor | None, kw: dict) -> tuple[Tensor, Tensor | None]:
         mask = kw.get("mask")
         if self.placement in _DEFERRING:
-            if pending is None:
-                h, r = normed(self.norm, x, mask), x
-            else:
-                h, r = add_norm(self.norm, pending, x, mask)
+            h, r = norm_stream(self.norm, x, pending, mask)
             return r, self.branch(h, **kw)
         if pending is not None:
             x = x + pending

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .functional import ArgumentError
 from .modules import BatchNorm1d, DyT, LayerNorm, RMSNorm, ScaleNorm
-from .residual import PLACEMENTS, Residual, add_norm, deepnorm_coefficients, normed, scale_init_
+from .residual import PLACEMENTS, Residual, add_norm, deepnorm_coefficients, norm_stream, normed, scale_init_
 
 KINDS = ("decoder", "encoder", "encoder-decoder")
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "batchnorm", "none")
@@ -232,11 +232,10 @@ class Transformer(nn.Module):
         def stack(layers: int, decoder: bool, alpha: float | None, scale: float | None) -> nn.ModuleList:
             blocks = nn.ModuleList()
             for i in range(layers):
-                place = placement
+                # the per-sublayer placement the stack-wide ones are built from
+                place = {"resi-dual": "post", "hyper": "pre"}.get(placement, placement)
                 if placement == "mixln":
                     place = "post" if i < round(mixln_fraction * layers) else "pre"
-                elif placement in ("resi-dual", "hyper"):
-                    place = "post" if placement == "resi-dual" else "pre"
                 blocks.append(Block(d_model, n_heads, norm, place, causal=decoder, cross=decoder and n_enc > 0,
                                     dropout=dropout, qk_norm=qk_norm, layer=i + 1, alpha=alpha or 1.0,
                                     init_scale=scale))
@@ -292,7 +291,7 @@ class Transformer(nn.Module):
             for r in block.residuals():
                 x, pending = r.step(x, pending, **kw)
         if final is not None:
-            return add_norm(final, pending, x, mask)[0] if pending is not None else normed(final, x, mask)
+            return norm_stream(final, x, pending, mask)[0]
         return x if pending is None else x + pending
 
     def _embed(self, idx: Tensor) -> Tensor:
