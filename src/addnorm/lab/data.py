@@ -30,6 +30,14 @@ class CharData:
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    def unigram_loss(self, split: str = "val") -> float:
+        """Cross-entropy (nats per character) on ``split`` of predicting each character by
+        its training-split frequency alone: the loss of a model that learned nothing about
+        context, the line a trained language model must get below."""
+        counts = torch.bincount(self.splits["train"], minlength=self.vocab_size).double() + 1.0  # add-one
+        logp = (counts / counts.sum()).log()
+        return float(-logp[self.splits[split]].mean())
+
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of shape (batch_size, seq_len): random windows of ``split``,
         targets shifted by one character."""

@@ -1,26 +1,41 @@
-"""The lab's results: ``claims.json`` (a verdict per claim, its rule and evidence) and
-``report.html`` (the same, with each claim's picture), written from ``runs.jsonl``."""
+"""The lab's results: ``claims.json`` (a verdict per claim, with its rule, evidence and
+settings), a PNG per claim, and ``report.html``: one self-contained page (the pictures
+embedded) that opens offline, the claims table first, then a section per claim."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
 
-from .claims import CLAIMS, Claim
+from .claims import CLAIMS, UNSURE
 
 
-def verdicts(claims: list[Claim], records: list[dict]) -> list[dict]:
+def settings(records: list[dict]) -> dict[str, list]:
+    """Every config field of a claim's runs with the values it took (the key aside)."""
+    values: dict[str, set] = {}
+    for r in records:
+        for k, v in r["config"].items():
+            if k not in ("key", "exclusive"):
+                values.setdefault(k, set()).add(json.dumps(v))
+    return {k: [json.loads(v) for v in sorted(vs, key=lambda s: (len(s), s))] for k, vs in sorted(values.items())}
+
+
+def verdicts(records: dict[int, list[dict]]) -> list[dict]:
+    """One entry per claim: ``{"id", "claim", "verdict", "evidence", "rule", "runs",
+    "settings"}``; inconclusive where no run of the claim is recorded."""
     out = []
-    for claim in claims:
-        mine = [r for r in records if r["claim"] == claim.id]
-        verdict, evidence = claim.verdict(mine) if mine else ("inconclusive", {"runs": 0})
-        out.append({"id": claim.id, "title": claim.title, "verdict": verdict, "rule": claim.rule,
-                    "evidence": evidence, "runs": len(mine)})
+    for i, mine in records.items():
+        claim = CLAIMS[i]
+        verdict, evidence = claim.verdict(mine) if mine else (UNSURE, {"recorded runs": 0})
+        out.append({"id": i, "claim": claim.title, "verdict": verdict, "evidence": evidence, "rule": claim.rule,
+                    "runs": len(mine), "settings": settings(mine)})
     return out
 
 
-def _picture(claim: Claim, records: list[dict], directory: Path) -> str | None:
+def _picture(claim_id: int, records: list[dict], directory: Path) -> bytes | None:
+    claim = CLAIMS[claim_id]
     if claim.plot is None or not records:
         return None
     import matplotlib
@@ -28,40 +43,71 @@ def _picture(claim: Claim, records: list[dict], directory: Path) -> str | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
-    claim.plot(records, ax)
-    name = f"claim{claim.id}.png"
-    fig.savefig(directory / name, dpi=120)
-    plt.close(fig)
-    return name
+    fig = plt.figure(figsize=(7.5, 3.6), layout="constrained")
+    try:
+        claim.plot(records, fig)
+        path = directory / f"claim{claim_id}.png"
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path.read_bytes()
 
 
-def write(directory: str | Path, claims: list[Claim], records: list[dict], header: str) -> list[dict]:
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return "<br>".join(f"{html.escape(str(k))}: {_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return html.escape(", ".join(str(v) for v in value)) if value else "none"
+    if isinstance(value, float):
+        return html.escape(f"{value:.4g}")
+    return html.escape(str(value))
+
+
+def _table(rows: dict) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>"
+                               for k, v in rows.items()) + "</table>"
+
+
+def _verdict(v: str) -> str:
+    return f'<span class="verdict {v.replace(" ", "-")}">{html.escape(v)}</span>'
+
+
+def write(directory: str | Path, records: dict[int, list[dict]], header: str, seconds: float = 0.0) -> list[dict]:
+    """Write ``claims.json``, the PNGs and ``report.html`` into ``directory`` from each
+    claim's records; returns what ``claims.json`` holds."""
     directory = Path(directory)
-    results = verdicts(claims, records)
+    directory.mkdir(parents=True, exist_ok=True)
+    results = verdicts(records)
     (directory / "claims.json").write_text(json.dumps(results, indent=2, default=str))
-    sections = []
-    for claim, result in zip(claims, results):
-        picture = _picture(claim, [r for r in records if r["claim"] == claim.id], directory)
-        evidence = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>"
-                           for k, v in result["evidence"].items())
+    rows, sections = [], []
+    for result in results:
+        i = result["id"]
+        rows.append(f'<tr><td><a href="#claim{i}">{i}</a></td><td>{html.escape(result["claim"])}</td>'
+                    f'<td>{_verdict(result["verdict"])}</td><td>{result["runs"]}</td></tr>')
+        png = _picture(i, records[i], directory)
+        image = (f'<img alt="claim {i}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                 if png else "")
         sections.append(
-            f'<section id="claim{claim.id}"><h2>Claim {claim.id}: {html.escape(claim.title)}</h2>'
-            f'<p class="verdict {result["verdict"].replace(" ", "-")}">Verdict: <b>{result["verdict"]}</b> '
-            f'({result["runs"]} runs)</p><p class="rule">Rule: {html.escape(claim.rule)}</p>'
-            f"<table>{evidence}</table>"
-            + (f'<img src="{picture}" alt="claim {claim.id}">' if picture else "")
-            + "</section>"
-        )
+            f'<section id="claim{i}"><h2>Claim {i}: {html.escape(result["claim"])}</h2>'
+            f'<p>Verdict: {_verdict(result["verdict"])} from {result["runs"]} runs.</p>{image}'
+            f'<h3>Evidence</h3>{_table(result["evidence"])}'
+            f'<h3>Rule</h3><p class="rule">{html.escape(result["rule"])}</p>'
+            f'<h3>Settings</h3>{_table(result["settings"])}</section>')
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>addnorm lab</title><style>"
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-        "td{border-top:1px solid #ddd;padding:.2em .6em;vertical-align:top;font-size:.9em}"
-        ".holds{color:#070}.does-not-hold{color:#a00}.inconclusive{color:#a60}img{max-width:100%}"
-        f"</style></head><body><h1>addnorm lab</h1><p>{html.escape(header)}</p>{''.join(sections)}</body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>addnorm lab report</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:62em;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border-top:1px solid #ddd;padding:.25em .6em;"
+        "vertical-align:top;text-align:left;font-size:.9em}th{font-weight:600;max-width:22em}"
+        ".verdict{font-weight:700}.holds{color:#070}.does-not-hold{color:#b00}.inconclusive{color:#a60}"
+        "img{max-width:100%;display:block;margin:.5em 0}.rule{font-size:.9em;color:#333}"
+        "section{border-top:2px solid #ccc;margin-top:2em}"
+        "</style></head><body><h1>addnorm lab: the seed articles' claims, measured</h1>"
+        f"<p>{html.escape(header)}; this invocation took {seconds:.0f} s.</p>"
+        "<table id='claims'><tr><th>#</th><th>claim</th><th>verdict</th><th>runs</th></tr>"
+        f"{''.join(rows)}</table>{''.join(sections)}</body></html>"
     )
     (directory / "report.html").write_text(page)
     return results
 
 
-__all__ = ["write", "verdicts", "CLAIMS"]
+__all__ = ["write", "verdicts", "settings"]

@@ -13,6 +13,13 @@ from ..transformer import Transformer
 from .data import CharData
 
 
+# What failing to train means, for every claim that counts failures.
+MARGIN = 0.1
+FAILURE = ("failed to train: the loss became non-finite, or the validation loss did not get "
+           f"{MARGIN} nats below the unigram line (the loss of predicting each character by its "
+           "frequency alone, ~3.24 nats: a model there learned nothing about context)")
+
+
 @lru_cache(maxsize=1)
 def _data() -> CharData:
     return CharData()
@@ -22,9 +29,8 @@ def train_lm(config: dict) -> dict:
     """Train ``addnorm.Transformer`` (a decoder) with ``config``: norm, placement,
     n_layers, d_model, n_heads, lr, steps, warmup (steps of linear warm-up, 0: none),
     batch, seq, seed.  Returns the loss every ``log_every`` steps, the validation loss at
-    the end, whether it diverged (a non-finite loss, or a final training loss no lower
-    than 95% of the first), the gradient norm and the activation RMS by layer at the first
-    step and at the last, and the wall time."""
+    the end, whether it failed to train (``failed``: see ``FAILURE``), the gradient norm
+    and the activation RMS by layer at the first step and at the last, and the wall time."""
     data = _data()
     torch.manual_seed(config["seed"])
     model = Transformer("decoder", data.vocab_size, config["d_model"], config["n_heads"], config["n_layers"],
@@ -66,14 +72,15 @@ def train_lm(config: dict) -> dict:
             model.eval()
             vals = [model(*data.batch("val", config["batch"], config["seq"], g))[1].item() for _ in range(4)]
             val = sum(vals) / len(vals)
-    diverged = not math.isfinite(last) or not math.isfinite(val) or last >= 0.95 * first
+    baseline = data.unigram_loss("val")
     steps_recorded = sorted({r["step"] for r in diag.records})
     return {
         "losses": losses,
         "first_loss": first,
         "final_loss": last,
         "val_loss": val,
-        "diverged": diverged,
+        "unigram_loss": baseline,
+        "failed": not math.isfinite(last) or not math.isfinite(val) or val > baseline - MARGIN,
         "grad_norm_by_layer": {str(s): diag.by_layer("grad_norm", s) for s in steps_recorded},
         "act_rms_by_layer": {str(s): diag.by_layer("act_rms", s) for s in steps_recorded},
         "seconds": round(time.perf_counter() - start, 2),
