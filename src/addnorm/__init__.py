@@ -12,6 +12,7 @@ replacements for torch.nn, running on the fastest backend for the tensor's devic
 
 from . import diagnostics, functional
 from ._backend import backend, backends
+from .fold import fold_batch_norm
 from .functional import ArgumentError, ArgumentTypeError
 from .modules import (
     AddLayerNorm,
@@ -56,6 +57,7 @@ __all__ = [
     "ScaleNorm",
     "DyT",
     "weight_norm",
+    "fold_batch_norm",
     "Residual",
     "deepnorm_coefficients",
     "DeepNormCoefficients",

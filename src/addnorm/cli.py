@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--out", type=Path, default=Path("lab-out"), help="results folder (default: lab-out)")
     lab.add_argument("--claims", default="", help="comma-separated claim numbers (default: all)")
     lab.add_argument("--seeds", type=int, default=None, help="seeds per setting (quick 2, full 3)")
-    lab.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
+    lab.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="training runs in parallel processes, one thread each (default: one per core); "
+                          "timed runs always run alone afterwards")
     args = parser.parse_args(argv)
     # rich sizes tables to the terminal; logs and pipes get room for the bench's columns
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             claims = [int(c) for c in args.claims.split(",") if c.strip()] or None
-            L.run(args.out, quick=args.quick, claims=claims, seeds=args.seeds, workers=args.workers,
+            L.run(args.out, "quick" if args.quick else "full", claims=claims, seeds=args.seeds, workers=args.workers,
                   console=console)
         except ValueError as e:
             parser.error(str(e))

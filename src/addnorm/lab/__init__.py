@@ -1,6 +1,6 @@
 """``addnorm lab``: the seed articles' claims answered with measurements.
 
-``run(out, quick, claims, seeds, workers)`` runs what ``out/runs.jsonl`` does not hold
+``run(out, mode, claims, seeds, workers)`` runs what ``out/runs.jsonl`` does not hold
 yet (a record per run, flushed as it finishes: a killed lab resumes where it stopped),
 then writes ``claims.json``, a PNG per claim and ``report.html`` there.  Claims live in
 ``claims.py``, each with its runs, its verdict rule and its picture.
@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .claims import CLAIMS, estimate, execute
+from .claims import CLAIMS, by_mode, estimate, execute
 from .report import write
 from .store import RunStore
 
@@ -37,12 +37,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # workers share the cores: one thread each
 
 
-def plan(claims: list[int] | None, quick: bool, seeds: int) -> dict[int, list[dict]]:
-    """{claim id: its run configs}; refuses an unknown claim."""
+def plan(claims: list[int] | None, mode: str, seeds: int) -> dict[int, list[dict]]:
+    """{claim id: its run configs}; refuses an unknown claim or mode (``by_mode``)."""
     unknown = sorted(set(claims or ()) - set(CLAIMS))
     if unknown:
         raise ValueError(f"claims must be among {sorted(CLAIMS)}; got {unknown}")
-    return {i: CLAIMS[i].runs(quick, seeds) for i in sorted(claims or CLAIMS)}
+    return {i: CLAIMS[i].runs(mode, seeds) for i in sorted(claims or CLAIMS)}
 
 
 class _Progress:
@@ -72,13 +72,15 @@ class _Progress:
             self.console.print(f"[{self.done}/{self.count}] {what} ({seconds:.1f} s), ETA {eta}", highlight=False)
 
 
-def run(out: str | os.PathLike = "lab-out", quick: bool = False, claims: list[int] | None = None,
+def run(out: str | os.PathLike = "lab-out", mode: str = "full", claims: list[int] | None = None,
         seeds: int | None = None, workers: int = 1, console: Console | None = None) -> list[dict]:
-    """Run the chosen claims' missing runs, then write the verdicts and the report;
-    returns the verdicts (as ``claims.json`` holds them)."""
+    """Run the chosen claims' missing runs at ``mode``'s settings ("quick": minutes on
+    2 cores; "full": DeepNet's depths; "tiny": a smoke test in seconds that decides
+    nothing), then write the verdicts and the report; returns the verdicts (as
+    ``claims.json`` holds them)."""
     console = console or Console()
-    seeds = seeds or (2 if quick else 3)
-    runs = plan(claims, quick, seeds)
+    seeds = seeds or by_mode(mode, 1, 2, 3)
+    runs = plan(claims, mode, seeds)
     store = RunStore(out)
     done = store.done()
     todo: dict[str, tuple[int, dict]] = {}
@@ -88,7 +90,7 @@ def run(out: str | os.PathLike = "lab-out", quick: bool = False, claims: list[in
                 todo.setdefault(cfg["key"], (claim, cfg))  # a run two claims share runs once
     pooled = [t for t in todo.values() if not t[1].get("exclusive")]
     alone = [t for t in todo.values() if t[1].get("exclusive")]
-    console.print(f"addnorm lab ({'quick' if quick else 'full'}): claims {list(runs)}, {len(todo)} runs to do "
+    console.print(f"addnorm lab ({mode}): claims {list(runs)}, {len(todo)} runs to do "
                   f"({len(pooled)} on {workers} worker(s), then {len(alone)} timed alone), "
                   f"{len(done)} already recorded in {store.path}", highlight=False)
 
@@ -110,7 +112,7 @@ def run(out: str | os.PathLike = "lab-out", quick: bool = False, claims: list[in
         for claim, cfg in alone:
             finished(claim, cfg, *_timed(cfg))
 
-    header = (f"{'quick' if quick else 'full'} lab, {seeds} seeds; " + ", ".join(f"{k} {v}" for k, v in _versions().items())
+    header = (f"{mode} lab, {seeds} seeds; " + ", ".join(f"{k} {v}" for k, v in _versions().items())
               + f"; {_cpu()}, {os.cpu_count()} cores")
     by_key = {r["key"]: r for r in store.records()}
     records = {i: [by_key[c["key"]] for c in configs if c["key"] in by_key] for i, configs in runs.items()}

@@ -30,9 +30,19 @@ class Claim:
     id: int
     title: str
     rule: str
-    runs: Callable[[bool, int], list[dict]]  # (quick, seeds) -> configs
+    runs: Callable[[str, int], list[dict]]  # (mode, seeds) -> configs
     verdict: Callable[[list[dict]], tuple[str, dict]]  # records -> (verdict, evidence)
     plot: Callable[[list[dict], object], None] | None = None  # (records, matplotlib figure)
+
+
+MODES = ("tiny", "quick", "full")  # tiny: the tests' smoke run, seconds, too small to decide anything
+
+
+def by_mode(mode: str, tiny, quick, full):
+    """The setting for ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return {"tiny": tiny, "quick": quick, "full": full}[mode]
 
 
 def keyed(label: str, **config) -> dict:
@@ -64,16 +74,19 @@ def _mean(values) -> float:
 # ---------------------------------------------------------------------------
 
 
-def grid(quick: bool) -> dict:
+def grid(mode: str) -> dict:
     """The grid's settings: quick decides in minutes on 2 cores; the full grid reaches
     the depths of DeepNet's headline at CPU scale."""
-    return dict(depths=(2, 6) if quick else (2, 6, 12, 24), lrs=(1e-3, 3e-3),
+    if mode == "tiny":
+        return dict(depths=(1, 2), lrs=(3e-3,), base=dict(kind="train_lm", d_model=32, n_heads=2, batch=4, seq=16,
+                                                           steps=4, warmup=0))
+    return dict(depths=by_mode(mode, None, (2, 6), (2, 6, 12, 24)), lrs=(1e-3, 3e-3),
                 base=dict(kind="train_lm", d_model=64, n_heads=4, batch=16, seq=64,
-                          steps=200 if quick else 300, warmup=0))
+                          steps=by_mode(mode, None, 200, 300), warmup=0))
 
 
-def _lm_runs(placements, quick: bool, seeds: int, norm: str = "layernorm", depths=None) -> list[dict]:
-    g = grid(quick)
+def _lm_runs(placements, mode: str, seeds: int, norm: str = "layernorm", depths=None) -> list[dict]:
+    g = grid(mode)
     return [keyed(f"lm-{norm}-{p}-L{d}-lr{lr:g}-s{s}", **g["base"], norm=norm, placement=p, n_layers=d, lr=lr, seed=s)
             for p, d, lr, s in itertools.product(placements, depths or g["depths"], g["lrs"], range(seeds))]
 
@@ -116,17 +129,19 @@ def _label(depth: int, lr: float) -> str:
 BACKENDS = ("torch", "torch.compile", "addnorm")
 
 
-def _cost_runs(quick: bool, seeds: int) -> list[dict]:
-    shapes = ((4096, 256), (256, 4096)) if quick else ((1, 4096), (64, 1024), (2048, 768), (4096, 4096), (16384, 1024))
+def _cost_runs(mode: str, seeds: int) -> list[dict]:
+    shapes = by_mode(mode, ((64, 128),), ((4096, 256), (256, 4096)),
+                     ((1, 4096), (64, 1024), (2048, 768), (4096, 4096), (16384, 1024)))
     out = []
     for backend, dtype, shape in itertools.product(BACKENDS, ("float32", "bfloat16"), shapes):
-        if quick and backend == "torch.compile" and dtype != "float32":
+        if mode != "full" and backend == "torch.compile" and dtype != "float32":
             continue  # compiling costs seconds per shape: quick compiles float32 only
         out.append(keyed(f"cost-{backend}-{dtype}-{shape[0]}x{shape[1]}", kind="norm_cost", backend=backend,
-                         dtype=dtype, shape=list(shape), rounds=15 if quick else 40, exclusive=True))
-    size = (dict(d=128, heads=4, layers=2, seq=128, batch=8) if quick
-            else dict(d=512, heads=8, layers=8, seq=256, batch=8))
-    out.append(keyed("cost-train-step", kind="train_step_cost", size=size, rounds=5 if quick else 10, exclusive=True))
+                         dtype=dtype, shape=list(shape), rounds=by_mode(mode, 2, 15, 40), exclusive=True))
+    size = by_mode(mode, dict(d=32, heads=2, layers=1, seq=16, batch=2), dict(d=128, heads=4, layers=2, seq=128, batch=8),
+                   dict(d=512, heads=8, layers=8, seq=256, batch=8))
+    out.append(keyed("cost-train-step", kind="train_step_cost", size=size, rounds=by_mode(mode, 1, 5, 10),
+                     exclusive=True))
     return out
 
 
@@ -354,11 +369,12 @@ def _sandwich_plot(records: list[dict], fig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _batch_runs(quick: bool, seeds: int) -> list[dict]:
+def _batch_runs(mode: str, seeds: int) -> list[dict]:
     from .vision import NORMS
 
-    batches = (2, 4, 32) if quick else (2, 4, 8, 16, 32)
-    return [keyed(f"cnn-{n}-b{b}-s{s}", kind="train_cnn", norm=n, batch=b, epochs=8 if quick else 15, lr=0.1, seed=s)
+    batches = by_mode(mode, (8, 32), (2, 4, 32), (2, 4, 8, 16, 32))
+    return [keyed(f"cnn-{n}-b{b}-s{s}", kind="train_cnn", norm=n, batch=b, epochs=by_mode(mode, 1, 8, 15), lr=0.1,
+                  seed=s, width=by_mode(mode, 8, 32, 32))
             for n, b, s in itertools.product(NORMS, batches, range(seeds))]
 
 
@@ -404,7 +420,7 @@ def _batch_plot(records: list[dict], fig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _independence_runs(quick: bool, seeds: int) -> list[dict]:
+def _independence_runs(mode: str, seeds: int) -> list[dict]:
     return [keyed(f"indep-s{s}", kind="independence", seed=s) for s in range(max(1, seeds))]
 
 
@@ -466,9 +482,9 @@ def _independence_plot(records: list[dict], fig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _fold_runs(quick: bool, seeds: int) -> list[dict]:
-    return [keyed(f"fold-s{s}", kind="fold_cost", seed=s, width=32, blocks=4, batch=16,
-                  rounds=10 if quick else 30, exclusive=True) for s in range(max(1, seeds))]
+def _fold_runs(mode: str, seeds: int) -> list[dict]:
+    return [keyed(f"fold-s{s}", kind="fold_cost", seed=s, width=by_mode(mode, 8, 32, 32), blocks=by_mode(mode, 1, 4, 4),
+                  batch=16, rounds=by_mode(mode, 2, 10, 30), exclusive=True) for s in range(max(1, seeds))]
 
 
 def _fold_verdict(records: list[dict]) -> tuple[str, dict]:
@@ -500,10 +516,10 @@ def _fold_plot(records: list[dict], fig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _bn_lm_runs(quick: bool, seeds: int) -> list[dict]:
-    depths = (2,) if quick else (2, 6)
-    return (_lm_runs(("pre",), quick, seeds, "layernorm", depths)
-            + _lm_runs(("pre",), quick, seeds, "batchnorm", depths))
+def _bn_lm_runs(mode: str, seeds: int) -> list[dict]:
+    depths = by_mode(mode, (1,), (2,), (2, 6))
+    return (_lm_runs(("pre",), mode, seeds, "layernorm", depths)
+            + _lm_runs(("pre",), mode, seeds, "batchnorm", depths))
 
 
 def _bn_lm_verdict(records: list[dict]) -> tuple[str, dict]:
@@ -549,10 +565,11 @@ def _bn_lm_plot(records: list[dict], fig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _inference_runs(quick: bool, seeds: int) -> list[dict]:
-    shapes = ((4096, 256), (512, 4096)) if quick else ((1, 4096), (64, 1024), (4096, 256), (2048, 768), (512, 4096))
+def _inference_runs(mode: str, seeds: int) -> list[dict]:
+    shapes = by_mode(mode, ((64, 128),), ((4096, 256), (512, 4096)),
+                     ((1, 4096), (64, 1024), (4096, 256), (2048, 768), (512, 4096)))
     return [keyed(f"infer-{b}-{dt}-{s[0]}x{s[1]}", kind="inference_norm_cost", backend=b, dtype=dt, shape=list(s),
-                  rounds=15 if quick else 40, exclusive=True)
+                  rounds=by_mode(mode, 2, 15, 40), exclusive=True)
             for b, dt, s in itertools.product(("torch", "addnorm"), ("float32", "bfloat16"), shapes)]
 
 
@@ -600,19 +617,19 @@ CLAIMS: dict[int, Claim] = {
              "Post-LN fails more often at the largest depth than at the smallest; does not hold if some run "
              "fails and Post-LN fails no more often than Pre-LN at every depth; inconclusive otherwise (also "
              "when no run fails: the grid did not reach instability)." + _GRID_RULE,
-             lambda q, s: _lm_runs(("post", "pre"), q, s), _depth_verdict, _depth_plot),
+             lambda m, s: _lm_runs(("post", "pre"), m, s), _depth_verdict, _depth_plot),
     3: Claim(3, "DeepNorm trains deep stacks where Post-LN fails, with Post-LN-like quality",
              "holds if at some (depth, lr) where Post-LN fails in >= 2/3 of seeds DeepNorm fails in none, and "
              "where both train in every seed DeepNorm's validation loss is within 2% of Post-LN's (or lower) in "
              "a majority of settings; does not hold if DeepNorm fails wherever Post-LN does, or its loss is "
              "more than 2% worse in a majority; inconclusive otherwise (e.g. Post-LN never fails)." + _GRID_RULE,
-             lambda q, s: _lm_runs(("post", "deepnorm", "pre"), q, s), _deepnorm_verdict,
+             lambda m, s: _lm_runs(("post", "deepnorm", "pre"), m, s), _deepnorm_verdict,
              _val_loss_by_depth_plot(("post", "deepnorm", "pre"))),
     4: Claim(4, "When both train, Post-LN reaches better quality than Pre-LN",
              "over the (depth, lr) settings where Post-LN and Pre-LN both train in every seed: holds if "
              "Post-LN's validation loss is lower than Pre-LN's in every seed in a majority of them; does not "
              "hold if Pre-LN's is lower in every seed in a majority; inconclusive otherwise." + _GRID_RULE,
-             lambda q, s: _lm_runs(("post", "pre"), q, s), _quality_verdict,
+             lambda m, s: _lm_runs(("post", "pre"), m, s), _quality_verdict,
              _val_loss_by_depth_plot(("post", "pre"))),
     5: Claim(5, "Sandwich-LN keeps activations bounded where Pre-LN's grow with depth; it can still fail "
                 "in very deep stacks",
@@ -620,7 +637,7 @@ CLAIMS: dict[int, Claim] = {
              "stack, smallest lr, mean over seeds. Holds if Pre-LN's growth is >= 2, Sandwich-LN's at most half "
              "of Pre-LN's, and Sandwich-LN fails in some setting of the grid; does not hold if Sandwich-LN's "
              "growth is not below Pre-LN's; inconclusive otherwise." + _GRID_RULE,
-             lambda q, s: _lm_runs(("pre", "sandwich"), q, s), _sandwich_verdict, _sandwich_plot),
+             lambda m, s: _lm_runs(("pre", "sandwich"), m, s), _sandwich_verdict, _sandwich_plot),
     6: Claim(6, "BatchNorm degrades at small batch sizes; LayerNorm and GroupNorm do not",
              "a 3-conv CNN on scikit-learn's digits (1,797 real 8x8 images, fixed 75/25 split), the same epochs "
              "at every batch size, learning rate scaled with the batch; rise = test error at the smallest batch "

@@ -45,14 +45,14 @@ def cnn(norm: str, width: int = 32) -> nn.Sequential:
 
 
 def train_cnn(config: dict) -> dict:
-    """Train ``cnn(config["norm"])`` for ``epochs`` with SGD (momentum 0.9) at batch size
+    """Train ``cnn(norm, width)`` for ``epochs`` with SGD (momentum 0.9) at batch size
     ``batch``, learning rate ``lr`` scaled linearly with the batch (``lr * batch / 32``,
     Goyal et al. 2017), so every batch size sees the same data the same number of times.
     Returns the test error in eval mode (BatchNorm with its running statistics) and the
     final training loss."""
     data = digits()
     torch.manual_seed(config["seed"])
-    model = cnn(config["norm"])
+    model = cnn(config["norm"], config["width"])
     batch = config["batch"]
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"] * batch / 32, momentum=0.9)
     images, labels = data["train"]
