@@ -57,6 +57,10 @@ def test_remove_takes_the_hooks_off_and_plot_writes_a_picture(tmp_path):
     diag = Diagnostics(model)
     model(torch.randint(0, 30, (1, 8)))
     diag.end_step()
+    diag.enabled = False  # a step not worth keeping: the hooks record nothing
+    model(torch.randint(0, 30, (1, 8)))
+    diag.end_step()
+    diag.enabled = True
     diag.remove()
     model(torch.randint(0, 30, (1, 8)))
     diag.end_step()

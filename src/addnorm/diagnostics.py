@@ -66,13 +66,15 @@ class Diagnostics:
     (name, module)) that record, for every step, each layer's output RMS (the last forward
     of the step), its parameters' gradient norm (``record_gradients``) and the norm of an
     optimizer step's change relative to the parameters' norm (``with update():``).
-    ``end_step()`` closes a step; ``remove()`` takes the hooks off."""
+    ``end_step()`` closes a step; ``remove()`` takes the hooks off.  While ``enabled`` is
+    False the hooks record nothing and cost nothing (steps not worth keeping)."""
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]] | None = None) -> None:
         self.layers = layers if layers is not None else default_layers(model)
         self.records: list[dict] = []
         self.step = 0
         self._current: dict[str, dict] = {}
+        self.enabled = True
         self._hooks = [module.register_forward_hook(self._activation_hook(name)) for name, module in self.layers]
 
     def _entry(self, name: str) -> dict:
@@ -80,6 +82,8 @@ class Diagnostics:
 
     def _activation_hook(self, name: str):
         def hook(module, _inputs, output):
+            if not self.enabled:
+                return
             t = _output(module, output)
             if t is not None and t.numel():
                 with torch.no_grad():

@@ -60,12 +60,17 @@ class _Progress:
                 TextColumn("ETA {task.fields[eta]}"), console=console, transient=True))
             self.task = self.bar.add_task("lab", total=self.count, eta="?")
 
+    def starting(self, claim: int, cfg: dict) -> None:
+        """A run that runs alone begins: the bar names it (pooled runs are named as they finish)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"running claim {claim}: {cfg['key']}")
+
     def finished(self, claim: int, cfg: dict, seconds: float) -> None:
         self.done += 1
         self.cost += estimate(cfg)
         elapsed = time.perf_counter() - self.start
         eta = f"{elapsed / self.cost * (self.total - self.cost):.0f} s"
-        what = f"claim {claim}: {cfg['key']}"
+        what = f"claim {claim}: {cfg['key']} done"
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=what, eta=eta)
         else:
@@ -110,6 +115,7 @@ def run(out: str | os.PathLike = "lab-out", mode: str = "full", claims: list[int
         else:
             alone = pooled + alone
         for claim, cfg in alone:
+            progress.starting(claim, cfg)
             finished(claim, cfg, *_timed(cfg))
 
     header = (f"{mode} lab, {seeds} seeds; " + ", ".join(f"{k} {v}" for k, v in _versions().items())

@@ -53,14 +53,14 @@ def keyed(label: str, **config) -> dict:
 
 def estimate(config: dict) -> float:
     """Rough seconds one run takes on one core of the 2-core CI machine: for the ETA."""
-    kind = config["kind"]
+    kind, overhead = config["kind"], 0.3  # a run's set-up: building the model, the data
     if kind == "train_lm":
-        return 0.0075 * config["n_layers"] * config["steps"] * (config["d_model"] / 64) ** 2
+        return overhead + 0.0075 * config["n_layers"] * config["steps"] * (config["d_model"] / 64) ** 2
     if kind == "train_cnn":
-        return config["epochs"] * (0.05 + 1.5 / config["batch"])
+        return overhead + config["epochs"] * (0.05 + 1.5 / config["batch"])
     if kind == "norm_cost":
         return 12.0 if config["backend"] == "torch.compile" else 1.0
-    return {"train_step_cost": 3.0, "fold_cost": 1.0}.get(kind, 0.5)
+    return {"train_step_cost": 3.0, "fold_cost": 1.0}.get(kind, overhead)
 
 
 def _mean(values) -> float:

@@ -44,13 +44,13 @@ def train_lm(config: dict) -> dict:
     log_every = max(1, config["steps"] // 20)
     first = last = math.nan
     for step in range(config["steps"]):
+        record = step in (0, config["steps"] - 1)  # only the first and last steps are kept
+        diag.enabled = record
         x, y = data.batch("train", config["batch"], config["seq"], g)
         loss = model(x, y)[1]
         loss.backward()
-        record = step in (0, config["steps"] - 1)
         if record:
             diag.record_gradients()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("clip", math.inf))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -58,9 +58,8 @@ def train_lm(config: dict) -> dict:
         first = value if step == 0 else first
         last = value
         if record:
+            diag.step = step
             diag.end_step()
-        else:
-            diag.discard()  # only the first and last steps are kept
         if step % log_every == 0 or step == config["steps"] - 1:
             losses.append([step, value])
         if not math.isfinite(value):
