@@ -177,22 +177,30 @@ def test_hyper_connections_with_one_stream_are_pre_ln_at_init():
     torch.testing.assert_close(hyper(idx)[0], pre(idx)[0], rtol=0, atol=0)
 
 
-def test_deepnorm_and_subln_models_scale_their_init():
+def test_deepnorm_and_subln_models_take_their_papers_init():
+    """DeepNet's pseudo-code: xavier_normal_(w, gain=β) for the value, output and FFN
+    weights, gain 1 for query and key; Magneto's the same with γ."""
+    def std_ok(w, expected):
+        assert w.std().item() == pytest.approx(expected, rel=0.1)
+
     torch.manual_seed(0)
-    pre = _model("decoder", "layernorm", "pre")
-    torch.manual_seed(0)
-    deep = _model("decoder", "layernorm", "deepnorm")
+    deep = addnorm.Transformer("decoder", vocab_size=50, d_model=64, n_heads=4, n_layers=2, placement="deepnorm")
     beta = addnorm.deepnorm_coefficients(0, 2).decoder_beta
-    blk_pre, blk = pre.decoder[0], deep.decoder[0]
-    torch.testing.assert_close(blk.mlp.sublayer.c_fc.weight, beta * blk_pre.mlp.sublayer.c_fc.weight)
-    torch.testing.assert_close(blk.attn.sublayer.c_attn.weight[:32], blk_pre.attn.sublayer.c_attn.weight[:32])
+    blk, d = deep.decoder[0], 64
+    xavier = lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))  # noqa: E731
+    std_ok(blk.attn.sublayer.c_attn.weight[:d], xavier(d, d))  # q: gain 1
+    std_ok(blk.attn.sublayer.c_attn.weight[d:2 * d], xavier(d, d))  # k: gain 1
+    std_ok(blk.attn.sublayer.c_attn.weight[2 * d:], beta * xavier(d, d))  # v: gain β
+    std_ok(blk.attn.sublayer.c_proj.weight, beta * xavier(d, d))
+    std_ok(blk.mlp.sublayer.c_fc.weight, beta * xavier(d, 4 * d))
+    std_ok(blk.mlp.sublayer.c_proj.weight, beta * xavier(4 * d, d))
+    std_ok(deep.wte.weight, 0.02)  # outside the sublayers: nanoGPT's init
     assert blk.attn.alpha == pytest.approx(4**0.25)
     torch.manual_seed(0)
-    sub = _model("decoder", "layernorm", "subln")
+    sub = addnorm.Transformer("decoder", vocab_size=50, d_model=64, n_heads=4, n_layers=2, placement="subln")
     assert isinstance(sub.decoder[0].mlp.sublayer.inner_norm, addnorm.LayerNorm)
-    gamma = math.sqrt(math.log(4))
-    torch.testing.assert_close(sub.decoder[0].mlp.sublayer.c_proj.weight,
-                               gamma * blk_pre.mlp.sublayer.c_proj.weight)
+    std_ok(sub.decoder[0].mlp.sublayer.c_proj.weight, math.sqrt(math.log(4)) * xavier(4 * d, d))
+    std_ok(sub.decoder[0].attn.sublayer.c_attn.weight[:d], xavier(d, d))
 
 
 def test_generate_is_deterministic_with_a_seed_and_greedy_at_temperature_zero():

@@ -26,6 +26,7 @@ from .modules import BatchNorm1d, DyT, LayerNorm, RMSNorm, ScaleNorm
 from .residual import PLACEMENTS, Residual, add_norm, deepnorm_coefficients, norm_stream, normed, scale_init_
 
 KINDS = ("decoder", "encoder", "encoder-decoder")
+_FUSED = {"c_attn": 3, "kv_proj": 2}  # Linear layers that hold several projections, one per row block
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "dyt", "batchnorm", "none")
 BUILDER_PLACEMENTS = tuple(p for p in PLACEMENTS if p != "peri") + ("mixln", "resi-dual", "hyper")
 # placements whose stack ends un-normalized, so the model adds a final norm
@@ -259,9 +260,11 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """nanoGPT's init: normal(0, 0.02) weights, zero biases; then each placement's
-        own scaling (DeepNorm's β, SubLN's γ), which ``Residual`` applied already and is
-        re-applied here over the fresh weights."""
+        """nanoGPT's init: normal(0, 0.02) weights, zero biases.  DeepNorm's and SubLN's
+        sublayers take their papers' init instead (DeepNet's pseudo-code, torchscale):
+        Xavier-normal weights (each projection of a fused q/k/v its own), the value,
+        output and feed-forward ones then scaled by β (DeepNorm) or γ (SubLN): their
+        derivations of β and γ assume that init."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, 0.02)
@@ -269,6 +272,11 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
         for module in self.modules():
             if isinstance(module, Residual) and module.init_scale is not None:
+                for name, linear in module.sublayer.named_modules():
+                    if isinstance(linear, nn.Linear):
+                        fused = _FUSED.get(name.rsplit(".", 1)[-1], 1)
+                        for projection in linear.weight.data.chunk(fused, dim=0):
+                            nn.init.xavier_normal_(projection)
                 scale_init_(module.sublayer, module.init_scale)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor, final: nn.Module | None, which: str, **kw) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from .train import FAILURE
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
-RESULTS_VERSION = 2  # bump when a run's measured numbers change meaning: old records then rerun
+RESULTS_VERSION = 3  # bump when a run's measured numbers change meaning: old records then rerun
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def grid(mode: str) -> dict:
     if mode == "tiny":
         return dict(depths=(1, 2), lrs=(3e-3,), base=dict(kind="train_lm", d_model=32, n_heads=2, batch=4, seq=16,
                                                            steps=4, warmup=0))
-    return dict(depths=by_mode(mode, None, (2, 6), (2, 6, 12, 24)), lrs=(1e-3, 3e-3),
+    return dict(depths=by_mode(mode, None, (2, 6), (2, 6, 12, 24)), lrs=by_mode(mode, None, (1e-3, 3e-3), (1e-3, 2e-3, 3e-3)),
                 base=dict(kind="train_lm", d_model=64, n_heads=4, batch=16, seq=64,
                           steps=by_mode(mode, None, 200, 300), warmup=0))
 
@@ -320,10 +320,14 @@ def _quality_verdict(records: list[dict]) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------
 
 
+def _stream_rms(result: dict) -> list[float]:
+    """The residual stream's RMS after each sublayer at the end of training."""
+    return [v for v in result["act_rms_by_layer"][max(result["act_rms_by_layer"], key=int)] if v]
+
+
 def _growth(result: dict) -> float:
-    """The residual stream's RMS after the last sublayer over that after the first, at
-    the end of training."""
-    values = [v for v in result["act_rms_by_layer"][max(result["act_rms_by_layer"], key=int)] if v]
+    """The residual stream's RMS after the last sublayer over that after the first."""
+    values = _stream_rms(result)
     return values[-1] / values[0]
 
 
@@ -335,8 +339,10 @@ def _sandwich_verdict(records: list[dict]) -> tuple[str, dict]:
     growth = {p: _mean(_growth(r) for r in table[("layernorm", p, deepest, lr)].values()) for p in ("pre", "sandwich")}
     failures = [_label(d, l) for d, l in settings if _failure_rate(table[("layernorm", "sandwich", d, l)]) > 0]
     bounded = growth["pre"] >= 2 and growth["sandwich"] <= growth["pre"] / 2
+    last = {p: _mean(_stream_rms(r)[-1] for r in table[("layernorm", p, deepest, lr)].values()) for p in growth}
     evidence = {f"activation RMS growth, last sublayer / first ({_label(deepest, lr)}, end of training)":
                 {p: round(g, 2) for p, g in growth.items()},
+                "residual stream RMS after the last sublayer (for scale)": {p: round(v, 3) for p, v in last.items()},
                 "settings where Sandwich-LN fails in some seed": failures}
     if bounded and failures:
         return HOLDS, evidence

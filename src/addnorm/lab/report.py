@@ -53,9 +53,10 @@ def _picture(claim_id: int, records: list[dict], directory: Path) -> bytes | Non
     return path.read_bytes()
 
 
-def _cell(value) -> str:
+def _cell(value, nested: bool = False) -> str:
+    """A value as table text: a dict a line per key (its inner dicts on one line)."""
     if isinstance(value, dict):
-        return "<br>".join(f"{html.escape(str(k))}: {_cell(v)}" for k, v in value.items())
+        return ("; " if nested else "<br>").join(f"{html.escape(str(k))}: {_cell(v, True)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return html.escape(", ".join(str(v) for v in value)) if value else "none"
     if isinstance(value, float):

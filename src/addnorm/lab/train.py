@@ -13,6 +13,8 @@ from ..transformer import Transformer
 from .data import CharData
 
 
+VALIDATION_SEED, VALIDATION_BATCHES = 1234, 16
+
 # What failing to train means, for every claim that counts failures.
 MARGIN = 0.1
 FAILURE = ("failed to train: the loss became non-finite, or the validation loss did not get "
@@ -69,7 +71,10 @@ def train_lm(config: dict) -> dict:
     if math.isfinite(last):
         with torch.no_grad():
             model.eval()
-            vals = [model(*data.batch("val", config["batch"], config["seq"], g))[1].item() for _ in range(4)]
+            # the same held-out windows for every run, whatever its seed: paired comparisons
+            held_out = torch.Generator().manual_seed(VALIDATION_SEED)
+            vals = [model(*data.batch("val", config["batch"], config["seq"], held_out))[1].item()
+                    for _ in range(VALIDATION_BATCHES)]
             val = sum(vals) / len(vals)
     baseline = data.unigram_loss("val")
     steps_recorded = sorted({r["step"] for r in diag.records})
