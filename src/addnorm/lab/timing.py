@@ -29,6 +29,9 @@ def _norm_functions(backend: str, d: int) -> dict[str, callable]:
              "rmsnorm": lambda x, w, b: F.rms_norm(x, (d,), w)}
     if backend == "torch":
         return plain
+    # a fresh start per cell: dynamo caches by code object, and these lambdas share theirs
+    # across cells; past its recompile limit (8) it would run them eagerly
+    torch._dynamo.reset()
     return {name: torch.compile(fn, dynamic=False) for name, fn in plain.items()}
 
 
