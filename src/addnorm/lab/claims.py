@@ -205,8 +205,8 @@ def _depth_verdict(records: list[dict]) -> tuple[str, dict]:
     by_depth = {p: {d: _mean(rate[(p, d, lr)] for dd, lr in settings if dd == d) for d in depths} for p in ("post", "pre")}
     grows = by_depth["post"][depths[-1]] > by_depth["post"][depths[0]]
     evidence = {
-        "failure rate by depth, Post-LN": by_depth["post"],
-        "failure rate by depth, Pre-LN": by_depth["pre"],
+        "failure rate by depth (mean over lrs), Post-LN": {d: round(v, 2) for d, v in by_depth["post"].items()},
+        "failure rate by depth (mean over lrs), Pre-LN": {d: round(v, 2) for d, v in by_depth["pre"].items()},
         "settings where Post-LN fails in >= 2/3 of seeds and Pre-LN in none": witness,
     }
     if witness and grows:

@@ -80,6 +80,8 @@ def write(directory: str | Path, records: dict[int, list[dict]], header: str, se
     directory.mkdir(parents=True, exist_ok=True)
     results = verdicts(records)
     (directory / "claims.json").write_text(json.dumps(results, indent=2, default=str))
+    unique = {r["key"]: r for mine in records.values() for r in mine}  # claims share runs
+    run_time = sum(r.get("seconds", 0.0) for r in unique.values())
     rows, sections = [], []
     for result in results:
         i = result["id"]
@@ -103,7 +105,8 @@ def write(directory: str | Path, records: dict[int, list[dict]], header: str, se
         "img{max-width:100%;display:block;margin:.5em 0}.rule{font-size:.9em;color:#333}"
         "section{border-top:2px solid #ccc;margin-top:2em}"
         "</style></head><body><h1>addnorm lab: the seed articles' claims, measured</h1>"
-        f"<p>{html.escape(header)}; this invocation took {seconds:.0f} s.</p>"
+        f"<p>{html.escape(header)}; {run_time / 60:.1f} min of run time recorded (summed over workers); "
+        f"this invocation took {seconds:.0f} s.</p>"
         "<table id='claims'><tr><th>#</th><th>claim</th><th>verdict</th><th>runs</th></tr>"
         f"{''.join(rows)}</table>{''.join(sections)}</body></html>"
     )
