@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/addnorm info
 	$(VENV)/bin/addnorm lab --quick --out lab-out
-	@echo "report: lab-out/report.html (claims.json, runs.jsonl and the plots beside it)"
+	@echo "open lab-out/report.html in a browser; claims.json, runs.jsonl and the plots lie beside it"
 
 test: install
 	$(PY) -m pytest -n 2 -q
