@@ -83,9 +83,10 @@ class Attention(nn.Module):
 
     def scale_init_(self, scale: float) -> None:
         """Scale the value and output projections (DeepNorm's β, SubLN's γ)."""
-        v = self.kv_proj if self.cross else self.c_attn
+        name = "kv_proj" if self.cross else "c_attn"  # v is its last projection
+        v = getattr(self, name).weight
         with torch.no_grad():
-            v.weight[-v.weight.shape[0] // (2 if self.cross else 3):].mul_(scale)
+            v[-v.shape[0] // _FUSED[name]:].mul_(scale)
             self.c_proj.weight.mul_(scale)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None,

@@ -111,6 +111,16 @@ def _settings(table: dict, norm: str = "layernorm") -> list[tuple[int, float]]:
     return sorted({(k[2], k[3]) for k in table if k[0] == norm})
 
 
+def _rates(table: dict, placements: tuple[str, ...], settings) -> dict[tuple[str, int, float], float]:
+    """{(placement, depth, lr): failure rate over seeds} of the LayerNorm runs."""
+    return {(p, d, lr): _failure_rate(table[("layernorm", p, d, lr)]) for p in placements for d, lr in settings}
+
+
+def _deepest(settings) -> tuple[int, float]:
+    """The deepest stack and the smallest learning rate: where depth's effects show first."""
+    return max(d for d, _ in settings), min(lr for _, lr in settings)
+
+
 def _trained_in_every_seed(table, a: tuple, b: tuple, depth: int, lr: float) -> list[tuple[float, float]]:
     """(a's, b's) validation loss per seed where both (norm, placement) trained in every
     seed at (depth, lr); empty otherwise."""
@@ -200,7 +210,7 @@ def _depth_verdict(records: list[dict]) -> tuple[str, dict]:
     table = _by_setting(records)
     settings = _settings(table)
     depths = sorted({d for d, _ in settings})
-    rate = {(p, d, lr): _failure_rate(table[("layernorm", p, d, lr)]) for p in ("post", "pre") for d, lr in settings}
+    rate = _rates(table, ("post", "pre"), settings)
     witness = [_label(d, lr) for d, lr in settings if rate[("post", d, lr)] >= 2 / 3 and rate[("pre", d, lr)] == 0]
     by_depth = {p: {d: _mean(rate[(p, d, lr)] for dd, lr in settings if dd == d) for d in depths} for p in ("post", "pre")}
     grows = by_depth["post"][depths[-1]] > by_depth["post"][depths[0]]
@@ -228,7 +238,7 @@ def _depth_plot(records: list[dict], fig) -> None:
             at = [d for d in depths if (d, lr) in settings]
             left.plot(at, [_failure_rate(table[("layernorm", p, d, lr)]) for d in at], marker="o",
                       linestyle="-" if p == "post" else "--", label=f"{p}-LN, lr {lr:g}")
-        runs = table.get(("layernorm", p, depths[-1], min(lr for _, lr in settings)), {})
+        runs = table.get(("layernorm", p, *_deepest(settings)), {})
         if runs:
             values = runs[min(runs)]["grad_norm_by_layer"].get("0") or []
             right.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=f"{p}-LN")
@@ -250,7 +260,7 @@ def _depth_plot(records: list[dict], fig) -> None:
 def _deepnorm_verdict(records: list[dict]) -> tuple[str, dict]:
     table = _by_setting(records)
     settings = _settings(table)
-    rate = {(p, d, lr): _failure_rate(table[("layernorm", p, d, lr)]) for p in ("post", "deepnorm") for d, lr in settings}
+    rate = _rates(table, ("post", "deepnorm"), settings)
     post_fails = [(d, lr) for d, lr in settings if rate[("post", d, lr)] >= 2 / 3]
     rescued = [_label(d, lr) for d, lr in post_fails if rate[("deepnorm", d, lr)] == 0]
     quality = {}
@@ -339,12 +349,13 @@ def _growth(result: dict) -> float:
 def _sandwich_verdict(records: list[dict]) -> tuple[str, dict]:
     table = _by_setting(records)
     settings = _settings(table)
-    deepest = max(d for d, _ in settings)
-    lr = min(lr for _, lr in settings)
-    growth = {p: _mean(_growth(r) for r in table[("layernorm", p, deepest, lr)].values()) for p in ("pre", "sandwich")}
-    failures = [_label(d, l) for d, l in settings if _failure_rate(table[("layernorm", "sandwich", d, l)]) > 0]
+    deepest, lr = _deepest(settings)
+    runs = {p: table[("layernorm", p, deepest, lr)].values() for p in ("pre", "sandwich")}
+    growth = {p: _mean(_growth(r) for r in runs[p]) for p in runs}
+    last = {p: _mean(_stream_rms(r)[-1] for r in runs[p]) for p in runs}
+    rate = _rates(table, ("sandwich",), settings)
+    failures = [_label(d, l) for d, l in settings if rate[("sandwich", d, l)] > 0]
     bounded = growth["pre"] >= 2 and growth["sandwich"] <= growth["pre"] / 2
-    last = {p: _mean(_stream_rms(r)[-1] for r in table[("layernorm", p, deepest, lr)].values()) for p in growth}
     evidence = {f"activation RMS growth, last sublayer / first ({_label(deepest, lr)}, end of training)":
                 {p: round(g, 2) for p, g in growth.items()},
                 "residual stream RMS after the last sublayer (for scale)": {p: round(v, 3) for p, v in last.items()},
@@ -359,8 +370,7 @@ def _sandwich_verdict(records: list[dict]) -> tuple[str, dict]:
 def _sandwich_plot(records: list[dict], fig) -> None:
     ax = fig.subplots()
     table = _by_setting(records)
-    settings = _settings(table)
-    deepest, lr = max(d for d, _ in settings), min(lr for _, lr in settings)
+    deepest, lr = _deepest(_settings(table))
     for p in ("pre", "sandwich"):
         runs = table.get(("layernorm", p, deepest, lr), {})
         for seed, r in sorted(runs.items()):

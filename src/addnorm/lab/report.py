@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from pathlib import Path
 
@@ -46,11 +47,12 @@ def _picture(claim_id: int, records: list[dict], directory: Path) -> bytes | Non
     fig = plt.figure(figsize=(7.5, 3.6), layout="constrained")
     try:
         claim.plot(records, fig)
-        path = directory / f"claim{claim_id}.png"
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-    return path.read_bytes()
+    (directory / f"claim{claim_id}.png").write_bytes(png.getvalue())
+    return png.getvalue()
 
 
 def _cell(value, nested: bool = False) -> str:
