@@ -57,13 +57,17 @@ def test_ops_pass_torch_library_opcheck():
     r = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
+    xh = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+    wh = torch.randn(8, dtype=torch.bfloat16, requires_grad=True)
     xc = torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     wc, bc = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
     rm, rv = torch.zeros(6), torch.ones(6)
     cases = [
-        (ops.row_norm_fwd, (x, r, w, b, 1e-5, 0.0, False, "torch")),
-        (ops.row_norm_fwd, (x, None, w, None, 1e-5, 1.0, True, "torch")),
-        (ops.row_norm_fwd, (x, None, None, None, 1e-5, 0.0, False, "torch")),
+        (ops.row_norm_fwd, (x, r, w, b, 1e-5, 0.0, False, 0, "torch")),
+        (ops.row_norm_fwd, (x, None, w, None, 1e-5, 1.0, True, 0, "torch")),
+        (ops.row_norm_fwd, (x, None, None, None, 1e-5, 0.0, False, 0, "torch")),
+        (ops.row_norm_fwd, (xh, None, w, None, 1e-5, 0.0, True, 1, "torch")),  # float32 y
+        (ops.row_norm_fwd, (xh, None, wh, None, 1e-5, 1.0, True, 2, "torch")),
         (ops.group_norm_fwd, (xc, wc, bc, 3, 1e-5, "torch")),
         (ops.batch_norm_fwd, (xc, wc, bc, rm, rv, True, 1e-5, "torch")),
         (ops.batch_norm_fwd, (xc, None, None, rm, rv, False, 1e-5, "torch")),

@@ -112,6 +112,16 @@ def _check_same(t: object, name: str, x: Tensor) -> None:
         )
 
 
+def _casting(casting_mode: str) -> int:
+    """RMSNorm's ``casting_mode`` name as the kernels' ``cast``."""
+    cast = reference.CASTING_MODES.get(casting_mode) if isinstance(casting_mode, str) else None
+    if cast is None:
+        raise ArgumentError(
+            f"casting_mode must be one of {', '.join(map(repr, reference.CASTING_MODES))}, got {casting_mode!r}"
+        )
+    return cast
+
+
 def _normalized_shape(normalized_shape: int | Sequence[int], input: Tensor) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if len(shape) == 1 and type(shape[0]) is int and input.ndim and input.shape[-1] == shape[0] > 0:
@@ -271,7 +281,7 @@ def _channel_layout(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
+def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cast=reference.CAST_ONCE):
     _check_input(x, "x" if residual is not None else "input")
     if residual is not None:
         _check_same(residual, "residual", x)
@@ -292,6 +302,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
         float(eps),
         float(offset),
         rms,
+        cast if x.dtype in _REDUCED else reference.CAST_ONCE,  # the same function elsewhere
         device=x.device,
     )
     return _reshaped(y, x.shape), None if residual is None else _reshaped(r, x.shape)
@@ -329,18 +340,26 @@ def rms_norm(
     eps: float | None = None,
     *,
     offset: float = 0.0,
+    casting_mode: str = "torch",
 ) -> Tensor:
     """RMSNorm: y = x / sqrt(mean(x^2) + eps) * (w + offset).
 
     ``eps=None`` is float32's machine epsilon (float64's for float64 input), as in
     torch: the epsilon of the dtype the statistics are computed in; ``offset=1.0`` is
-    Gemma's ``(1 + w)`` convention.
+    Gemma's ``(1 + w)`` convention.  ``casting_mode`` is where float16 and bfloat16
+    results are rounded (statistics are float32 in every mode): "torch" and "gemma"
+    round ``xhat * (w + offset)`` once, computed in float32; "llama" rounds xhat to the
+    input's dtype and then multiplies by the weight, as Llama's ``weight *
+    xhat.to(dtype)``, in the promoted dtype (float32 output for a float32 weight);
+    "none" rounds rstd, xhat, the scale and the product each (Liger's mode of that
+    name).  In float32 and float64 every mode computes the same function.
     """
-    if _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):
+    cast = _casting(casting_mode)
+    if not cast and _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):
         y = _torch_norm(torch.rms_norm, input, normalized_shape, weight, eps)
         if y is not None:
             return y
-    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]
+    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, cast)[0]
 
 
 def add_layer_norm(
@@ -369,15 +388,18 @@ def add_rms_norm(
     eps: float | None = None,
     *,
     offset: float = 0.0,
+    casting_mode: str = "torch",
 ) -> tuple[Tensor, Tensor]:
-    """Fused ``r = x + residual; (rms_norm(r), r)`` in one pass."""
-    if _native_rms(x, residual, weight, offset) and (eps is None or eps >= 0):
+    """Fused ``r = x + residual; (rms_norm(r), r)`` in one pass (``casting_mode`` as
+    :func:`rms_norm`)."""
+    cast = _casting(casting_mode)
+    if not cast and _native_rms(x, residual, weight, offset) and (eps is None or eps >= 0):
         _check_same(residual, "residual", x)  # x + residual must not broadcast
         r = x + residual
         y = _torch_norm(torch.rms_norm, r, normalized_shape, weight, eps)
         if y is not None:
             return y, r
-    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True)
+    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True, cast)
 
 
 # ---------------------------------------------------------------------------

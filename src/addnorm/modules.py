@@ -53,10 +53,16 @@ class RMSNorm(nn.RMSNorm):
     .. math:: y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \cdot (\gamma + \mathrm{offset})
 
     Arguments as :class:`torch.nn.RMSNorm` (``eps=None`` is ``finfo(float32).eps``, or
-    float64's for float64 input, as torch),
-    plus ``offset``: ``offset=1.0`` stores the scale as ``1 + weight``, Gemma's
-    convention, and so initializes ``weight`` to zeros; the effective scale starts at 1
-    either way.  Shape: input ``(*, *normalized_shape)``, output the same.
+    float64's for float64 input, as torch), plus
+
+    * ``offset``: ``offset=1.0`` stores the scale as ``1 + weight``, Gemma's convention,
+      and so initializes ``weight`` to zeros; the effective scale starts at 1 either way.
+    * ``casting_mode``: where a float16 / bfloat16 result is rounded, as a model family
+      rounds it: "torch" (torch.nn's, the default) and "gemma" round ``xhat * (w +
+      offset)`` once; "llama" rounds xhat, then multiplies by the weight (Llama, Mistral,
+      Qwen, Phi-3, T5); "none" rounds every step (see :func:`addnorm.functional.rms_norm`).
+
+    Shape: input ``(*, *normalized_shape)``, output the same.
     """
 
     def __init__(
@@ -68,8 +74,11 @@ class RMSNorm(nn.RMSNorm):
         dtype=None,
         *,
         offset: float = 0.0,
+        casting_mode: str = "torch",
     ) -> None:
+        AF._casting(casting_mode)  # a bad name fails here, not at the first forward
         self.offset = float(offset)  # read by reset_parameters, which __init__ calls
+        self.casting_mode = casting_mode
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
     def reset_parameters(self) -> None:
@@ -77,11 +86,17 @@ class RMSNorm(nn.RMSNorm):
             init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, input: Tensor) -> Tensor:
-        return AF.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=self.offset)
+        return AF.rms_norm(
+            input, self.normalized_shape, self.weight, self.eps, offset=self.offset, casting_mode=self.casting_mode
+        )
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
-        return f"{extra}, offset={self.offset}" if self.offset else extra
+        if self.offset:
+            extra += f", offset={self.offset}"
+        if self.casting_mode != "torch":
+            extra += f", casting_mode={self.casting_mode!r}"
+        return extra
 
 
 class AddLayerNorm(LayerNorm):
@@ -99,7 +114,8 @@ class AddRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return AF.add_rms_norm(
-            x, residual, self.normalized_shape, self.weight, self.eps, offset=self.offset
+            x, residual, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+            casting_mode=self.casting_mode,
         )
 
 

@@ -162,14 +162,14 @@ def _recording_backward() -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _row_norm(x, residual, weight, bias, eps, offset, rms, backend, stats=True):
+def _row_norm(x, residual, weight, bias, eps, offset, rms, cast, backend, stats=True):
     """-> (y, residual_out or None, mean or None, rstd or None) as the backend's kernel
     gives them: the eager forward (``stats=False``: where no gradient is recorded)."""
-    return kernel(backend, "row_norm_forward")(x, residual, weight, bias, eps, offset, rms, stats)
+    return kernel(backend, "row_norm_forward")(x, residual, weight, bias, eps, offset, rms, cast, stats)
 
 
-def _row_norm_lean(x, residual, weight, bias, eps, offset, rms, backend):
-    return _row_norm(x, residual, weight, bias, eps, offset, rms, backend, stats=False)
+def _row_norm_lean(x, residual, weight, bias, eps, offset, rms, cast, backend):
+    return _row_norm(x, residual, weight, bias, eps, offset, rms, cast, backend, stats=False)
 
 
 def _row_norm_fwd(
@@ -180,10 +180,11 @@ def _row_norm_fwd(
     eps: float,
     offset: float,
     rms: bool,
+    cast: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y, residual_out or empty, mean or empty, rstd)"""
-    y, r, mean, rstd = _row_norm(x, residual, weight, bias, eps, offset, rms, backend)
+    y, r, mean, rstd = _row_norm(x, residual, weight, bias, eps, offset, rms, cast, backend)
     acc = acc_dtype(x.dtype)
     return y.contiguous(), _or_empty(r, x), _or_empty(mean, x, acc), rstd.contiguous()
 
@@ -192,22 +193,22 @@ row_norm_fwd = _custom_op(_row_norm_fwd)
 
 
 @row_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, offset, rms, backend):
+def _(x, residual, weight, bias, eps, offset, rms, cast, backend):
     acc = acc_dtype(x.dtype)
     rows = x.shape[0]
     return (
-        torch.empty_like(x),
+        torch.empty_like(x, dtype=reference.row_norm_out_dtype(x.dtype, weight, cast)),
         _empty(x) if residual is None else torch.empty_like(x),
         _empty(x, acc) if rms else x.new_empty(rows, dtype=acc),
         x.new_empty(rows, dtype=acc),
     )
 
 
-def _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted):
+def _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted):
     """-> (dx, dweight, dbias) as the backend's kernel gives them (None where absent or not
     ``wanted``): the eager backward.  dx already includes dresidual."""
     return kernel(backend, "row_norm_backward")(
-        dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, bias, tuple(wanted)
+        dy, dresidual, r, weight, None if rms else mean, rstd, offset, rms, cast, bias, tuple(wanted)
     )
 
 
@@ -221,12 +222,13 @@ def _row_norm_bwd(
     rstd: Tensor,
     offset: float,
     rms: bool,
+    cast: int,
     backend: str,
     wanted: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias), each empty where absent or not ``wanted``.  mean is
     empty (the forward op's output) for RMSNorm."""
-    dx, dw, db = _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted)
+    dx, dw, db = _row_norm_grads(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted)
     return _or_empty(dx, r), _or_empty(dw, r), _or_empty(db, r)
 
 
@@ -234,17 +236,17 @@ row_norm_bwd = _custom_op(_row_norm_bwd)
 
 
 @row_norm_bwd.register_fake
-def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, backend, wanted):
+def _(dy, dresidual, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted):
     dweight, dbias = _param_grads(weight if wanted[1] else None, bias if wanted[2] else None, r)
     return (torch.empty_like(r) if wanted[0] else _empty(r)), dweight, dbias
 
 
 def _row_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, offset, rms, backend = inputs
+    x, residual, weight, bias, eps, offset, rms, cast, backend = inputs
     _y, r, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.eps = eps
-    ctx.args = (offset, rms, backend)
+    ctx.args = (offset, rms, cast, backend)
     ctx.save_for_backward(r if ctx.has_residual else x, weight, bias, mean, rstd)
 
 
@@ -254,20 +256,23 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     # the kernels compute only what autograd asks for: dx (x's and the residual's), dw, db
     wanted = [needs[0] or (has_residual and needs[1]), needs[2], needs[3]]
     dr = dr if has_residual else None
-    offset, rms, backend = ctx.args
+    offset, rms, cast, backend = ctx.args
     if _recording_backward():
         _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
+        if cast == reference.CAST_EACH:
+            rstd = reference.round_to(rstd, r.dtype)
         dx, dw, db = reference.row_norm_backward(
-            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, bias, wanted
+            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, cast, bias, wanted
         )
     else:
-        args = (dy, dr, r, weight, bias, mean, rstd, offset, rms, backend, wanted)
+        args = (dy, dr, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted)
         dx, dw, db = _run(row_norm_bwd, _row_norm_grads, *args)
     return (
         _present(dx, needs[0]),
         _present(dx, has_residual and needs[1]),
         _present(dw, needs[2]),
         _present(db, needs[3]),
+        None,
         None,
         None,
         None,

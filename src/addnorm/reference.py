@@ -30,6 +30,12 @@ __all__ = [
     "rms_eps",
     "standardize",
     "standardize_backward",
+    "CAST_ONCE",
+    "CAST_XHAT",
+    "CAST_EACH",
+    "CASTING_MODES",
+    "row_norm_out_dtype",
+    "round_to",
     "row_norm_forward",
     "row_norm_backward",
     "group_norm_forward",
@@ -133,6 +139,33 @@ def _sum_to(t: Tensor, dims: tuple[int, ...], like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+# How a row norm rounds its output in reduced precision (the kernels' ``cast``):
+# ``functional`` maps RMSNorm's public ``casting_mode`` names onto these.  In float32 and
+# float64 input all three compute the same function.
+CAST_ONCE = 0  # xhat * scale in the accumulation dtype, rounded once (torch.nn, Gemma)
+CAST_XHAT = 1  # xhat rounded to the input's dtype, then * scale (Llama, Mistral, Qwen, T5)
+CAST_EACH = 2  # rstd, xhat and the scale each rounded to the input's dtype (Liger's "none")
+
+
+# RMSNorm's ``casting_mode``: the model families' orders of rounding, by name (Liger's
+# names, plus torch's own).  "torch" and "gemma" round the same way; "gemma" says so for
+# the family whose norm computes ``(1 + w) * xhat`` in float32 and casts once.
+CASTING_MODES = {"torch": CAST_ONCE, "gemma": CAST_ONCE, "llama": CAST_XHAT, "none": CAST_EACH}
+
+
+def row_norm_out_dtype(dtype: torch.dtype, weight: Tensor | None, cast: int) -> torch.dtype:
+    """The output's dtype: the input's, or where xhat is rounded to it and then multiplied
+    by a weight of another dtype, the promoted one (``weight * xhat.to(dtype)``)."""
+    if cast == CAST_ONCE or weight is None:
+        return dtype
+    return torch.promote_types(dtype, weight.dtype)
+
+
+def round_to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t rounded to ``dtype`` and widened back (nothing changes where t already fits)."""
+    return t.to(dtype).to(t.dtype)
+
+
 def row_norm_forward(
     x: Tensor,
     residual: Tensor | None,
@@ -141,6 +174,7 @@ def row_norm_forward(
     eps: float,
     offset: float,
     rms: bool,
+    cast: int = CAST_ONCE,
     stats: bool = True,
 ):
     """LayerNorm (rms=False) or RMSNorm (rms=True) of the rows of ``x`` (N, D).
@@ -148,13 +182,24 @@ def row_norm_forward(
     With a residual: r = x + residual (in x's dtype, as an unfused ``x + residual``
     would round it), y = norm(r); otherwise r = x.
     LayerNorm: y = (r - mean) * rstd * w + b.   RMSNorm: y = r * rstd * (w + offset).
+    ``cast`` says where the result is rounded (``CAST_ONCE``, ``CAST_XHAT``,
+    ``CAST_EACH``); y has dtype ``row_norm_out_dtype``.
 
-    Returns ``(y, r or None, mean (N,) or None, rstd (N,))``.  ``stats=False`` says the
-    caller wants y and r only: a backend may then return None for rstd (this one does not).
+    Returns ``(y, r or None, mean (N,) or None, rstd (N,))``, rstd as y used it.
+    ``stats=False`` says the caller wants y and r only: a backend may then return None
+    for rstd (this one does not).
     """
     r = x if residual is None else x + residual
     xhat, mean, _, rstd = standardize(r, (-1,), eps, centered=not rms)
-    y = _affine(xhat, _scale(weight, offset, xhat), bias).to(x.dtype)
+    scale = _scale(weight, offset, xhat)
+    if cast == CAST_EACH:
+        rstd = round_to(rstd, x.dtype)
+        rf = r.to(xhat.dtype)
+        xhat = (rf if rms else recenter(rf, mean, (-1,))) * rstd
+        scale = None if scale is None else round_to(scale, x.dtype)
+    if cast != CAST_ONCE:
+        xhat = round_to(xhat, x.dtype)
+    y = _affine(xhat, scale, bias).to(row_norm_out_dtype(x.dtype, weight, cast))
     return (
         y,
         None if residual is None else r,
@@ -172,10 +217,13 @@ def row_norm_backward(
     rstd: Tensor,
     offset: float,
     rms: bool,
+    cast: int,
     bias: Tensor | None,
     wanted: tuple[bool, bool, bool] = (True, True, True),
 ):
-    """Backward of ``row_norm_forward``.
+    """Backward of ``row_norm_forward``.  Where the forward rounded xhat (``cast``), the
+    gradient reaching it is rounded to the input's dtype, as autograd rounds the gradient
+    of a ``.to(dtype)``; the rounding itself passes gradients straight through.
 
     r is the normalized input (x + residual, or x); dr the gradient flowing into the
     residual output, which joins dx: d(x) = d(residual) = dnorm(dy) + dr.
@@ -191,10 +239,14 @@ def row_norm_backward(
     if wanted[0]:
         scale = _scale(weight, offset, xhat)
         dxhat = dyf if scale is None else dyf * scale
+        if cast != CAST_ONCE:
+            dxhat = round_to(dxhat, r.dtype)
         dx = standardize_backward(dxhat, xhat, rstd, (-1,), centered=not rms)
         if dr is not None:
             dx = dx + dr.to(acc)
         dx = dx.to(r.dtype)
+    if cast != CAST_ONCE:
+        xhat = round_to(xhat, r.dtype)
     dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, (0,), weight)
     dbias = None if bias is None or not wanted[2] else _sum_to(dyf, (0,), bias)
     return dx, dweight, dbias
@@ -406,10 +458,10 @@ class RowNormFunction(torch.autograd.Function):
     Returns ``(y, r)``; r is None without a residual."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, offset, rms):
-        y, r, mean, rstd = row_norm_forward(x, residual, weight, bias, eps, offset, rms)
+    def forward(ctx, x, residual, weight, bias, eps, offset, rms, cast):
+        y, r, mean, rstd = row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast)
         ctx.save_for_backward(x if r is None else r, weight, bias, mean, rstd)
-        ctx.args = (offset, rms)
+        ctx.args = (offset, rms, cast)
         ctx.has_residual = residual is not None
         return y, r
 
@@ -417,7 +469,7 @@ class RowNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dr):
         r, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = row_norm_backward(dy, dr, r, weight, mean, rstd, *ctx.args, bias)
-        return dx, dx if ctx.has_residual else None, dw, db, None, None, None
+        return dx, dx if ctx.has_residual else None, dw, db, None, None, None, None
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -495,12 +547,12 @@ def _rows(x: Tensor, normalized_shape) -> tuple[Tensor, int]:
     return x.reshape(-1, d), d
 
 
-def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms):
+def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cast=CAST_ONCE):
     x2, d = _rows(x, normalized_shape)
     r2 = None if residual is None else residual.reshape(-1, d)
     w = None if weight is None else weight.reshape(d)
     b = None if bias is None else bias.reshape(d)
-    y, r = RowNormFunction.apply(x2, r2, w, b, eps, offset, rms)
+    y, r = RowNormFunction.apply(x2, r2, w, b, eps, offset, rms, cast)
     return y.reshape(x.shape), None if r is None else r.reshape(x.shape)
 
 
@@ -515,18 +567,18 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, offset=0.0):
-    eps = rms_eps(eps, input.dtype)
-    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True)[0]
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, offset=0.0, casting_mode="torch"):
+    eps, cast = rms_eps(eps, input.dtype), CASTING_MODES[casting_mode]
+    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, cast)[0]
 
 
 def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
 
 
-def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, offset=0.0):
-    eps = rms_eps(eps, x.dtype)
-    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True)
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, offset=0.0, casting_mode="torch"):
+    eps, cast = rms_eps(eps, x.dtype), CASTING_MODES[casting_mode]
+    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True, cast)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):

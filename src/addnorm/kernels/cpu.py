@@ -53,7 +53,7 @@ from numba.extending import intrinsic, overload
 from .. import _backend
 from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
-from ..reference import acc_dtype
+from ..reference import acc_dtype, row_norm_out_dtype
 
 # numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
 # float16) with a "pedantic" internal warning at compile time; the code is right and the
@@ -156,6 +156,11 @@ def acc(a, v):
     """v as a's accumulation type: float64 for float64 arrays, float32 otherwise."""
 
 
+def rnd(a, v):
+    """v (the accumulation type) rounded to a's dtype as ``st`` rounds it, and widened
+    back: ``ld(a, i)`` after ``st(a, i, v)``, without the store."""
+
+
 @overload(ld, inline="always")
 def _ld(a, i):
     if a.dtype == types.uint16:  # bfloat16: the high half of a float32
@@ -189,6 +194,23 @@ def _st(a, i, v):
         a[i] = v
 
     return store
+
+
+@overload(rnd, inline="always")
+def _rnd(a, v):
+    if a.dtype == types.uint16:
+
+        def round_bfloat16(a, v):
+            bits = np.float32(v).view(np.uint32)
+            nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            kept = np.uint32(0xFFFF) if nan else rounded
+            return np.uint32(kept << np.uint32(16)).view(np.float32)
+
+        return round_bfloat16
+    if a.dtype == types.int16:
+        return lambda a, v: _half_to_float(_float_to_half(np.float32(v)))
+    return lambda a, v: v
 
 
 @overload(acc, inline="always")
@@ -275,9 +297,10 @@ def _mean_square(row):
 
 
 @njit(inline="always")
-def _grad_sums(dyr, xr, m, w, offset):
+def _grad_sums(dyr, xr, m, w, offset, cast=0):
     """Along one contiguous run, in float64 (blocked as ``_run_sums``): sum(g * (x - m)),
-    sum(g), sum(x - m), with g = dy * (w + offset) (g = dy where w is None)."""
+    sum(g), sum(x - m), with g = dy * (w + offset) (g = dy where w is None), rounded to
+    x's dtype where ``cast`` says the forward rounded xhat."""
     n = xr.shape[0]
     s_gx, s_g, s_x = 0.0, 0.0, 0.0
     for blk in range((n + _BLOCK - 1) // _BLOCK):
@@ -289,6 +312,8 @@ def _grad_sums(dyr, xr, m, w, offset):
             g = ld(dyr, j)
             if w is not None:
                 g = g * (ld(w, j) + offset)
+            if cast:
+                g = rnd(xr, g)
             b_gx += g * xc
             b_g += g
             b_x += xc
@@ -306,9 +331,9 @@ def _row_blocks(n):
 
 
 @njit(**_JIT)
-def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
+def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
-    statistics are not wanted."""
+    statistics are not wanted; ``cast`` as ``reference.row_norm_forward``'s."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     for i in prange(n):
@@ -325,27 +350,40 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset):
             mean0, shift, var = _moments(src.reshape((1, n, d)), i)
             mean_out[i] = mean0 + shift
         rstd = acc(x, 1.0) / np.sqrt(var + eps_)
+        if cast == 2:
+            rstd = rnd(x, rstd)
         if rstd_out is not None:
             rstd_out[i] = rstd
-        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_)
+        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
 
 
 @njit(cache=True)
-def _normalized_row(row, out, mean0, shift, rstd, w, b, offset):
+def _normalized_row(row, out, mean0, shift, rstd, w, b, offset, cast):
     """out = ((row - mean0 - shift) * rstd) * (w + offset) + b, in this order: a function
     of its own, compiled without ``reassoc``, so that the output's bits do not depend on
-    the code around it (with or without the statistics stored, ...)."""
-    for j in range(row.shape[0]):
-        h = (ld(row, j) - mean0 - shift) * rstd
-        if w is not None:
-            h = h * (ld(w, j) + offset)
-        if b is not None:
-            h = h + ld(b, j)
-        st(out, j, h)
+    the code around it (with or without the statistics stored, ...).  ``cast`` 1 rounds
+    xhat to row's dtype before the scale; 2 the scale too (``reference.CAST_*``)."""
+    if cast == 0:  # separate loops, so the common one has no branch
+        for j in range(row.shape[0]):
+            h = (ld(row, j) - mean0 - shift) * rstd
+            if w is not None:
+                h = h * (ld(w, j) + offset)
+            if b is not None:
+                h = h + ld(b, j)
+            st(out, j, h)
+    else:
+        for j in range(row.shape[0]):
+            h = rnd(row, (ld(row, j) - mean0 - shift) * rstd)
+            if w is not None:
+                scale = ld(w, j) + offset
+                h = h * (rnd(row, scale) if cast == 2 else scale)
+            if b is not None:
+                h = h + ld(b, j)
+            st(out, j, h)
 
 
 @njit(**_JIT)
-def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
+def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part):
     """dx (+ dr) per row; dw_part[k], db_part[k]: sums over rows block k (``_ROW_BLOCK``
     rows, in the accumulation type), added in float64 and in order by ``_sum_chunks``.
     mean None: RMSNorm.  dx None: only the parameter sums (the input needs no gradient).
@@ -355,6 +393,8 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
     dx = rstd * (g - mean(g)) - (xc - shift) * rstd^3 * mean(g * (xc - shift)).
     g is rounded the same way where it is summed and where it is used, so for a row of
     one value (g - mean(g) = 0, xc - shift = 0) dx is exactly 0, as the true gradient.
+    Where the forward rounded xhat (``cast``), g and xhat are rounded to src's dtype, as
+    autograd through a ``.to(dtype)`` rounds them (``reference.row_norm_backward``).
     """
     n, d = src.shape
     offset_, zero = acc(src, offset), acc(src, 0.0)
@@ -368,7 +408,7 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
             m = zero if mean is None else mean[i]
             shift, mean_g, c3 = zero, zero, zero
             if dx is not None:
-                s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_)
+                s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_, cast)
                 s_gxs = s_gx
                 if mean is not None:
                     shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
@@ -380,32 +420,34 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, dx, dw_part, db_part):
                 gy = ld(dy, (i, j))
                 if dx is not None:
                     g = gy if w is None else gy * (ld(w, j) + offset_)
+                    if cast:
+                        g = rnd(src, g)
                     v = rs * (g - mean_g) - xs * c3
                     if dr is not None:
                         v = v + ld(dr, (i, j))
                     st(dx, (i, j), v)
                 if dw_part is not None:
-                    dw_part[k, j] += gy * xs * rs
+                    dw_part[k, j] += gy * (rnd(src, xs * rs) if cast else xs * rs)
                 if db_part is not None:
                     db_part[k, j] += gy
 
 
 @njit(cache=True, nogil=True)
-def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, r_out, mean_out, rstd_out, ts, eps, offset):
-    """``_row_norm_fwd`` on (n, d) rows given by address: x, res, y, r_out of ``tx``'s
-    dtype, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s."""
+def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rstd_out, ts, eps, offset, cast):
+    """``_row_norm_fwd`` on (n, d) rows given by address: x, res, r_out of ``tx``'s
+    dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s."""
     _row_norm_fwd(at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)),
-                  at(y, tx, (n, d)), at(r_out, tx, (n, d)), at(mean_out, ts, (n,)),
-                  at(rstd_out, ts, (n,)), eps, offset)
+                  at(y, ty, (n, d)), at(r_out, tx, (n, d)), at(mean_out, ts, (n,)),
+                  at(rstd_out, ts, (n,)), eps, offset, cast)
 
 
 @njit(cache=True, nogil=True)
-def _row_norm_bwd_at(n, d, dy, dr, src, tx, w, tw, mean, rstd, ts, offset, dx, dw_part, db_part):
-    """``_row_norm_bwd`` by address: dy, dr, src, dx of ``tx``'s dtype, w of ``tw``'s,
-    mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s."""
+def _row_norm_bwd_at(n, d, dy, ty, dr, src, tx, w, tw, mean, rstd, ts, offset, cast, dx, dw_part, db_part):
+    """``_row_norm_bwd`` by address: dr, src, dx of ``tx``'s dtype, dy of ``ty``'s, w of
+    ``tw``'s, mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s."""
     blocks = _row_blocks(n)
-    _row_norm_bwd(at(dy, tx, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)),
-                  at(mean, ts, (n,)), at(rstd, ts, (n,)), offset, at(dx, tx, (n, d)),
+    _row_norm_bwd(at(dy, ty, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)),
+                  at(mean, ts, (n,)), at(rstd, ts, (n,)), offset, cast, at(dx, tx, (n, d)),
                   at(dw_part, ts, (blocks, d)), at(db_part, ts, (blocks, d)))
 
 
@@ -920,17 +962,18 @@ _NUMPY_DTYPES = {
 _FRESH_MMAP_BYTES = 32 << 20  # glibc serves larger blocks from a fresh mmap every time
 
 
-def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialized tensor of contiguous t's shape and dtype.  Blocks of 32 MB and more
-    come from a fresh mmap on every call (glibc's largest mmap threshold), and first
-    touching a 64 MB one costs ~15 ms of page faults on 4 KB pages: numpy asks the kernel
-    for huge pages there (madvise), which cuts that to ~3 ms.  The result is an ordinary
-    CPU tensor (only not resizable).  Smaller blocks are reused from the heap: torch's
-    allocator is best, and ``empty_like`` its cheapest call (~1.4 µs)."""
-    if t.numel() * t.itemsize < _FRESH_MMAP_BYTES:
-        return torch.empty_like(t)
-    e = torch.from_numpy(np.empty(t.shape, dtype=_NUMPY_DTYPES[t.dtype]))
-    return e.view(t.dtype) if t.dtype in (torch.bfloat16, torch.float16) else e
+def _empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized tensor of contiguous t's shape, of t's dtype or ``dtype``.  Blocks
+    of 32 MB and more come from a fresh mmap on every call (glibc's largest mmap
+    threshold), and first touching a 64 MB one costs ~15 ms of page faults on 4 KB pages:
+    numpy asks the kernel for huge pages there (madvise), which cuts that to ~3 ms.  The
+    result is an ordinary CPU tensor (only not resizable).  Smaller blocks are reused from
+    the heap: torch's allocator is best, and ``empty_like`` its cheapest call (~1.4 µs)."""
+    dtype = dtype or t.dtype
+    if t.numel() * dtype.itemsize < _FRESH_MMAP_BYTES:
+        return torch.empty_like(t) if dtype is t.dtype else torch.empty_like(t, dtype=dtype)
+    e = torch.from_numpy(np.empty(t.shape, dtype=_NUMPY_DTYPES[dtype]))
+    return e.view(dtype) if dtype in (torch.bfloat16, torch.float16) else e
 
 
 _TOKENS = {dtype: np.empty(0, dtype=np_dtype) for dtype, np_dtype in _NUMPY_DTYPES.items()}
@@ -968,24 +1011,24 @@ def _threads(work: int) -> None:
         _thread_count.n = n
 
 
-def row_norm_forward(x, residual, weight, bias, eps, offset, rms, stats=True):
+def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
     x, residual, weight, bias = _contiguous(x, residual, weight, bias)
     n, d = x.shape
     _threads(n * d)
     acc = acc_dtype(x.dtype)
-    y = _empty_like(x)
+    y = _empty_like(x, row_norm_out_dtype(x.dtype, weight, cast))
     r = None if residual is None else _empty_like(x)
     mean = None if rms else torch.empty(n, dtype=acc)
     rstd = torch.empty(n, dtype=acc) if stats else None
     tx = _TOKENS[x.dtype]
     _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
                      _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
-                     _address(r), _address(mean), _address(rstd), _TOKENS[acc], float(eps),
-                     float(offset))
+                     _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
+                     float(eps), float(offset), int(cast))
     return y, r, mean, rstd
 
 
-def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias, wanted=(True, True, True)):
+def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted=(True, True, True)):
     dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
     n, d = r.shape
     _threads(n * d)
@@ -994,9 +1037,9 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, bias, wanted=(
     dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=acc)
     db_part = None if bias is None or not wanted[2] else torch.empty(_row_blocks(n), d, dtype=acc)
     tx = _TOKENS[r.dtype]
-    _row_norm_bwd_at(n, d, dy.data_ptr(), None if dx is None else _address(dr), r.data_ptr(), tx,
-                     _address(weight), _token(weight, tx), _address(mean), rstd.data_ptr(),
-                     _TOKENS[acc], float(offset), _address(dx), _address(dw_part),
+    _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
+                     r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
+                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast), _address(dx), _address(dw_part),
                      _address(db_part))
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 

@@ -1,0 +1,176 @@
+"""RMSNorm's casting modes: each rounds float16 / bfloat16 results the way a model family's
+own norm does, written out here in plain torch as the families write it (Llama's
+``weight * xhat.to(dtype)``, Gemma's ``(xhat * (1 + w.float())).to(dtype)``, a plain
+half-precision chain for "none")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import addnorm
+from addnorm import functional as AF
+
+REDUCED = (torch.bfloat16, torch.float16)
+BACKENDS = [b for b, ok in addnorm.backends().items() if ok and b != "triton"]
+
+
+def _xhat(x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def llama(x, w, eps):
+    return w * _xhat(x, eps).to(x.dtype)
+
+
+def gemma(x, w, eps):
+    return (_xhat(x, eps) * (1.0 + w.float())).to(x.dtype)
+
+
+def torch_order(x, w, eps):
+    return (_xhat(x, eps) * w.float()).to(x.dtype)
+
+
+def plain_half(x, w, eps):
+    """Every op in x's dtype but the mean, which torch accumulates in float32 anyway."""
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+    return (x * rstd) * w
+
+
+FAMILIES = {  # casting_mode -> (the family's own code, offset)
+    "llama": (llama, 0.0),
+    "gemma": (gemma, 1.0),
+    "torch": (torch_order, 0.0),
+    "none": (plain_half, 0.0),
+}
+
+
+def _inputs(dtype, rows=48, d=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, d, generator=g) * 3).to(dtype)
+    w = (torch.randn(d, generator=g) * 0.4 + 0.8).to(dtype)
+    return x, w
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of a's dtype lie between a and b (same signs)."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return (a.view(bits).to(torch.int64) - b.view(bits).to(torch.int64)).abs()
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("mode", sorted(FAMILIES))
+def test_reference_rounds_as_the_family_does(mode, dtype):
+    """The reference backend computes the statistic with torch's own reduction, so each
+    mode's output is bit-identical to the family's code."""
+    family, offset = FAMILIES[mode]
+    x, w = _inputs(dtype)
+    with addnorm.backend("torch"):
+        y = AF.rms_norm(x, x.shape[-1], w, 1e-6, offset=offset, casting_mode=mode)
+    assert y.dtype == dtype
+    assert torch.equal(y, family(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", sorted(FAMILIES))
+def test_every_backend_rounds_as_the_family_does(mode, backend, dtype):
+    """A kernel sums the squares in its own order, so its rstd may differ from torch's in
+    the last bit, which changes an output only where that bit decides a rounding: by one
+    ulp, or two where xhat is rounded before the product (or in "none", a whole row where
+    it decides rstd's rounding)."""
+    family, offset = FAMILIES[mode]
+    x, w = _inputs(dtype, rows=256, d=1024)
+    with addnorm.backend(backend):
+        y = AF.rms_norm(x, x.shape[-1], w, 1e-6, offset=offset, casting_mode=mode)
+    expected = family(x, w, 1e-6)
+    ulps = _ulps(y, expected)
+    assert ulps.max() <= 2 and (ulps > 0).float().mean() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_the_modes_are_different_functions(dtype):
+    """Where the weight is not 1, rounding xhat first (Llama) differs from rounding once."""
+    x, w = _inputs(dtype)
+    once = AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="torch")
+    twice = AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="llama")
+    each = AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="none")
+    assert (once != twice).float().mean() > 0.05
+    assert (twice != each).float().mean() > 0.01
+    assert torch.equal(once, AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="gemma"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_mode_with_a_float32_weight_returns_float32(backend):
+    """``weight * xhat.to(bfloat16)`` with a float32 weight promotes, as Llama's norm under
+    autocast does; in the other modes the output keeps the input's dtype, as torch's."""
+    x, w = _inputs(torch.bfloat16)
+    w = w.float()
+    with addnorm.backend(backend):
+        y = AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="llama")
+        once = AF.rms_norm(x, x.shape[-1], w, 1e-6)
+    assert y.dtype == torch.float32 and once.dtype == torch.bfloat16
+    assert (_ulps(y, llama(x, w, 1e-6)) <= 2).all()
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["llama", "gemma", "none"])
+def test_gradients_follow_the_family(mode, backend, dtype):
+    """Gradients through our kernel against autograd through the family's own code: the
+    same rounding of the gradient reaching xhat; sums over rows in a different order, so
+    close, not bit-equal."""
+    family, offset = FAMILIES[mode]
+    x, w = _inputs(dtype, rows=64, d=256)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with addnorm.backend(backend):
+        AF.rms_norm(x1, x.shape[-1], w1, 1e-6, offset=offset, casting_mode=mode).backward(dy)
+    family(x2, w2, 1e-6).backward(dy)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=tol, atol=tol * 8)
+
+
+@pytest.mark.parametrize("mode", ["llama", "none"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_add_uses_the_same_casting(mode, residual):
+    x, w = _inputs(torch.bfloat16)
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype)
+    y, s = AF.add_rms_norm(x, r, x.shape[-1], w, 1e-6, casting_mode=mode)
+    assert torch.equal(s, x + r)
+    assert torch.equal(y, AF.rms_norm(x + r, x.shape[-1], w, 1e-6, casting_mode=mode))
+
+
+@pytest.mark.parametrize("mode", sorted(FAMILIES))
+def test_every_mode_is_exact_in_float64(mode):
+    """In float64 (and float32) no mode rounds anything: one function, gradcheck'ed."""
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w: AF.rms_norm(x, 7, w, 1e-6, offset=0.5, casting_mode=mode)  # noqa: E731
+    assert torch.equal(f(x, w), AF.rms_norm(x, 7, w, 1e-6, offset=0.5))
+    assert gradcheck(f, (x, w)) and gradgradcheck(f, (x, w))
+
+
+def test_a_bad_casting_mode_names_the_argument_and_the_choices():
+    x = torch.randn(2, 4)
+    for bad in ("Llama", None, 1):
+        with pytest.raises(ValueError, match="casting_mode must be one of 'torch', 'gemma', 'llama', 'none'"):
+            AF.rms_norm(x, 4, casting_mode=bad)
+    with pytest.raises(ValueError, match="casting_mode"):
+        addnorm.RMSNorm(4, casting_mode="bf16")
+
+
+def test_module_carries_its_casting_mode():
+    m = addnorm.RMSNorm(256, eps=1e-6, casting_mode="llama").to(torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(_inputs(torch.bfloat16, d=256)[1])
+    x = _inputs(torch.bfloat16, d=256)[0]
+    assert "casting_mode='llama'" in repr(m)
+    assert (_ulps(m(x), llama(x, m.weight, 1e-6)) <= 2).all()
+    fused = addnorm.AddRMSNorm(256, eps=1e-6, casting_mode="llama").to(torch.bfloat16)
+    fused.load_state_dict(m.state_dict())
+    assert torch.equal(fused(x, torch.zeros_like(x))[0], m(x))
