@@ -13,6 +13,7 @@ replacements for torch.nn, running on the fastest backend for the tensor's devic
 from . import diagnostics, functional
 from ._backend import backend, backends
 from .fold import fold_batch_norm
+from .patching import patch, unpatch
 from .functional import ArgumentError, ArgumentTypeError
 from .modules import (
     AddLayerNorm,
@@ -58,6 +59,8 @@ __all__ = [
     "DyT",
     "weight_norm",
     "fold_batch_norm",
+    "patch",
+    "unpatch",
     "Residual",
     "deepnorm_coefficients",
     "DeepNormCoefficients",

@@ -156,6 +156,10 @@ def acc(a, v):
     """v as a's accumulation type: float64 for float64 arrays, float32 otherwise."""
 
 
+def scratch(a, shape):
+    """An uninitialized array of ``shape`` in a's accumulation type."""
+
+
 def rnd(a, v):
     """v (the accumulation type) rounded to a's dtype as ``st`` rounds it, and widened
     back: ``ld(a, i)`` after ``st(a, i, v)``, without the store."""
@@ -194,6 +198,13 @@ def _st(a, i, v):
         a[i] = v
 
     return store
+
+
+@overload(scratch, inline="always")
+def _scratch(a, shape):
+    if a.dtype == types.float64:
+        return lambda a, shape: np.empty(shape, dtype=np.float64)
+    return lambda a, shape: np.empty(shape, dtype=np.float32)
 
 
 @overload(rnd, inline="always")
@@ -296,6 +307,98 @@ def _mean_square(row):
     return acc(row, _run_sums(row, acc(row, 0.0), True)[1] / max(1, row.shape[0]))
 
 
+@njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
+def _torch_mean_square(row, lanes, acc4):
+    """mean(row**2) summed in exactly the order of torch's CPU ``sum`` (aten's
+    ``cascade_sum`` over a contiguous row, ``lanes`` values to its vector): ``lanes``-wide
+    vectors, four of them side by side (its ``ilp_factor``), summed in a cascade of four
+    levels, then the leftover vectors, the four partial vectors, the scalar tail and the
+    lanes, in that order; ``lanes`` < 2 sums as ``_mean_square`` does.  An RMSNorm whose
+    statistic is ``x.pow(2).mean(-1)`` (Llama's, torch.rms_norm itself) then gets the
+    very same rstd, so the output is bit for bit the same.  A function of its own, compiled
+    without ``reassoc``: the order is the point.  ``acc4``: scratch, (4, 4 * lanes) of the
+    accumulation type."""
+    d = row.shape[0]
+    if lanes < 2:
+        return _mean_square(row)
+    zero = acc(row, 0.0)
+    if d < lanes:  # torch's scalar loop: four running sums side by side
+        width, units = 4, d // 4
+    else:
+        width, units = 4 * lanes, (d // lanes) // 4
+    _cascade_squares(row, units, width, acc4)
+    total = zero
+    if d < lanes:
+        total = acc4[0, 0]
+        for j in range(units * 4, d):
+            v = ld(row, j)
+            total = acc(row, total + v * v)
+        for k in range(1, 4):
+            total = acc(row, total + acc4[0, k])
+    else:
+        vectors = d // lanes
+        for i in range(units * 4, vectors):  # leftover vectors join the first partial sum
+            for lane in range(lanes):
+                v = ld(row, i * lanes + lane)
+                acc4[0, lane] += v * v
+        for k in range(1, 4):
+            for lane in range(lanes):
+                acc4[0, lane] += acc4[0, k * lanes + lane]
+        for j in range(vectors * lanes, d):
+            v = ld(row, j)
+            total = acc(row, total + v * v)
+        for lane in range(lanes):
+            total = acc(row, total + acc4[0, lane])
+    return acc(row, total / acc(row, d))
+
+
+@njit(inline="always")
+def _cascade_squares(row, units, width, acc4):
+    """aten's ``multi_row_sum``: ``width`` running sums, sum c of row[i * width + c]**2 for
+    i < units, each a cascade of four levels of 2**level_power values (result in acc4[0])."""
+    for level in range(4):
+        for c in range(width):
+            acc4[level, c] = 0.0
+    power = max(4, _ceil_log2(units) // 4)
+    step = 1 << power
+    mask = step - 1
+    i = 0
+    while i + step <= units:
+        for _ in range(step):
+            base = i * width
+            for c in range(width):
+                v = ld(row, base + c)
+                acc4[0, c] += v * v
+            i += 1
+        for level in range(1, 4):
+            for c in range(width):
+                acc4[level, c] += acc4[level - 1, c]
+                acc4[level - 1, c] = 0.0
+            if i & (mask << (level * power)):
+                break
+    while i < units:
+        base = i * width
+        for c in range(width):
+            v = ld(row, base + c)
+            acc4[0, c] += v * v
+        i += 1
+    for level in range(1, 4):
+        for c in range(width):
+            acc4[0, c] += acc4[level, c]
+
+
+@njit(inline="always")
+def _ceil_log2(n):
+    """c10's CeilLog2: 1 for n <= 2, else the bit length of n - 1."""
+    if n <= 2:
+        return 1
+    bits, m = 0, n - 1
+    while m:
+        bits += 1
+        m >>= 1
+    return bits
+
+
 @njit(inline="always")
 def _grad_sums(dyr, xr, m, w, offset, cast=0):
     """Along one contiguous run, in float64 (blocked as ``_run_sums``): sum(g * (x - m)),
@@ -331,12 +434,14 @@ def _row_blocks(n):
 
 
 @njit(**_JIT)
-def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast):
+def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
-    statistics are not wanted; ``cast`` as ``reference.row_norm_forward``'s."""
+    statistics are not wanted; ``cast`` as ``reference.row_norm_forward``'s; ``lanes``
+    as ``_torch_mean_square``'s."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     for i in prange(n):
+        acc4 = scratch(x, (4, 4 * max(lanes, 1)))
         if res is None:
             src = x
         else:  # r = x + res rounded to x's dtype, as an unfused add would give
@@ -345,7 +450,7 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
             src = r_out
         row = src[i]
         if mean_out is None:
-            mean0, shift, var = zero, zero, _mean_square(row)
+            mean0, shift, var = zero, zero, _torch_mean_square(row, lanes, acc4)
         else:
             mean0, shift, var = _moments(src.reshape((1, n, d)), i)
             mean_out[i] = mean0 + shift
@@ -357,7 +462,7 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
         _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
 def _normalized_row(row, out, mean0, shift, rstd, w, b, offset, cast):
     """out = ((row - mean0 - shift) * rstd) * (w + offset) + b, in this order: a function
     of its own, compiled without ``reassoc``, so that the output's bits do not depend on
@@ -433,12 +538,13 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part
 
 
 @njit(cache=True, nogil=True)
-def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rstd_out, ts, eps, offset, cast):
+def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rstd_out, ts, eps, offset, cast,
+                     lanes):
     """``_row_norm_fwd`` on (n, d) rows given by address: x, res, r_out of ``tx``'s
     dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s."""
     _row_norm_fwd(at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)),
                   at(y, ty, (n, d)), at(r_out, tx, (n, d)), at(mean_out, ts, (n,)),
-                  at(rstd_out, ts, (n,)), eps, offset, cast)
+                  at(rstd_out, ts, (n,)), eps, offset, cast, lanes)
 
 
 @njit(cache=True, nogil=True)
@@ -1011,6 +1117,29 @@ def _threads(work: int) -> None:
         _thread_count.n = n
 
 
+def _torch_lanes(dtype: torch.dtype) -> int:
+    """How many values of ``dtype`` (float32 or float64) torch's CPU ``sum`` adds per
+    vector (``_torch_mean_square``'s ``lanes``): found once, by summing probe rows the way
+    a vector of each width would and keeping the width that gives torch's own bits (16
+    float32 with AVX-512, 8 with AVX2); 0, our own order, where none does."""
+    lanes = _LANES.get(dtype)
+    if lanes is None:
+        g = torch.Generator().manual_seed(0)
+        probes = [torch.randn(n, generator=g, dtype=dtype) * 3 for n in (3, 29, 100, 1000, 4133, 20000)]
+        expected = [p.pow(2).mean() for p in probes]
+        lanes = 0
+        for width in (16, 8, 4, 32, 2):
+            acc4 = np.empty((4, 4 * width), dtype=_NUMPY_DTYPES[dtype])
+            if all(_torch_mean_square(p.numpy(), width, acc4) == e.item() for p, e in zip(probes, expected)):
+                lanes = width
+                break
+        _LANES[dtype] = lanes
+    return lanes
+
+
+_LANES: dict[torch.dtype, int] = {}
+
+
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
     x, residual, weight, bias = _contiguous(x, residual, weight, bias)
     n, d = x.shape
@@ -1024,7 +1153,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
     _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
                      _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
                      _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
-                     float(eps), float(offset), int(cast))
+                     float(eps), float(offset), int(cast), _torch_lanes(acc))
     return y, r, mean, rstd
 
 
