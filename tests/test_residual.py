@@ -203,6 +203,18 @@ def test_deepnorm_and_subln_models_take_their_papers_init():
     std_ok(sub.decoder[0].attn.sublayer.c_attn.weight[:d], xavier(d, d))
 
 
+@pytest.mark.parametrize("kind, branches", [("decoder", 2 * 6), ("encoder-decoder", 2 * 6 + 3 * 6)])
+def test_output_projections_start_scaled_by_the_number_of_residual_branches(kind, branches):
+    """GPT-2's init: every sublayer's c_proj at 0.02 / sqrt(residual branches), the rest
+    at 0.02, so the residual stream's variance at init does not grow with depth."""
+    torch.manual_seed(0)
+    model = addnorm.Transformer(kind, vocab_size=50, d_model=64, n_heads=4, n_layers=6, placement="pre")
+    proj = torch.cat([w.flatten() for n, w in model.named_parameters() if n.endswith("c_proj.weight")])
+    fc = torch.cat([w.flatten() for n, w in model.named_parameters() if n.endswith("c_fc.weight")])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(branches), rel=0.05)
+    assert fc.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_generate_is_deterministic_with_a_seed_and_greedy_at_temperature_zero():
     model = _model("decoder", "rmsnorm", "pre").eval()
     start = torch.zeros(2, 1, dtype=torch.long)

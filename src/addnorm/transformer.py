@@ -261,18 +261,25 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """nanoGPT's init: normal(0, 0.02) weights, zero biases.  DeepNorm's and SubLN's
-        sublayers take their papers' init instead (DeepNet's pseudo-code, torchscale):
-        Xavier-normal weights (each projection of a fused q/k/v its own), the value,
-        output and feed-forward ones then scaled by β (DeepNorm) or γ (SubLN): their
-        derivations of β and γ assume that init."""
+        """nanoGPT's (GPT-2's) init: normal(0, 0.02) weights, zero biases, and each
+        sublayer's output projection (``c_proj``) at 0.02 / sqrt(number of residual
+        branches), so that the stream's variance at init does not grow with depth.
+        DeepNorm's and SubLN's sublayers take their papers' init instead (DeepNet's
+        pseudo-code, torchscale): Xavier-normal weights (each projection of a fused q/k/v
+        its own), the value, output and feed-forward ones then scaled by β (DeepNorm) or
+        γ (SubLN): their derivations of β and γ assume that init."""
+        residuals = [m for m in self.modules() if isinstance(m, Residual)]
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, 0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, Residual) and module.init_scale is not None:
+        for module in residuals:
+            for name, linear in module.sublayer.named_modules():
+                if name.rsplit(".", 1)[-1] == "c_proj":
+                    nn.init.normal_(linear.weight, 0.0, 0.02 / math.sqrt(max(1, len(residuals))))
+        for module in residuals:
+            if module.init_scale is not None:
                 for name, linear in module.sublayer.named_modules():
                     if isinstance(linear, nn.Linear):
                         fused = _FUSED.get(name.rsplit(".", 1)[-1], 1)
