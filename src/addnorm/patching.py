@@ -77,6 +77,7 @@ def patch(
             pass
     swapped: dict[str, int] = {}
     left: dict[str, str] = {}
+    recognised: dict[type, FamilyNorm | str] = {}  # a class computes what its code says: probed once
     for module in model.modules():
         if getattr(module, _ORIGINAL, None) is not None:
             continue
@@ -89,7 +90,9 @@ def patch(
                 module.offset, module.casting_mode = 0.0, "torch"
             _swap(module, twin if backend is None else _patched_class(twin, backend), backend)
         elif cls.__name__.endswith(("RMSNorm", "LayerNorm")):
-            spec = _recognise(module)
+            if cls not in recognised:
+                recognised[cls] = _recognise(module)
+            spec = recognised[cls]
             if isinstance(spec, str):
                 left.setdefault(cls.__qualname__, spec)
                 continue
