@@ -355,36 +355,54 @@ def _torch_mean_square(row, lanes, acc4):
 @njit(inline="always")
 def _cascade_squares(row, units, width, acc4):
     """aten's ``multi_row_sum``: ``width`` running sums, sum c of row[i * width + c]**2 for
-    i < units, each a cascade of four levels of 2**level_power values (result in acc4[0])."""
-    for level in range(4):
-        for c in range(width):
-            acc4[level, c] = 0.0
+    i < units, each a cascade of four levels of 2**level_power values; the result in
+    acc4[0].  The upper levels stay untouched (zero) for rows shorter than one step.
+    Runs are read through slices from 0, so indices are provably >= 0 and the loops
+    vectorize (across the ``width`` sums: no value changes order)."""
+    a0, a1, a2, a3 = acc4[0], acc4[1], acc4[2], acc4[3]
+    for c in range(width):
+        a0[c] = 0.0
     power = max(4, _ceil_log2(units) // 4)
     step = 1 << power
     mask = step - 1
     i = 0
-    while i + step <= units:
-        for _ in range(step):
-            base = i * width
-            for c in range(width):
-                v = ld(row, base + c)
-                acc4[0, c] += v * v
-            i += 1
-        for level in range(1, 4):
-            for c in range(width):
-                acc4[level, c] += acc4[level - 1, c]
-                acc4[level - 1, c] = 0.0
-            if i & (mask << (level * power)):
-                break
-    while i < units:
-        base = i * width
+    if units >= step:
         for c in range(width):
-            v = ld(row, base + c)
-            acc4[0, c] += v * v
-        i += 1
-    for level in range(1, 4):
+            a1[c] = 0.0
+            a2[c] = 0.0
+            a3[c] = 0.0
+        while i + step <= units:
+            for k in range(i * width, (i + step) * width, width):
+                run = row[k:k + width]
+                for c in range(width):
+                    v = ld(run, c)
+                    a0[c] += v * v
+            i += step
+            for c in range(width):  # up the levels until one is not full (aten's break)
+                a1[c] += a0[c]
+                a0[c] = 0.0
+            if i & (mask << power):
+                continue
+            for c in range(width):
+                a2[c] += a1[c]
+                a1[c] = 0.0
+            if i & (mask << (2 * power)):
+                continue
+            for c in range(width):
+                a3[c] += a2[c]
+                a2[c] = 0.0
+    for k in range(i * width, units * width, width):
+        run = row[k:k + width]
         for c in range(width):
-            acc4[0, c] += acc4[level, c]
+            v = ld(run, c)
+            a0[c] += v * v
+    if units >= step:
+        for c in range(width):
+            a0[c] += a1[c]
+        for c in range(width):
+            a0[c] += a2[c]
+        for c in range(width):
+            a0[c] += a3[c]
 
 
 @njit(inline="always")
@@ -445,8 +463,9 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
         if res is None:
             src = x
         else:  # r = x + res rounded to x's dtype, as an unfused add would give
+            xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
             for j in range(d):
-                st(r_out, (i, j), ld(x, (i, j)) + ld(res, (i, j)))
+                st(sr, j, ld(xr, j) + ld(rr, j))
             src = r_out
         row = src[i]
         if mean_out is None:
