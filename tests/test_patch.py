@@ -206,3 +206,12 @@ def test_bad_arguments(capsys):
     with pytest.raises(ValueError, match="backend must be one of"):
         addnorm.patch(model, backend="cuda")
     assert addnorm.unpatch(model) == 0
+
+
+def test_a_model_on_the_meta_device_is_patched_too():
+    """Big models are often built on the meta device and loaded later: the probe runs on
+    the CPU with values of its own, so recognition does not need the weights."""
+    with torch.device("meta"):
+        model = MODELS["gemma"][0]()
+    assert addnorm.patch(model) == 5
+    assert model.model.norm._addnorm_family.offset == 1.0 and model.model.norm.weight.is_meta

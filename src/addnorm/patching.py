@@ -167,7 +167,8 @@ def _recognise(module: nn.Module) -> FamilyNorm | str:
             FamilyNorm("rmsnorm", offset, mode, eps_name)
             for offset in (0.0, 1.0) for mode in ("torch", "llama", "none")
         ]
-    probe = copy.deepcopy(module).float()
+    # on the CPU whatever the model's device (meta included): the probe's values are ours
+    probe = copy.deepcopy(module).to_empty(device="cpu").float()
     g = torch.Generator().manual_seed(0)
     d = weight.numel()
     with torch.no_grad():  # values where every candidate computes something different
