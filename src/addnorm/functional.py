@@ -206,19 +206,19 @@ def _inlined(x: Tensor) -> bool:
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
 # --sweep``.
 #
-# RMSNorm's twin, ``torch.rms_norm``, computes the same function only in float32 and
-# float64 (in float16 and bfloat16 it rounds x * rstd to the input dtype before the
-# weight multiplies it: two roundings where ours has one) and without Gemma's offset;
-# and it is a chain of elementwise ops, slower than ours without autograd.  While
-# autograd records, though, its C++ graph nodes cost less than our autograd.Function
-# (~5 µs more per forward, ~15 µs more per backward): so there, below its bound, the
-# float32/float64 RMSNorm and add+RMSNorm run it (the add as x + residual).  DyT and
-# ScaleNorm have no twin and always run ours.
+# RMSNorm's twin, ``torch.rms_norm``, computes the same function bit for bit in every
+# dtype (our kernel sums the squares in torch's order; casting mode "torch"), without
+# Gemma's offset; it is slower than ours without autograd.  While autograd records,
+# though, its C++ graph nodes cost less than our autograd.Function (~5 µs more per
+# forward, ~15 µs more per backward): so there, below its bound (lower in float16 and
+# bfloat16, where torch's kernel is slower per element), RMSNorm and add+RMSNorm run it
+# (the add as x + residual).  DyT and ScaleNorm have no twin and always run ours.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
     "rms_norm": 1 << 17,  # with autograd recording, float32/float64, offset 0
+    "rms_norm_reduced": 1 << 14,  # the same in float16/bfloat16
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 
@@ -241,8 +241,8 @@ def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, o
     """Whether this RMSNorm runs ``torch.rms_norm`` (the rule above)."""
     return (
         not offset
-        and _native("rms_norm", input, residual, weight)  # input is a plain CPU Tensor
-        and input.dtype in _TWIN_RMS_DTYPES
+        and _native("rms_norm_reduced" if input.dtype in _REDUCED else "rms_norm", input, residual, weight)
+        and input.dtype in _TWIN_RMS_DTYPES  # (input is a plain CPU Tensor)
         and (weight is None or (type(weight) in _TENSORS and weight.dtype is input.dtype))
         and torch.is_grad_enabled()
         and (
@@ -254,7 +254,7 @@ def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, o
 
 
 _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_native`` lets through (no subclass)
-_TWIN_RMS_DTYPES = (torch.float32, torch.float64)
+_TWIN_RMS_DTYPES = _FLOATING
 
 
 def _torch_norm(norm, input, normalized_shape, *args) -> Tensor | None:
