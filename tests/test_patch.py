@@ -192,7 +192,7 @@ def test_unknown_norm_classes_are_left_alone_and_listed(capsys):
     assert addnorm.patch(model, verbose=True) == 1
     out = capsys.readouterr().out
     assert "swapped 1 x LayerNorm" in out
-    assert "left test_unknown_norm_classes_are_left_alone_and_listed.<locals>.OddRMSNorm alone: computes none" in out
+    assert "left test_unknown_norm_classes_are_left_alone_and_listed.<locals>.OddRMSNorm alone: computes none of" in out
     assert "GatedRMSNorm alone: its forward takes more than the input (gate)" in out
     assert type(model[0]) is OddRMSNorm
 
@@ -215,3 +215,24 @@ def test_a_model_on_the_meta_device_is_patched_too():
         model = MODELS["gemma"][0]()
     assert addnorm.patch(model) == 5
     assert model.model.norm._addnorm_family.offset == 1.0 and model.model.norm.weight.is_meta
+
+
+def test_a_layer_norm_of_the_models_own_is_recognised():
+    """Cohere-style: a LayerNorm without bias computed in float32 and cast once."""
+    class Fp32LayerNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), 1e-5
+
+        def forward(self, x):
+            h = x.float()
+            h = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + self.variance_epsilon)
+            return (self.weight.float() * h).to(x.dtype)
+
+    model = nn.Sequential(Fp32LayerNorm(96)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.normal_()
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    expected = model(x)
+    assert addnorm.patch(model) == 1 and model[0]._addnorm_family.kind == "layernorm"
+    torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
