@@ -197,6 +197,13 @@ def test_unknown_norm_classes_are_left_alone_and_listed(capsys):
     assert type(model[0]) is OddRMSNorm
 
 
+def test_addnorms_own_norms_are_left_as_they_are(capsys):
+    model = nn.Sequential(addnorm.RMSNorm(8), addnorm.AddLayerNorm(8), addnorm.LayerNorm(8))
+    assert addnorm.patch(model, verbose=True) == 0
+    assert "left" not in capsys.readouterr().out
+    assert [type(m) for m in model] == [addnorm.RMSNorm, addnorm.AddLayerNorm, addnorm.LayerNorm]
+
+
 def test_bad_arguments(capsys):
     model = nn.Sequential(nn.Linear(4, 4))
     assert addnorm.patch(model, verbose=True) == 0
