@@ -58,7 +58,8 @@ def _inputs(dtype, rows=48, d=384, seed=0):
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How many representable values of a's dtype lie between a and b (same signs)."""
-    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}[a.dtype]
     return (a.view(bits).to(torch.int64) - b.view(bits).to(torch.int64)).abs()
 
 
@@ -77,10 +78,11 @@ def test_reference_rounds_as_the_family_does(mode, dtype):
 
 @pytest.mark.parametrize("dtype", REDUCED)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["gemma", "llama", "none"])
 def test_every_backend_rounds_as_the_family_does(mode, backend, dtype):
-    """Every backend sums the squares in torch's own order too (the numba kernel emulates
-    torch's vector width and cascade), so the outputs are bit-identical."""
+    """In the families' modes every backend sums the squares in torch's own order too
+    (the numba kernel emulates torch's vector width and cascade), so the outputs are
+    bit-identical."""
     family, offset = FAMILIES[mode]
     for rows, d in ((256, 1024), (3, 4133), (5, 7), (1, 20000)):
         x, w = _inputs(dtype, rows=rows, d=d)
@@ -98,13 +100,16 @@ def test_every_backend_rounds_as_the_family_does(mode, backend, dtype):
     seed=st.integers(0, 2**16),
 )
 def test_rms_norm_is_torch_rms_norm_bit_for_bit(rows, d, dtype, scale, seed):
-    """torch.rms_norm's own result, every bit, in every dtype."""
+    """"gemma" without an offset is torch.rms_norm's own result, every bit, in every
+    dtype; "torch", summed in the kernel's faster order, within rounding of it."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, d, generator=g) * scale).to(dtype)
     w = torch.randn(d, generator=g).to(dtype)
+    expected = torch.rms_norm(x, (d,), w, 1e-6)
     with addnorm.backend("numba"):
-        y = AF.rms_norm(x, d, w, 1e-6)
-    assert torch.equal(y, torch.rms_norm(x, (d,), w, 1e-6))
+        assert torch.equal(AF.rms_norm(x, d, w, 1e-6, casting_mode="gemma"), expected)
+        fast = AF.rms_norm(x, d, w, 1e-6)
+    torch.testing.assert_close(fast, expected)  # torch's default tolerances per dtype
 
 
 @pytest.mark.parametrize("dtype", REDUCED)
@@ -116,7 +121,8 @@ def test_the_modes_are_different_functions(dtype):
     each = AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="none")
     assert (once != twice).float().mean() > 0.05
     assert (twice != each).float().mean() > 0.01
-    assert torch.equal(once, AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="gemma"))
+    with addnorm.backend("torch"):  # the same rounding; the kernel's "torch" sums in its own order
+        assert torch.equal(AF.rms_norm(x, x.shape[-1], w, 1e-6), AF.rms_norm(x, x.shape[-1], w, 1e-6, casting_mode="gemma"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,11 +170,12 @@ def test_fused_add_uses_the_same_casting(mode, residual):
 
 @pytest.mark.parametrize("mode", sorted(FAMILIES))
 def test_every_mode_is_exact_in_float64(mode):
-    """In float64 (and float32) no mode rounds anything: one function, gradcheck'ed."""
+    """In float64 (and float32) no mode rounds anything: one function (up to the order of
+    the sum of squares), gradcheck'ed."""
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     f = lambda x, w: AF.rms_norm(x, 7, w, 1e-6, offset=0.5, casting_mode=mode)  # noqa: E731
-    assert torch.equal(f(x, w), AF.rms_norm(x, 7, w, 1e-6, offset=0.5))
+    torch.testing.assert_close(f(x, w), AF.rms_norm(x, 7, w, 1e-6, offset=0.5), rtol=1e-15, atol=0)
     assert gradcheck(f, (x, w)) and gradgradcheck(f, (x, w))
 
 
@@ -198,7 +205,7 @@ def test_module_carries_its_casting_mode():
     rows=st.integers(1, 24),
     d=st.integers(1, 3000),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-    mode=st.sampled_from(sorted(FAMILIES)),
+    mode=st.sampled_from(["gemma", "llama", "none"]),
     offset=st.sampled_from([0.0, 1.0]),
     fused=st.booleans(),
     seed=st.integers(0, 2**16),

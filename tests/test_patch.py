@@ -106,7 +106,7 @@ def test_generate_gives_the_same_tokens(name):
     assert torch.equal(model.generate(prompt, **kw), before)
 
 
-@pytest.mark.parametrize("name, family", [("llama", ("rmsnorm", 0.0, "llama")), ("gemma", ("rmsnorm", 1.0, "torch")),
+@pytest.mark.parametrize("name, family", [("llama", ("rmsnorm", 0.0, "llama")), ("gemma", ("rmsnorm", 1.0, "gemma")),
                                           ("t5", ("rmsnorm", 0.0, "llama"))])
 def test_a_family_is_recognised_by_what_it_computes(name, family):
     """Gemma: (1 + w) in float32, rounded once; Llama and T5 (named LayerNorm, but no

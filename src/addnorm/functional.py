@@ -302,7 +302,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         float(eps),
         float(offset),
         rms,
-        cast if x.dtype in _REDUCED else reference.CAST_ONCE,  # the same function elsewhere
+        cast if x.dtype in _REDUCED else cast & reference.TORCH_ORDER,  # no rounding in float32/64
         device=x.device,
     )
     return _reshaped(y, x.shape), None if residual is None else _reshaped(r, x.shape)
@@ -352,7 +352,10 @@ def rms_norm(
     input's dtype and then multiplies by the weight, as Llama's ``weight *
     xhat.to(dtype)``, in the promoted dtype (float32 output for a float32 weight);
     "none" rounds rstd, xhat, the scale and the product each (Liger's mode of that
-    name).  In float32 and float64 every mode computes the same function.
+    name).  The families' modes ("gemma", "llama", "none") also sum the squares in
+    torch's own order, so the output is the family's code's bit for bit in every dtype;
+    "torch" sums in the kernel's faster order (the last float32 bit of rstd may differ
+    from torch.rms_norm's).
     """
     cast = _casting(casting_mode)
     if not cast and _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):

@@ -88,8 +88,8 @@ def patch(
             kind, twin = _TWINS[cls]
             if kind not in kinds:
                 continue
-            if cls is nn.RMSNorm:  # the attributes addnorm's RMSNorm adds to torch's
-                module.offset, module.casting_mode = 0.0, "torch"
+            if cls is nn.RMSNorm:  # the attributes addnorm's RMSNorm adds to torch's; "gemma"
+                module.offset, module.casting_mode = 0.0, "gemma"  # rounds as torch, in its order
             _swap(module, twin if backend is None else _patched_class(twin, backend), backend)
         elif cls.__name__.endswith(("RMSNorm", "LayerNorm")):
             if cls not in recognised:
@@ -167,7 +167,7 @@ def _recognise(module: nn.Module) -> FamilyNorm | str:
     if not has_bias:
         candidates += [
             FamilyNorm("rmsnorm", offset, mode, eps_name)
-            for offset in (0.0, 1.0) for mode in ("torch", "llama", "none")
+            for offset in (0.0, 1.0) for mode in ("gemma", "llama", "none")  # torch's order
         ]
     # on the CPU whatever the model's device (meta included): the probe's values are ours
     probe = copy.deepcopy(module).to_empty(device="cpu").float()

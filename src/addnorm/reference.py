@@ -33,6 +33,7 @@ __all__ = [
     "CAST_ONCE",
     "CAST_XHAT",
     "CAST_EACH",
+    "TORCH_ORDER",
     "CASTING_MODES",
     "row_norm_out_dtype",
     "round_to",
@@ -145,18 +146,27 @@ def _sum_to(t: Tensor, dims: tuple[int, ...], like: Tensor) -> Tensor:
 CAST_ONCE = 0  # xhat * scale in the accumulation dtype, rounded once (torch.nn, Gemma)
 CAST_XHAT = 1  # xhat rounded to the input's dtype, then * scale (Llama, Mistral, Qwen, T5)
 CAST_EACH = 2  # rstd, xhat and the scale each rounded to the input's dtype (Liger's "none")
+# Added to one of the above: sum RMSNorm's squares in torch's own order, so the output is
+# the model family's bit for bit (this module always does: it sums with torch.mean; a
+# kernel otherwise uses its own, faster order, and the last float32 bit may differ).
+TORCH_ORDER = 4
 
 
 # RMSNorm's ``casting_mode``: the model families' orders of rounding, by name (Liger's
 # names, plus torch's own).  "torch" and "gemma" round the same way; "gemma" says so for
 # the family whose norm computes ``(1 + w) * xhat`` in float32 and casts once.
-CASTING_MODES = {"torch": CAST_ONCE, "gemma": CAST_ONCE, "llama": CAST_XHAT, "none": CAST_EACH}
+CASTING_MODES = {
+    "torch": CAST_ONCE,
+    "gemma": CAST_ONCE | TORCH_ORDER,
+    "llama": CAST_XHAT | TORCH_ORDER,
+    "none": CAST_EACH | TORCH_ORDER,
+}
 
 
 def row_norm_out_dtype(dtype: torch.dtype, weight: Tensor | None, cast: int) -> torch.dtype:
     """The output's dtype: the input's, or where xhat is rounded to it and then multiplied
     by a weight of another dtype, the promoted one (``weight * xhat.to(dtype)``)."""
-    if cast == CAST_ONCE or weight is None:
+    if cast & 3 == CAST_ONCE or weight is None:
         return dtype
     return torch.promote_types(dtype, weight.dtype)
 
@@ -192,12 +202,12 @@ def row_norm_forward(
     r = x if residual is None else x + residual
     xhat, mean, _, rstd = standardize(r, (-1,), eps, centered=not rms)
     scale = _scale(weight, offset, xhat)
-    if cast == CAST_EACH:
+    if cast & 3 == CAST_EACH:
         rstd = round_to(rstd, x.dtype)
         rf = r.to(xhat.dtype)
         xhat = (rf if rms else recenter(rf, mean, (-1,))) * rstd
         scale = None if scale is None else round_to(scale, x.dtype)
-    if cast != CAST_ONCE:
+    if cast & 3 != CAST_ONCE:
         xhat = round_to(xhat, x.dtype)
     y = _affine(xhat, scale, bias).to(row_norm_out_dtype(x.dtype, weight, cast))
     return (
@@ -239,13 +249,13 @@ def row_norm_backward(
     if wanted[0]:
         scale = _scale(weight, offset, xhat)
         dxhat = dyf if scale is None else dyf * scale
-        if cast != CAST_ONCE:
+        if cast & 3 != CAST_ONCE:
             dxhat = round_to(dxhat, r.dtype)
         dx = standardize_backward(dxhat, xhat, rstd, (-1,), centered=not rms)
         if dr is not None:
             dx = dx + dr.to(acc)
         dx = dx.to(r.dtype)
-    if cast != CAST_ONCE:
+    if cast & 3 != CAST_ONCE:
         xhat = round_to(xhat, r.dtype)
     dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, (0,), weight)
     dbias = None if bias is None or not wanted[2] else _sum_to(dyf, (0,), bias)

@@ -53,7 +53,7 @@ from numba.extending import intrinsic, overload
 from .. import _backend
 from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
-from ..reference import acc_dtype, row_norm_out_dtype
+from ..reference import TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
 # numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
 # float16) with a "pedantic" internal warning at compile time; the code is right and the
@@ -458,27 +458,31 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
     as ``_torch_mean_square``'s."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
-    for i in prange(n):
+    per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
+    for blk in prange((n + per - 1) // per):
         acc4 = scratch(x, (4, 4 * max(lanes, 1)))
-        if res is None:
-            src = x
-        else:  # r = x + res rounded to x's dtype, as an unfused add would give
-            xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
-            for j in range(d):
-                st(sr, j, ld(xr, j) + ld(rr, j))
-            src = r_out
-        row = src[i]
-        if mean_out is None:
-            mean0, shift, var = zero, zero, _torch_mean_square(row, lanes, acc4)
-        else:
-            mean0, shift, var = _moments(src.reshape((1, n, d)), i)
-            mean_out[i] = mean0 + shift
-        rstd = acc(x, 1.0) / np.sqrt(var + eps_)
-        if cast == 2:
-            rstd = rnd(x, rstd)
-        if rstd_out is not None:
-            rstd_out[i] = rstd
-        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
+        for i in range(blk * per, min(n, (blk + 1) * per)):
+            if res is None:
+                src = x
+            else:  # r = x + res rounded to x's dtype, as an unfused add would give
+                xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
+                for j in range(d):
+                    st(sr, j, ld(xr, j) + ld(rr, j))
+                src = r_out
+            row = src[i]
+            if mean_out is None:
+                # torch's order where asked (a function of its own, no reassoc); else ours
+                var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
+                mean0, shift = zero, zero
+            else:
+                mean0, shift, var = _moments(src.reshape((1, n, d)), i)
+                mean_out[i] = mean0 + shift
+            rstd = acc(x, 1.0) / np.sqrt(var + eps_)
+            if cast == 2:
+                rstd = rnd(x, rstd)
+            if rstd_out is not None:
+                rstd_out[i] = rstd
+            _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
 
 
 @njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
@@ -1160,6 +1164,7 @@ _LANES: dict[torch.dtype, int] = {}
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
+    lanes = _torch_lanes(acc_dtype(x.dtype)) if cast & TORCH_ORDER else 0
     x, residual, weight, bias = _contiguous(x, residual, weight, bias)
     n, d = x.shape
     _threads(n * d)
@@ -1172,7 +1177,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
     _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
                      _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
                      _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
-                     float(eps), float(offset), int(cast), _torch_lanes(acc))
+                     float(eps), float(offset), int(cast & 3), lanes)
     return y, r, mean, rstd
 
 
@@ -1187,7 +1192,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     tx = _TOKENS[r.dtype]
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
                      r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
-                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast), _address(dx), _address(dw_part),
+                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast & 3), _address(dx), _address(dw_part),
                      _address(db_part))
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 

@@ -260,9 +260,12 @@ def _depth_plot(records: list[dict], fig) -> None:
 def _deepnorm_verdict(records: list[dict]) -> tuple[str, dict]:
     table = _by_setting(records)
     settings = _settings(table)
-    rate = _rates(table, ("post", "deepnorm"), settings)
+    rate = _rates(table, ("post", "deepnorm", "pre"), settings)
     post_fails = [(d, lr) for d, lr in settings if rate[("post", d, lr)] >= 2 / 3]
     rescued = [_label(d, lr) for d, lr in post_fails if rate[("deepnorm", d, lr)] == 0]
+    # DeepNet's headline: Post-LN fails where DeepNorm and Pre-LN both train
+    headline = [_label(d, lr) for d, lr in post_fails
+                if rate[("deepnorm", d, lr)] == 0 and rate[("pre", d, lr)] == 0]
     quality = {}
     for d, lr in settings:
         pairs = _trained_in_every_seed(table, ("layernorm", "deepnorm"), ("layernorm", "post"), d, lr)
@@ -272,6 +275,7 @@ def _deepnorm_verdict(records: list[dict]) -> tuple[str, dict]:
     evidence = {
         "settings where Post-LN fails in >= 2/3 of seeds": [_label(*s) for s in post_fails],
         "... of those, where DeepNorm fails in none": rescued,
+        "... and Pre-LN fails in none too": headline,
         "DeepNorm's validation loss relative to Post-LN's where both train (mean over seeds)":
             {k: f"{v:+.1%}" for k, v in quality.items()},
     }
