@@ -206,9 +206,10 @@ def _inlined(x: Tensor) -> bool:
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
 # --sweep``.
 #
-# RMSNorm's twin, ``torch.rms_norm``, computes the same function bit for bit in every
-# dtype (our kernel sums the squares in torch's order; casting mode "torch"), without
-# Gemma's offset; it is slower than ours without autograd.  While autograd records,
+# RMSNorm's twin, ``torch.rms_norm``, computes the same function in every dtype (casting
+# mode "torch": one rounding; the sum of squares in another order, so the last bit of
+# rstd may differ; "gemma" without an offset is it bit for bit), without Gemma's offset;
+# it is slower than ours without autograd.  While autograd records,
 # though, its C++ graph nodes cost less than our autograd.Function (~5 µs more per
 # forward, ~15 µs more per backward): so there, below its bound (lower in float16 and
 # bfloat16, where torch's kernel is slower per element), RMSNorm and add+RMSNorm run it
