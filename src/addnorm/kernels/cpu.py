@@ -313,14 +313,11 @@ def _torch_mean_square(row, lanes, acc4):
     ``cascade_sum`` over a contiguous row, ``lanes`` values to its vector): ``lanes``-wide
     vectors, four of them side by side (its ``ilp_factor``), summed in a cascade of four
     levels, then the leftover vectors, the four partial vectors, the scalar tail and the
-    lanes, in that order; ``lanes`` < 2 sums as ``_mean_square`` does.  An RMSNorm whose
-    statistic is ``x.pow(2).mean(-1)`` (Llama's, torch.rms_norm itself) then gets the
-    very same rstd, so the output is bit for bit the same.  A function of its own, compiled
-    without ``reassoc``: the order is the point.  ``acc4``: scratch, (4, 4 * lanes) of the
-    accumulation type."""
+    lanes, in that order.  An RMSNorm whose statistic is ``x.pow(2).mean(-1)`` (Llama's,
+    torch.rms_norm itself) then gets the very same rstd, so the output is bit for bit the
+    same.  A function of its own, compiled without ``reassoc``: the order is the point.
+    ``acc4``: scratch, (4, 4 * lanes) of the accumulation type."""
     d = row.shape[0]
-    if lanes < 2:
-        return _mean_square(row)
     zero = acc(row, 0.0)
     if d < lanes:  # torch's scalar loop: four running sums side by side
         width, units = 4, d // 4
