@@ -91,8 +91,9 @@ def test_row_norm_forward_and_backward(backend, case):
     ours_in = [leaf(t) if t is not None else None for t in (x, res, w, b)]
     torch_in = [leaf(t) if t is not None else None for t in (x, res, w, b)]
     ref_in = as64(x, res, w, b)
-    # float64 reference with the eps the low-precision call resolves to
-    ref_case = dict(case, eps=R.rms_eps(case["eps"], case["dtype"]))
+    # float64 reference with the eps the low-precision call resolves to (RMSNorm's None is
+    # the input dtype's epsilon; LayerNorm's None is the 1e-5 every call here uses)
+    ref_case = dict(case, eps=R.rms_eps(case["eps"], case["dtype"]) if case["rms"] else case["eps"])
 
     ours = _ours(case, *ours_in)
     theirs = _torch_row_norm(case, *torch_in)
