@@ -259,7 +259,7 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     offset, rms, cast, backend = ctx.args
     if _recording_backward():
         _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
-        if cast & 3 == reference.CAST_EACH:
+        if cast & reference.ROUNDING == reference.CAST_EACH:
             rstd = reference.round_to(rstd, r.dtype)
         dx, dw, db = reference.row_norm_backward(
             dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, cast, bias, wanted

@@ -34,6 +34,7 @@ __all__ = [
     "CAST_XHAT",
     "CAST_EACH",
     "TORCH_ORDER",
+    "ROUNDING",
     "CASTING_MODES",
     "row_norm_out_dtype",
     "round_to",
@@ -150,6 +151,7 @@ CAST_EACH = 2  # rstd, xhat and the scale each rounded to the input's dtype (Lig
 # the model family's bit for bit (this module always does: it sums with torch.mean; a
 # kernel otherwise uses its own, faster order, and the last float32 bit may differ).
 TORCH_ORDER = 4
+ROUNDING = 3  # the bits of a ``cast`` that say where it rounds (without TORCH_ORDER)
 
 
 # RMSNorm's ``casting_mode``: the model families' orders of rounding, by name (Liger's
@@ -166,7 +168,7 @@ CASTING_MODES = {
 def row_norm_out_dtype(dtype: torch.dtype, weight: Tensor | None, cast: int) -> torch.dtype:
     """The output's dtype: the input's, or where xhat is rounded to it and then multiplied
     by a weight of another dtype, the promoted one (``weight * xhat.to(dtype)``)."""
-    if cast & 3 == CAST_ONCE or weight is None:
+    if cast & ROUNDING == CAST_ONCE or weight is None:
         return dtype
     return torch.promote_types(dtype, weight.dtype)
 
@@ -202,12 +204,12 @@ def row_norm_forward(
     r = x if residual is None else x + residual
     xhat, mean, _, rstd = standardize(r, (-1,), eps, centered=not rms)
     scale = _scale(weight, offset, xhat)
-    if cast & 3 == CAST_EACH:
+    if cast & ROUNDING == CAST_EACH:
         rstd = round_to(rstd, x.dtype)
         rf = r.to(xhat.dtype)
         xhat = (rf if rms else recenter(rf, mean, (-1,))) * rstd
         scale = None if scale is None else round_to(scale, x.dtype)
-    if cast & 3 != CAST_ONCE:
+    if cast & ROUNDING != CAST_ONCE:
         xhat = round_to(xhat, x.dtype)
     y = _affine(xhat, scale, bias).to(row_norm_out_dtype(x.dtype, weight, cast))
     return (
@@ -249,13 +251,13 @@ def row_norm_backward(
     if wanted[0]:
         scale = _scale(weight, offset, xhat)
         dxhat = dyf if scale is None else dyf * scale
-        if cast & 3 != CAST_ONCE:
+        if cast & ROUNDING != CAST_ONCE:
             dxhat = round_to(dxhat, r.dtype)
         dx = standardize_backward(dxhat, xhat, rstd, (-1,), centered=not rms)
         if dr is not None:
             dx = dx + dr.to(acc)
         dx = dx.to(r.dtype)
-    if cast & 3 != CAST_ONCE:
+    if cast & ROUNDING != CAST_ONCE:
         xhat = round_to(xhat, r.dtype)
     dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, (0,), weight)
     dbias = None if bias is None or not wanted[2] else _sum_to(dyf, (0,), bias)

@@ -53,13 +53,13 @@ from numba.extending import intrinsic, overload
 from .. import _backend
 from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
-from ..reference import TORCH_ORDER, acc_dtype, row_norm_out_dtype
+from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
-# numba's SSA pass flags the phis of the integer selects in ``ld``/``st`` (bfloat16,
+# numba's SSA pass flags the phis of the integer selects in ``ld``/``st``/``rnd`` (bfloat16,
 # float16) with a "pedantic" internal warning at compile time; the code is right and the
 # selects are what keep the loops vectorized (an arithmetic mask is 2x slower).
 warnings.filterwarnings(
-    "ignore", message=r"variable '_(ld|st)__locals__", category=numba.NumbaIRAssumptionWarning
+    "ignore", message=r"variable '_(ld|st|rnd)__locals__", category=numba.NumbaIRAssumptionWarning
 )
 
 def _use_tbb() -> None:
@@ -165,6 +165,17 @@ def rnd(a, v):
     back: ``ld(a, i)`` after ``st(a, i, v)``, without the store."""
 
 
+@njit(inline="always")
+def _bfloat16_bits(v):
+    """float32 v rounded to bfloat16 (nearest-even), as its 16 bits in a uint32: what ``st``
+    stores and ``rnd`` widens back.  NaN as torch's vectorized conversion writes it
+    (rounding could carry it to Inf); an integer select, so loops stay vectorized."""
+    bits = np.float32(v).view(np.uint32)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint32(0xFFFF) if nan else rounded
+
+
 @overload(ld, inline="always")
 def _ld(a, i):
     if a.dtype == types.uint16:  # bfloat16: the high half of a float32
@@ -179,12 +190,7 @@ def _st(a, i, v):
     if a.dtype == types.uint16:
 
         def store_bfloat16(a, i, v):
-            bits = np.float32(v).view(np.uint32)
-            nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            # NaN as torch's vectorized conversion writes it (rounding could carry it to
-            # Inf); an integer select, so the loop stays vectorized
-            a[i] = np.uint16(np.uint32(0xFFFF) if nan else rounded)
+            a[i] = np.uint16(_bfloat16_bits(v))
 
         return store_bfloat16
     if a.dtype == types.int16:
@@ -212,11 +218,7 @@ def _rnd(a, v):
     if a.dtype == types.uint16:
 
         def round_bfloat16(a, v):
-            bits = np.float32(v).view(np.uint32)
-            nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            kept = np.uint32(0xFFFF) if nan else rounded
-            return np.uint32(kept << np.uint32(16)).view(np.float32)
+            return np.uint32(_bfloat16_bits(v) << np.uint32(16)).view(np.float32)
 
         return round_bfloat16
     if a.dtype == types.int16:
@@ -1174,7 +1176,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
     _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
                      _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
                      _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
-                     float(eps), float(offset), int(cast & 3), lanes)
+                     float(eps), float(offset), int(cast & ROUNDING), lanes)
     return y, r, mean, rstd
 
 
@@ -1189,7 +1191,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     tx = _TOKENS[r.dtype]
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
                      r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
-                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast & 3), _address(dx), _address(dw_part),
+                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast & ROUNDING), _address(dx), _address(dw_part),
                      _address(db_part))
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
