@@ -48,3 +48,11 @@ def test_model_benchmark_compares_equal_models(index):
     outs = {side: runner(m)().float() for side, m in models.items()}
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(outs["addnorm"], outs["torch"], rtol=tol, atol=tol * outs["torch"].abs().max().item())
+
+
+def test_preallocated_kernel_table_runs():
+    """``addnorm bench``'s kernel-only table calls the numba row kernel straight: it must
+    keep up with the kernel's signature (it once lagged two arguments behind)."""
+    rows = B.preallocated(shape=(8, 64), dtypes=(torch.float32,), rounds=1)
+    assert [r["op"] for r in rows] == ["rms_norm", "layer_norm"]
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)

@@ -33,6 +33,9 @@ def _grads(fn, *inputs):
 CASES = {
     "layer_norm": (lambda x, w, b: AF.layer_norm(x, (96,), w, b), (300, 96), (96,)),
     "add_rms_norm": (lambda x, r, w: AF.add_rms_norm(x, r, (96,), w), (300, 96), None),
+    # torch's summation order (its scratch per task on threads, once on the calling thread)
+    "rms_norm_gemma": (lambda x, w, b: AF.rms_norm(x, (96,), w * b, offset=1.0, casting_mode="gemma"),
+                       (300, 96), (96,)),
     "group_norm": (lambda x, w, b: AF.group_norm(x, 4, w, b), (5, 8, 9, 7), (8,)),
     "batch_norm": (lambda x, w, b: AF.batch_norm(x, None, None, w, b, True), (5, 8, 9, 7), (8,)),
     "dyt": (lambda x, w, b: AF.dyt(x, torch.tensor([0.8]), w, b), (300, 96), (96,)),

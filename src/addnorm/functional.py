@@ -82,6 +82,8 @@ def _check_param(
     (or float32 beside float16/bfloat16 input: the mixed precision torch accepts)."""
     if t is None:
         return
+    if type(t) in _TENSORS and t.dtype is input.dtype and t.shape == shape and t.is_cpu and input.is_cpu:
+        return  # the common case, checked in a fraction of the general check's time
     if not isinstance(t, Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.shape != shape:
@@ -162,6 +164,11 @@ def _watched(args: tuple) -> bool:
     (torch.compile traces neither: there the op is always what it sees.)"""
     if torch.compiler.is_compiling():
         return False
+    return _transformed(args)
+
+
+def _transformed(args: tuple) -> bool:
+    """``_watched`` for a caller that has seen torch.compile is not tracing."""
     # fast exit, the common case: no transform is active and no dual level is open
     if _functorch_level() is None and forward_ad._current_level < 0:
         return False
@@ -179,7 +186,10 @@ _functorch_level = torch._C._functorch.maybe_current_level
 def _forward(op, math, *args, device: torch.device):
     """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches
     or torch.compile traces a small input (``_inlined``)."""
-    if _watched(args) or _inlined(args[0]):
+    if torch.compiler.is_compiling():
+        if _inlined(args[0]):
+            return math(*args)
+    elif _transformed(args):
         return math(*args)
     return op(*args, select(device))
 
@@ -241,16 +251,16 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
 def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:
     """Whether this RMSNorm runs ``torch.rms_norm`` (the rule above)."""
     return (
-        not offset
-        and _native("rms_norm_reduced" if input.dtype in _REDUCED else "rms_norm", input, residual, weight)
-        and input.dtype in _TWIN_RMS_DTYPES  # (input is a plain CPU Tensor)
-        and (weight is None or (type(weight) in _TENSORS and weight.dtype is input.dtype))
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()  # first: False in no_grad and inference, where it is cheapest
         and (
             input.requires_grad
             or (weight is not None and weight.requires_grad)
             or (type(residual) is Tensor and residual.requires_grad)
         )
+        and not offset
+        and _native("rms_norm_reduced" if input.dtype in _REDUCED else "rms_norm", input, residual, weight)
+        and input.dtype in _TWIN_RMS_DTYPES  # (input is a plain CPU Tensor)
+        and (weight is None or (type(weight) in _TENSORS and weight.dtype is input.dtype))
     )
 
 

@@ -165,21 +165,43 @@ def rnd(a, v):
     back: ``ld(a, i)`` after ``st(a, i, v)``, without the store."""
 
 
-@njit(inline="always")
-def _bfloat16_bits(v):
+@intrinsic
+def _bfloat16_bits(typingctx, v):
     """float32 v rounded to bfloat16 (nearest-even), as its 16 bits in a uint32: what ``st``
     stores and ``rnd`` widens back.  NaN as torch's vectorized conversion writes it
-    (rounding could carry it to Inf); an integer select, so loops stay vectorized."""
-    bits = np.float32(v).view(np.uint32)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.uint32(0xFFFF) if nan else rounded
+    (0xFFFF: rounding could carry it to Inf).  Written as LLVM IR in 32-bit integers with
+    a select: in numba's Python integers (promoted to 64 bits, the NaN case a branch) the
+    loops around it vectorized only after a second optimization round, which a kernel
+    gets when loaded from numba's cache but not in the process that compiled it (there
+    bfloat16 rows ran ~4x slower)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        nan = builder.icmp_unsigned(">", builder.and_(bits, i32(0x7FFFFFFF)), i32(0x7F800000))
+        odd = builder.and_(builder.lshr(bits, i32(16)), i32(1))
+        rounded = builder.lshr(builder.add(builder.add(bits, i32(0x7FFF)), odd), i32(16))
+        return builder.select(nan, i32(0xFFFF), rounded)
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bfloat16_to_float(typingctx, bits):
+    """bfloat16 bits (uint16) -> float32, exactly: the high half of a float32 (LLVM IR in
+    32-bit integers, as ``_bfloat16_bits``)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), i32(16)), ir.FloatType())
+
+    return types.float32(bits), codegen
 
 
 @overload(ld, inline="always")
 def _ld(a, i):
     if a.dtype == types.uint16:  # bfloat16: the high half of a float32
-        return lambda a, i: np.uint32(np.uint32(a[i]) << 16).view(np.float32)
+        return lambda a, i: _bfloat16_to_float(a[i])
     if a.dtype == types.int16:  # float16
         return lambda a, i: _half_to_float(a[i])
     return lambda a, i: a[i]
@@ -190,7 +212,7 @@ def _st(a, i, v):
     if a.dtype == types.uint16:
 
         def store_bfloat16(a, i, v):
-            a[i] = np.uint16(_bfloat16_bits(v))
+            a[i] = np.uint16(_bfloat16_bits(np.float32(v)))
 
         return store_bfloat16
     if a.dtype == types.int16:
@@ -218,7 +240,7 @@ def _rnd(a, v):
     if a.dtype == types.uint16:
 
         def round_bfloat16(a, v):
-            return np.uint32(_bfloat16_bits(v) << np.uint32(16)).view(np.float32)
+            return _bfloat16_to_float(np.uint16(_bfloat16_bits(np.float32(v))))
 
         return round_bfloat16
     if a.dtype == types.int16:
@@ -454,34 +476,44 @@ def _row_blocks(n):
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
     statistics are not wanted; ``cast`` as ``reference.row_norm_forward``'s; ``lanes``
-    as ``_torch_mean_square``'s."""
-    n, d = x.shape
-    eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
+    as ``_torch_mean_square``'s.  Tasks of up to ``_ROW_BLOCK`` rows across threads."""
+    n = x.shape[0]
     per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
     for blk in prange((n + per - 1) // per):
-        acc4 = scratch(x, (4, 4 * max(lanes, 1)))
-        for i in range(blk * per, min(n, (blk + 1) * per)):
-            if res is None:
-                src = x
-            else:  # r = x + res rounded to x's dtype, as an unfused add would give
-                xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
-                for j in range(d):
-                    st(sr, j, ld(xr, j) + ld(rr, j))
-                src = r_out
-            row = src[i]
-            if mean_out is None:
-                # torch's order where asked (a function of its own, no reassoc); else ours
-                var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
-                mean0, shift = zero, zero
-            else:
-                mean0, shift, var = _moments(src.reshape((1, n, d)), i)
-                mean_out[i] = mean0 + shift
-            rstd = acc(x, 1.0) / np.sqrt(var + eps_)
-            if cast == 2:
-                rstd = rnd(x, rstd)
-            if rstd_out is not None:
-                rstd_out[i] = rstd
-            _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
+        _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes,
+                           blk * per, min(n, (blk + 1) * per))
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes, lo, hi):
+    """``_row_norm_fwd`` on rows lo..hi-1 on the calling thread: the body of each of its
+    tasks, and the whole of a call that runs on one thread (where starting the parallel
+    loop costs more, ~1 µs, than small rows themselves)."""
+    n, d = x.shape
+    eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
+    acc4 = scratch(x, (4, 4 * lanes))  # used by torch-order sums only (``lanes`` > 0)
+    for i in range(lo, hi):
+        if res is None:
+            src = x
+        else:  # r = x + res rounded to x's dtype, as an unfused add would give
+            xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
+            for j in range(d):
+                st(sr, j, ld(xr, j) + ld(rr, j))
+            src = r_out
+        row = src[i]
+        if mean_out is None:
+            # torch's order where asked (a function of its own, no reassoc); else ours
+            var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
+            mean0, shift = zero, zero
+        else:
+            mean0, shift, var = _moments(src.reshape((1, n, d)), i)
+            mean_out[i] = mean0 + shift
+        rstd = acc(x, 1.0) / np.sqrt(var + eps_)
+        if cast == 2:
+            rstd = rnd(x, rstd)
+        if rstd_out is not None:
+            rstd_out[i] = rstd
+        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
 
 
 @njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
@@ -523,60 +555,77 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part
     Where the forward rounded xhat (``cast``), g and xhat are rounded to src's dtype, as
     autograd through a ``.to(dtype)`` rounds them (``reference.row_norm_backward``).
     """
+    for k in prange(_row_blocks(src.shape[0])):
+        _row_norm_bwd_block(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part, k)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _row_norm_bwd_block(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part, k):
+    """``_row_norm_bwd`` on row block k on the calling thread (as ``_row_norm_fwd_rows``)."""
     n, d = src.shape
     offset_, zero = acc(src, offset), acc(src, 0.0)
-    for k in prange(_row_blocks(n)):
-        if dw_part is not None:
-            dw_part[k] = 0.0
-        if db_part is not None:
-            db_part[k] = 0.0
-        for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
-            rs = rstd[i]
-            m = zero if mean is None else mean[i]
-            shift, mean_g, c3 = zero, zero, zero
+    if dw_part is not None:
+        dw_part[k] = 0.0
+    if db_part is not None:
+        db_part[k] = 0.0
+    for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
+        rs = rstd[i]
+        m = zero if mean is None else mean[i]
+        shift, mean_g, c3 = zero, zero, zero
+        if dx is not None:
+            s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_, cast)
+            s_gxs = s_gx
+            if mean is not None:
+                shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
+            c3 = rs * rs * rs * acc(src, s_gxs / d)
+        elif mean is not None and dw_part is not None:
+            shift = acc(src, _run_sums(src[i], m, False)[0] / d)
+        for j in range(d):
+            xs = ld(src, (i, j)) - m - shift
+            gy = ld(dy, (i, j))
             if dx is not None:
-                s_gx, s_g, s_x = _grad_sums(dy[i], src[i], m, w, offset_, cast)
-                s_gxs = s_gx
-                if mean is not None:
-                    shift, mean_g, s_gxs = acc(src, s_x / d), acc(src, s_g / d), s_gx - s_x / d * s_g
-                c3 = rs * rs * rs * acc(src, s_gxs / d)
-            elif mean is not None and dw_part is not None:
-                shift = acc(src, _run_sums(src[i], m, False)[0] / d)
-            for j in range(d):
-                xs = ld(src, (i, j)) - m - shift
-                gy = ld(dy, (i, j))
-                if dx is not None:
-                    g = gy if w is None else gy * (ld(w, j) + offset_)
-                    if cast:
-                        g = rnd(src, g)
-                    v = rs * (g - mean_g) - xs * c3
-                    if dr is not None:
-                        v = v + ld(dr, (i, j))
-                    st(dx, (i, j), v)
-                if dw_part is not None:
-                    dw_part[k, j] += gy * (rnd(src, xs * rs) if cast else xs * rs)
-                if db_part is not None:
-                    db_part[k, j] += gy
+                g = gy if w is None else gy * (ld(w, j) + offset_)
+                if cast:
+                    g = rnd(src, g)
+                v = rs * (g - mean_g) - xs * c3
+                if dr is not None:
+                    v = v + ld(dr, (i, j))
+                st(dx, (i, j), v)
+            if dw_part is not None:
+                dw_part[k, j] += gy * (rnd(src, xs * rs) if cast else xs * rs)
+            if db_part is not None:
+                db_part[k, j] += gy
 
 
 @njit(cache=True, nogil=True)
 def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rstd_out, ts, eps, offset, cast,
-                     lanes):
+                     lanes, serial):
     """``_row_norm_fwd`` on (n, d) rows given by address: x, res, r_out of ``tx``'s
-    dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s."""
-    _row_norm_fwd(at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)),
-                  at(y, ty, (n, d)), at(r_out, tx, (n, d)), at(mean_out, ts, (n,)),
-                  at(rstd_out, ts, (n,)), eps, offset, cast, lanes)
+    dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s;
+    ``serial``: all rows on the calling thread, without the parallel loop."""
+    arrays = (at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)), at(y, ty, (n, d)),
+              at(r_out, tx, (n, d)), at(mean_out, ts, (n,)), at(rstd_out, ts, (n,)))
+    if serial:
+        _row_norm_fwd_rows(*arrays, eps, offset, cast, lanes, 0, n)
+    else:
+        _row_norm_fwd(*arrays, eps, offset, cast, lanes)
 
 
 @njit(cache=True, nogil=True)
-def _row_norm_bwd_at(n, d, dy, ty, dr, src, tx, w, tw, mean, rstd, ts, offset, cast, dx, dw_part, db_part):
+def _row_norm_bwd_at(n, d, dy, ty, dr, src, tx, w, tw, mean, rstd, ts, offset, cast, dx, dw_part, db_part,
+                     serial):
     """``_row_norm_bwd`` by address: dr, src, dx of ``tx``'s dtype, dy of ``ty``'s, w of
-    ``tw``'s, mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s."""
+    ``tw``'s, mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s;
+    ``serial`` as ``_row_norm_fwd_at``'s."""
     blocks = _row_blocks(n)
-    _row_norm_bwd(at(dy, ty, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)),
-                  at(mean, ts, (n,)), at(rstd, ts, (n,)), offset, cast, at(dx, tx, (n, d)),
-                  at(dw_part, ts, (blocks, d)), at(db_part, ts, (blocks, d)))
+    arrays = (at(dy, ty, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)), at(mean, ts, (n,)),
+              at(rstd, ts, (n,)), offset, cast, at(dx, tx, (n, d)), at(dw_part, ts, (blocks, d)),
+              at(db_part, ts, (blocks, d)))
+    if serial:
+        for k in range(blocks):
+            _row_norm_bwd_block(*arrays, k)
+    else:
+        _row_norm_bwd(*arrays)
 
 
 @njit(inline="always")
@@ -1127,16 +1176,17 @@ _thread_count = threading.local()  # numba's thread count is per calling thread,
 _ONE_THREAD_BELOW = 1 << 17
 
 
-def _threads(work: int) -> None:
+def _threads(work: int) -> int:
     """numba runs as many threads as torch (``torch.set_num_threads``), or one for less
     than ``_ONE_THREAD_BELOW`` elements of work; set only on a change, since numba's
-    setter costs ~2 µs a call."""
+    setter costs ~2 µs a call.  -> that count."""
     n = 1
     if work >= _ONE_THREAD_BELOW:
         n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if getattr(_thread_count, "n", None) != n:
         numba.set_num_threads(n)
         _thread_count.n = n
+    return n
 
 
 def _torch_lanes(dtype: torch.dtype) -> int:
@@ -1163,11 +1213,15 @@ _LANES: dict[torch.dtype, int] = {}
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
-    lanes = _torch_lanes(acc_dtype(x.dtype)) if cast & TORCH_ORDER else 0
-    x, residual, weight, bias = _contiguous(x, residual, weight, bias)
+    # on every call, a decoding step's too: each line here costs ~0.1 µs (no generators)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     n, d = x.shape
-    _threads(n * d)
+    threads = _threads(n * d)
     acc = acc_dtype(x.dtype)
+    lanes = _torch_lanes(acc) if cast & TORCH_ORDER else 0
     y = _empty_like(x, row_norm_out_dtype(x.dtype, weight, cast))
     r = None if residual is None else _empty_like(x)
     mean = None if rms else torch.empty(n, dtype=acc)
@@ -1176,14 +1230,14 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
     _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
                      _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
                      _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
-                     float(eps), float(offset), int(cast & ROUNDING), lanes)
+                     float(eps), float(offset), cast & ROUNDING, lanes, threads == 1)
     return y, r, mean, rstd
 
 
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted=(True, True, True)):
     dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
     n, d = r.shape
-    _threads(n * d)
+    threads = _threads(n * d)
     acc = acc_dtype(r.dtype)
     dx = _empty_like(r) if wanted[0] else None
     dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=acc)
@@ -1192,7 +1246,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
                      r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
                      rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast & ROUNDING), _address(dx), _address(dw_part),
-                     _address(db_part))
+                     _address(db_part), threads == 1)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
