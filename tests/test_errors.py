@@ -38,6 +38,24 @@ def test_not_a_tensor():
         AF.layer_norm([[1.0, 2.0]], (2,))
 
 
+@pytest.mark.parametrize("fn", [
+    lambda x, w: AF.rms_norm(x, (2,), w),
+    lambda x, w: AF.add_rms_norm(x, x.detach(), (2,), w),
+    lambda x, w: AF.layer_norm(x, (2,), w),
+])
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_not_a_tensor_while_autograd_records(fn, input_requires_grad):
+    """The dispatch rule reads requires_grad and dtypes before the checks: it must let
+    anything that is not a tensor through to them, not raise an AttributeError."""
+    with raises(TypeError, "weight", "torch.Tensor", "list"):
+        fn(torch.randn(3, 2, requires_grad=input_requires_grad), [1.0, 2.0])
+
+
+def test_not_a_tensor_input_while_autograd_records():
+    with raises(TypeError, "input", "torch.Tensor", "list"):
+        AF.rms_norm([[1.0, 2.0]], (2,), torch.ones(2, requires_grad=True))
+
+
 @pytest.mark.parametrize("shape", [(6,), (7, 8), (4, 6, 8, 1), 0, (), [8, -1]])
 def test_normalized_shape_mismatch(shape):
     with raises(ValueError, "normalized_shape"):

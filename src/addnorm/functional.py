@@ -219,17 +219,20 @@ def _inlined(x: Tensor) -> bool:
 # RMSNorm's twin, ``torch.rms_norm``, computes the same function in every dtype (casting
 # mode "torch": one rounding; the sum of squares in another order, so the last bit of
 # rstd may differ; "gemma" without an offset is it bit for bit), without Gemma's offset;
-# it is slower than ours without autograd.  While autograd records,
-# though, its C++ graph nodes cost less than our autograd.Function (~5 µs more per
-# forward, ~15 µs more per backward): so there, below its bound (lower in float16 and
-# bfloat16, where torch's kernel is slower per element), RMSNorm and add+RMSNorm run it
-# (the add as x + residual).  DyT and ScaleNorm have no twin and always run ours.
+# it is slower than ours without autograd.  While autograd records a float32 or float64
+# forward of fewer than ``_NATIVE_BELOW["rms_norm"]`` elements, though, its C++ graph
+# nodes cost less than our autograd.Function (~4 µs more per forward: (1, 4096) float32
+# 16.8 µs against 18.4 with autograd on), so RMSNorm and add+RMSNorm run it there (the add
+# as x + residual); from (2, 4096) on ours is faster, forward and backward.  In float16
+# and bfloat16 torch's kernel is slower per element and ours is faster at every size
+# (forward with autograd 1.1-1.3x, forward+backward 1.2-1.3x at (1, 256)-(2, 4096)).
+# Measured with ``addnorm bench --sweep``.  DyT and ScaleNorm have no twin and always run
+# ours.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
-    "rms_norm": 1 << 17,  # with autograd recording, float32/float64, offset 0
-    "rms_norm_reduced": 1 << 14,  # the same in float16/bfloat16
+    "rms_norm": 1 << 13,  # with autograd recording, float32/float64, offset 0
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 
@@ -237,35 +240,47 @@ _NATIVE_BELOW = {
 def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
     """Whether ``op`` on these arguments runs torch's twin (the rule above); cheap: it
     runs first on every call."""
+    # ~0.4 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.5, and
+    # every cell that runs torch's kernel pays this on top, so no call here that can be
+    # a C call or an attribute read
     return (
-        not torch.compiler.is_compiling()  # first: torch.compile folds the rest away
+        not _is_compiling()  # first: torch.compile folds the rest away
         and type(input) is Tensor
         and input.is_cpu
         and 0 < input.numel() < _NATIVE_BELOW[op]
-        and not _backend.forced()
+        and _backend._Choice.forced is None  # the backend is left to addnorm
         # is_compiling is checked above; input is a plain Tensor: params and modes are left
-        and ops.eager(params)
+        # (``ops.eager``, inlined)
+        and not _len_dispatch_stack()
+        and not _has_torch_function(*params)
     )
+
+
+_is_compiling = torch.compiler.is_compiling
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_has_torch_function = torch._C._has_torch_function_variadic
 
 
 def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:
     """Whether this RMSNorm runs ``torch.rms_norm`` (the rule above)."""
     return (
         torch.is_grad_enabled()  # first: False in no_grad and inference, where it is cheapest
+        and type(input) is Tensor  # (anything else goes on to the checks, which say why)
+        and (weight is None or type(weight) in _TENSORS)
         and (
             input.requires_grad
             or (weight is not None and weight.requires_grad)
             or (type(residual) is Tensor and residual.requires_grad)
         )
         and not offset
-        and _native("rms_norm_reduced" if input.dtype in _REDUCED else "rms_norm", input, residual, weight)
-        and input.dtype in _TWIN_RMS_DTYPES  # (input is a plain CPU Tensor)
-        and (weight is None or (type(weight) in _TENSORS and weight.dtype is input.dtype))
+        and input.dtype in _TWIN_RMS_DTYPES
+        and (weight is None or weight.dtype is input.dtype)
+        and _native("rms_norm", input, residual, weight)
     )
 
 
 _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_native`` lets through (no subclass)
-_TWIN_RMS_DTYPES = _FLOATING
+_TWIN_RMS_DTYPES = (torch.float32, torch.float64)
 
 
 def _torch_norm(norm, input, normalized_shape, *args) -> Tensor | None:
