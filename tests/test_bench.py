@@ -56,3 +56,18 @@ def test_preallocated_kernel_table_runs():
     rows = B.preallocated(shape=(8, 64), dtypes=(torch.float32,), rounds=1)
     assert [r["op"] for r in rows] == ["rms_norm", "layer_norm"]
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+
+
+def test_header_names_the_threading_layer_the_kernels_will_use():
+    """Printed before anything ran: a fresh process must still name the layer addnorm
+    chooses (TBB where installed), not numba's unset "default"."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from addnorm import bench; print(bench.header())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "numba threading layer default" not in out
+    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("NUMBA_THREADING_LAYER"):
+        assert "numba threading layer tbb" in out

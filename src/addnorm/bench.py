@@ -12,6 +12,7 @@ plain copy measured here, the ceiling for these memory-bound ops.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -219,9 +220,11 @@ def header() -> str:
 def _threading_layer() -> str:
     import numba
 
+    if addnorm.backends()["numba"]:
+        importlib.import_module("addnorm.kernels.cpu")  # where the layer is chosen (TBB)
     try:
         return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
+    except ValueError:  # no parallel kernel has run yet: the one that will start
         return str(numba.config.THREADING_LAYER)
 
 

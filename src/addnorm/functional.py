@@ -159,16 +159,10 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
         raise ArgumentError("running_mean and running_var must be given together or both be None")
 
 
-def _watched(args: tuple) -> bool:
-    """Whether forward-mode AD or a torch.func transform sees any tensor in ``args``.
-    (torch.compile traces neither: there the op is always what it sees.)"""
-    if torch.compiler.is_compiling():
-        return False
-    return _transformed(args)
-
-
 def _transformed(args: tuple) -> bool:
-    """``_watched`` for a caller that has seen torch.compile is not tracing."""
+    """Whether forward-mode AD or a torch.func transform sees any tensor in ``args``; for
+    a caller that has seen torch.compile is not tracing (it traces neither: there the op
+    is always what it sees)."""
     # fast exit, the common case: no transform is active and no dual level is open
     if _functorch_level() is None and forward_ad._current_level < 0:
         return False
@@ -185,7 +179,7 @@ _functorch_level = torch._C._functorch.maybe_current_level
 
 def _forward(op, math, *args, device: torch.device):
     """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches
-    or torch.compile traces a small input (``_inlined``)."""
+    (``_transformed``) or torch.compile traces a small input (``_inlined``)."""
     if torch.compiler.is_compiling():
         if _inlined(args[0]):
             return math(*args)
