@@ -1,0 +1,314 @@
+"""The ``triton`` backend: LayerNorm and RMSNorm rows, with or without the fused residual
+add, forward and backward, in Triton.
+
+Written for CUDA tensors; with ``TRITON_INTERPRET=1`` set before this module is
+imported, the same kernels run on CPU tensors through Triton's interpreter, which is how
+the test suite checks them on a machine without a GPU.
+
+One kernel per direction serves every variant by compile-time flags (as flash-attn's
+Triton layer norm): LayerNorm or RMSNorm, residual in and out, weight (with Gemma's
+``offset``) and bias present or not, statistics stored or not.  A row that fits one
+block (``_MAX_BLOCK`` values) is held in registers; a longer one is walked block by
+block, once for each statistic and once to write.  Statistics accumulate in float32
+(float64 for float64 input); the output is rounded once, casting mode "torch".  The
+families' casting modes ("gemma", "llama", "none") and the channel norms are not written
+here yet: they run ``reference``'s torch ops on the same device (``_backend``'s fallback).
+
+The backward: each program takes a contiguous run of rows, writes their dx and adds its
+rows' weight and bias gradient terms into a partial-sum row of its own; the partial rows
+are then added by torch's column sum, in a fixed order: results are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ..reference import CAST_ONCE, ROUNDING, acc_dtype
+
+_MAX_BLOCK = 4096  # values of a row held at once; longer rows loop over blocks of it
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _row_norm_fwd_kernel(
+    X, RES, W, B, Y, R_OUT, MEAN, RSTD,
+    D, eps, offset,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+    STORE_MEAN: tl.constexpr, STORE_RSTD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """One row per program: y = (r - mean) * rstd * (w + offset) + b, r = x (+ res)."""
+    row = tl.program_id(0).to(tl.int64)
+    X += row * D
+    Y += row * D
+    RES += row * D
+    R_OUT += row * D
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, True, ACC)
+        if RMS:
+            mean = 0.0
+            var = tl.sum(r * r, axis=0) / D
+        else:
+            mean = tl.sum(r, axis=0) / D
+            centred = tl.where(mask, r - mean, 0.0)
+            var = tl.sum(centred * centred, axis=0) / D
+        rstd = _rsqrt(var + eps, ACC)
+        _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset, HAS_W, HAS_B, ACC)
+    else:
+        # the statistics block by block (r recomputed from x and res, not read back from
+        # R_OUT: a program's own stores need not be visible to its loads)
+        total = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < D
+            r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, True, ACC)
+            if RMS:
+                total += r * r
+            else:
+                total += r
+        if RMS:
+            mean = 0.0
+            var = tl.sum(total, axis=0) / D
+        else:
+            mean = tl.sum(total, axis=0) / D
+            total = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < D
+                r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, False, ACC)
+                centred = tl.where(mask, r - mean, 0.0)
+                total += centred * centred
+            var = tl.sum(total, axis=0) / D
+        rstd = _rsqrt(var + eps, ACC)
+        for start in range(0, D, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < D
+            r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, False, ACC)
+            _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset, HAS_W, HAS_B, ACC)
+    if STORE_MEAN:
+        tl.store(MEAN + row, mean)
+    if STORE_RSTD:
+        tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rsqrt(v, ACC: tl.constexpr):
+    """1 / sqrt(v), correctly rounded (the GPU's default float32 sqrt and division are
+    approximate; float64's are exact)."""
+    if ACC == tl.float64:
+        out = 1.0 / tl.sqrt(v)
+    else:
+        out = tl.div_rn(1.0, tl.sqrt_rn(v))
+    return out
+
+
+@triton.jit
+def _load_row(X, RES, R_OUT, cols, mask, HAS_RES: tl.constexpr, STORE_R: tl.constexpr, ACC: tl.constexpr):
+    """r = x (+ res, rounded to x's dtype as an unfused add rounds it, and stored to R_OUT
+    where ``STORE_R``), widened to the accumulation type."""
+    x = tl.load(X + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        res = tl.load(RES + cols, mask=mask, other=0.0)
+        x = (x.to(ACC) + res.to(ACC)).to(X.dtype.element_ty)
+        if STORE_R:
+            tl.store(R_OUT + cols, x, mask=mask)
+    return x.to(ACC)
+
+
+@triton.jit
+def _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """y = ((r - mean) * rstd) * (w + offset) + b, rounded once to y's dtype."""
+    y = (r - mean) * rstd
+    if HAS_W:
+        y = y * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_norm_bwd_kernel(
+    DY, DR, R, W, MEAN, RSTD, DX, DW_PART, DB_PART,
+    N, D, rows_per_program, offset,
+    HAS_DR: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr, WANT_DX: tl.constexpr,
+    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """Rows [pid * rows_per_program, ...): with g = dy * (w + offset) and xhat = (r - mean)
+    * rstd, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dr), mean(g) absent for
+    RMSNorm; the program's dw and db terms summed into its own partial rows."""
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: no overflow past 2**31 values
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, N)
+    DW_PART += pid * D
+    DB_PART += pid * D
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        dw = tl.zeros([BLOCK], dtype=ACC)
+        db = tl.zeros([BLOCK], dtype=ACC)
+        for row in range(first, last):
+            at = row * D
+            xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+            if WANT_DW:
+                dw += dy * xhat
+            if WANT_DB:
+                db += dy
+            if WANT_DX:
+                c_gx = tl.sum(g * xhat, axis=0) / D
+                c_g = 0.0
+                if not RMS:
+                    c_g = tl.sum(g, axis=0) / D
+                _store_dx(DX + at, DR + at, g, xhat, c_gx, c_g, tl.load(RSTD + row), cols, mask, HAS_DR, ACC)
+        if WANT_DW:
+            tl.store(DW_PART + cols, dw, mask=mask)
+        if WANT_DB:
+            tl.store(DB_PART + cols, db, mask=mask)
+    else:
+        for row in range(first, last):  # (the partial rows start zeroed)
+            at = row * D
+            s_gx = tl.zeros([BLOCK], dtype=ACC)
+            s_g = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, D, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < D
+                xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+                s_gx += g * xhat
+                s_g += g
+                if WANT_DW:
+                    tl.store(DW_PART + cols, tl.load(DW_PART + cols, mask=mask) + dy * xhat, mask=mask)
+                if WANT_DB:
+                    tl.store(DB_PART + cols, tl.load(DB_PART + cols, mask=mask) + dy, mask=mask)
+            if WANT_DX:
+                c_gx = tl.sum(s_gx, axis=0) / D
+                c_g = 0.0
+                if not RMS:
+                    c_g = tl.sum(s_g, axis=0) / D
+                rstd = tl.load(RSTD + row)
+                for start in range(0, D, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < D
+                    xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+                    _store_dx(DX + at, DR + at, g, xhat, c_gx, c_g, rstd, cols, mask, HAS_DR, ACC)
+
+
+@triton.jit
+def _grad_terms(DY, R, W, MEAN, RSTD, row, cols, mask, offset, HAS_W: tl.constexpr, RMS: tl.constexpr,
+                ACC: tl.constexpr):
+    """(xhat, dy, g = dy * (w + offset)) of one block of one row, zero outside the row."""
+    r = tl.load(R + cols, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + cols, mask=mask, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + row)
+    if RMS:
+        xhat = r * rstd
+    else:
+        xhat = tl.where(mask, (r - tl.load(MEAN + row)) * rstd, 0.0)
+    g = dy
+    if HAS_W:
+        g = dy * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
+    return xhat, dy, g
+
+
+@triton.jit
+def _store_dx(DX, DR, g, xhat, c_gx, c_g, rstd, cols, mask, HAS_DR: tl.constexpr, ACC: tl.constexpr):
+    dx = (g - c_g - xhat * c_gx) * rstd
+    if HAS_DR:
+        dx += tl.load(DR + cols, mask=mask, other=0.0).to(ACC)
+    tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+_TL_ACC = {torch.float64: tl.float64}
+
+
+def _block(d: int) -> tuple[int, bool]:
+    """(values per block, whether the row fits one block)."""
+    block = min(triton.next_power_of_2(d), _MAX_BLOCK)
+    return block, d <= block
+
+
+def _check_device(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and not t.is_cuda and not _INTERPRETED:
+            raise RuntimeError(
+                f"the triton backend runs CUDA tensors (got one on {t.device}); CPU tensors "
+                "only through Triton's interpreter (TRITON_INTERPRET=1 before addnorm loads it)"
+            )
+
+
+def _dummy(like: torch.Tensor) -> torch.Tensor:
+    """A pointer for an absent operand (its flag keeps the kernel from touching it)."""
+    return like
+
+
+def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
+    if cast & ROUNDING != CAST_ONCE or cast & reference.TORCH_ORDER:
+        return reference.row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast, stats)
+    _check_device(x, residual, weight, bias)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    r = None if residual is None else torch.empty_like(x)
+    mean = None if rms else torch.empty(n, dtype=acc, device=x.device)
+    rstd = torch.empty(n, dtype=acc, device=x.device)
+    block, one_block = _block(d)
+    if n:
+        _row_norm_fwd_kernel[(n,)](
+            x, _dummy(x) if residual is None else residual,
+            _dummy(x) if weight is None else weight.contiguous(),
+            _dummy(x) if bias is None else bias.contiguous(),
+            y, _dummy(x) if r is None else r, _dummy(rstd) if mean is None else mean, rstd,
+            d, float(eps), float(offset),
+            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
+            STORE_MEAN=mean is not None, STORE_RSTD=True,
+            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
+        )
+    return y, r, mean, rstd
+
+
+def _programs(n: int, device: torch.device) -> int:
+    """How many programs share the backward's rows: a few per SM on a GPU."""
+    if device.type == "cuda":
+        return max(1, min(n, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n, 8))
+
+
+def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted=(True, True, True)):
+    if cast & ROUNDING != CAST_ONCE:
+        return reference.row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted)
+    _check_device(dy, dr, r, weight)
+    dy, r = dy.contiguous(), r.contiguous()
+    dr = None if dr is None else dr.contiguous()
+    n, d = r.shape
+    acc = acc_dtype(r.dtype)
+    want_dx, want_dw, want_db = wanted[0], weight is not None and wanted[1], bias is not None and wanted[2]
+    programs = _programs(n, r.device)
+    block, one_block = _block(d)
+    dx = torch.empty_like(r) if want_dx else None
+    # zeroed: the blockwise path adds into them row by row
+    dw_part = torch.zeros(programs, d, dtype=acc, device=r.device) if want_dw else None
+    db_part = torch.zeros(programs, d, dtype=acc, device=r.device) if want_db else None
+    if n:
+        _row_norm_bwd_kernel[(programs,)](
+            dy, _dummy(dy) if dr is None else dr, r,
+            _dummy(r) if weight is None else weight.contiguous(),
+            _dummy(rstd) if mean is None or rms else mean.contiguous(), rstd.contiguous(),
+            _dummy(r) if dx is None else dx,
+            _dummy(rstd) if dw_part is None else dw_part, _dummy(rstd) if db_part is None else db_part,
+            n, d, triton.cdiv(n, programs), float(offset),
+            HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
+            WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
+            ACC=_TL_ACC.get(r.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
+        )
+    dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
+    db = None if db_part is None else db_part.sum(0).to(bias.dtype)
+    return dx, dw, db

@@ -1,0 +1,115 @@
+"""The triton backend's kernels, run on CPU tensors through Triton's interpreter: values
+and gradients against the float64 reference, so GPU code cannot rot unseen on a machine
+without a GPU.
+
+The interpreter rounds float32 to bfloat16 by truncation where a GPU rounds to nearest
+even, so bfloat16 results are compared within two bfloat16 steps, not bit for bit.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before addnorm's Triton kernels are defined
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import addnorm  # noqa: E402
+import addnorm.functional as AF  # noqa: E402
+from addnorm.kernels import gpu  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not gpu._INTERPRETED, reason="TRITON_INTERPRET was set to something else before this module"
+)
+
+# per dtype: tolerance relative to the reference's largest value
+_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _call(rms, fused, x, res, w, b):
+    """(y, r or None) of the functional op the flags name."""
+    d = x.shape[-1]
+    if rms:
+        return AF.add_rms_norm(x, res, d, w, 1e-5) if fused else (AF.rms_norm(x, d, w, 1e-5), None)
+    return AF.add_layer_norm(x, res, d, w, b, 1e-5) if fused else (AF.layer_norm(x, d, w, b, 1e-5), None)
+
+
+def _close(ours, ref, dtype, what):
+    # relative to the result's size, or to the size of the terms it is made of (about 1
+    # here) where it is smaller: RMSNorm's dx for a row of one value is a difference of
+    # two terms of size |dy| that cancel to ~eps / x^3
+    scale = max(ref.abs().max().item(), 1.0)
+    err = (ours.double() - ref).abs().max().item() / scale
+    assert err <= _TOL[dtype], f"{what}: relative error {err:.2e} > {_TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("d, max_block", [(1, 4096), (7, 4096), (64, 4096), (100, 4096), (100, 16), (33, 8)])
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_values_and_gradients_match_the_float64_reference(monkeypatch, d, max_block, rms, fused, dtype):
+    """Rows that fit one block and rows walked in several (``_MAX_BLOCK`` lowered), widths
+    that are and are not powers of two, 1 included."""
+    monkeypatch.setattr(gpu, "_MAX_BLOCK", max_block)
+    g = torch.Generator().manual_seed(d)
+    n = 5
+    base = [torch.randn(n, d, generator=g) * 2 + 0.5, torch.randn(n, d, generator=g),
+            torch.randn(d, generator=g), torch.randn(d, generator=g)]
+    cot = [torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)]
+    outs = {}
+    for side, dt in (("triton", dtype), ("torch", torch.float64)):
+        x, res, w, b = (t.to(dt, copy=True).requires_grad_() for t in base)
+        with addnorm.backend(side):
+            y, r = _call(rms, fused, x, res if fused else None, w, None if rms else b)
+        loss = (y.double() * cot[0].double()).sum()
+        if r is not None:
+            loss = loss + (r.double() * cot[1].double()).sum()
+        loss.backward()
+        grads = [x.grad, res.grad if fused else None, w.grad, None if rms else b.grad]
+        outs[side] = [y, r] + grads
+    names = ["y", "r", "dx", "dresidual", "dweight", "dbias"]
+    for name, ours, ref in zip(names, outs["triton"], outs["torch"]):
+        assert (ours is None) == (ref is None), name
+        if ours is not None:
+            assert ours.dtype == dtype, name
+            _close(ours.detach(), ref.detach(), dtype, name)
+
+
+def test_gemmas_offset_and_no_weight():
+    x = torch.randn(3, 40)
+    w = torch.randn(40)
+    with addnorm.backend("triton"):
+        y = AF.rms_norm(x, 40, w, 1e-6, offset=1.0)
+        y0 = AF.rms_norm(x, 40, None, 1e-6)
+    torch.testing.assert_close(y, AF.rms_norm(x, 40, w, 1e-6, offset=1.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y0, AF.rms_norm(x, 40, None, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+def test_only_the_gradients_autograd_asks_for():
+    x = torch.randn(4, 24, requires_grad=True)
+    w = torch.randn(24)  # frozen
+    b = torch.randn(24, requires_grad=True)
+    with addnorm.backend("triton"):
+        AF.layer_norm(x, 24, w, b).sum().backward()
+    ref_x, ref_b = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.nn.functional.layer_norm(ref_x, (24,), w, ref_b).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, ref_b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_families_casting_modes_run_the_reference_there():
+    """Not written in Triton yet: the same values as the reference backend's."""
+    x = torch.randn(4, 32).bfloat16()
+    w = torch.randn(32).bfloat16()
+    with addnorm.backend("triton"):
+        y = AF.rms_norm(x, 32, w, 1e-6, casting_mode="llama")
+    with addnorm.backend("torch"):
+        ref = AF.rms_norm(x, 32, w, 1e-6, casting_mode="llama")
+    assert torch.equal(y, ref)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(gpu, "_INTERPRETED", False)
+    with addnorm.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        AF.rms_norm(torch.randn(2, 8), 8)
