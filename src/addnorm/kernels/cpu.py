@@ -55,12 +55,6 @@ from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
 from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
-# numba's SSA pass flags the phis of the integer selects in ``ld``/``st``/``rnd`` (bfloat16,
-# float16) with a "pedantic" internal warning at compile time; the code is right and the
-# selects are what keep the loops vectorized (an arithmetic mask is 2x slower).
-warnings.filterwarnings(
-    "ignore", message=r"variable '_(ld|st|rnd)__locals__", category=numba.NumbaIRAssumptionWarning
-)
 
 def _use_tbb() -> None:
     """Run the parallel kernels on TBB, numba's threading layer that is both fork-safe and
