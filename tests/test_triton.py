@@ -35,11 +35,11 @@ def _call(rms, fused, x, res, w, b):
     return AF.add_layer_norm(x, res, d, w, b, 1e-5) if fused else (AF.layer_norm(x, d, w, b, 1e-5), None)
 
 
-def _close(ours, ref, dtype, what):
-    # relative to the result's size, or to the size of the terms it is made of (about 1
-    # here) where it is smaller: RMSNorm's dx for a row of one value is a difference of
-    # two terms of size |dy| that cancel to ~eps / x^3
-    scale = max(ref.abs().max().item(), 1.0)
+def _close(ours, ref, dtype, what, terms=1.0):
+    # relative to the result's size, or to the size of the terms it is made of (``terms``,
+    # about 1 here) where it is smaller: RMSNorm's dx for a row of one value is a
+    # difference of two terms of size |dy| that cancel to ~eps / x^3
+    scale = max(ref.abs().max().item(), terms)
     err = (ours.double() - ref).abs().max().item() / scale
     assert err <= _TOL[dtype], f"{what}: relative error {err:.2e} > {_TOL[dtype]:.0e}"
 
@@ -113,3 +113,42 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(gpu, "_INTERPRETED", False)
     with addnorm.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         AF.rms_norm(torch.randn(2, 8), 8)
+
+
+_GROUP_CASES = [((2, 6, 5, 7), 3, None), ((2, 6, 5, 7), 3, torch.channels_last), ((3, 4, 10), 2, None),
+                ((2, 140, 3, 1), 2, None), ((2, 140, 3, 1), 2, torch.channels_last), ((4, 8), 4, None),
+                ((2, 5, 4, 3), 5, torch.channels_last), ((2, 4, 3, 2, 2), 2, torch.channels_last_3d)]
+
+
+@pytest.mark.parametrize("shape, groups, layout", _GROUP_CASES)
+@pytest.mark.parametrize("tile", [4096, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_group_norm_matches_the_float64_reference(monkeypatch, shape, groups, layout, tile, dtype):
+    """Groups walked in one tile and in many (``_GROUP_TILE`` lowered; 70 channels a group
+    is more than one tile's 64), contiguous and channels-last, G = C (InstanceNorm's
+    statistics), values and gradients."""
+    monkeypatch.setattr(gpu, "_GROUP_TILE", tile)
+    g = torch.Generator().manual_seed(len(shape) * 7 + groups)
+    c = shape[1]
+    base = [torch.randn(shape, generator=g) * 3 + 1, torch.randn(c, generator=g), torch.randn(c, generator=g)]
+    cot = torch.randn(shape, generator=g)
+    outs = {}
+    for side, dt in (("triton", dtype), ("torch", torch.float64)):
+        x, w, b = (t.to(dt, copy=True) for t in base)
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+        x, w, b = (t.requires_grad_() for t in (x, w, b))
+        with addnorm.backend(side):
+            y = AF.group_norm(x, groups, w, b, 1e-5)
+        if layout is not None:
+            assert y.is_contiguous(memory_format=layout)
+        (y.double() * cot.double()).sum().backward()
+        outs[side] = [y, x.grad, w.grad, b.grad]
+    # dx is rstd * (terms of size |dy * w|) that cancel: in a group of two close values
+    # rstd reaches ~1/sqrt(eps), and float32's error with it
+    x64 = base[0].double().reshape(shape[0], groups, -1)
+    rstd = (x64.var(-1, unbiased=False) + 1e-5).rsqrt().max().item()
+    terms = {"dx": rstd * cot.abs().max().item() * base[1].abs().max().item()}
+    for name, ours, ref in zip(["y", "dx", "dweight", "dbias"], outs["triton"], outs["torch"]):
+        assert ours.dtype == dtype, name
+        _close(ours.detach(), ref.detach(), dtype, name, terms.get(name, 1.0))

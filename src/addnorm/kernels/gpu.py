@@ -1,5 +1,5 @@
 """The ``triton`` backend: LayerNorm and RMSNorm rows, with or without the fused residual
-add, forward and backward, in Triton.
+add, and GroupNorm (InstanceNorm's too), forward and backward, in Triton.
 
 Written for CUDA tensors; with ``TRITON_INTERPRET=1`` set before this module is
 imported, the same kernels run on CPU tensors through Triton's interpreter, which is how
@@ -9,18 +9,22 @@ One kernel per direction serves every variant by compile-time flags (as flash-at
 Triton layer norm): LayerNorm or RMSNorm, residual in and out, weight (with Gemma's
 ``offset``) and bias present or not, statistics stored or not.  A row that fits one
 block (``_MAX_BLOCK`` values) is held in registers; a longer one is walked block by
-block, once for each statistic and once to write.  Statistics accumulate in float32
-(float64 for float64 input); the output is rounded once, casting mode "torch".  The
-families' casting modes ("gemma", "llama", "none") and the channel norms are not written
-here yet: they run ``reference``'s torch ops on the same device (``_backend``'s fallback).
+block, once for each statistic and once to write.  GroupNorm walks each (sample, group)
+in [channels, positions] tiles whose strides cover contiguous and channels-last inputs
+alike.  Statistics accumulate in float32 (float64 for float64 input); the output is
+rounded once, casting mode "torch".  The families' casting modes ("gemma", "llama",
+"none"), BatchNorm, DyT and ScaleNorm are not written here yet: they run
+``reference``'s torch ops on the same device (``_backend``'s fallback).
 
-The backward: each program takes a contiguous run of rows, writes their dx and adds its
-rows' weight and bias gradient terms into a partial-sum row of its own; the partial rows
-are then added by torch's column sum, in a fixed order: results are deterministic.
+The backward: each program takes a contiguous run of rows (a sample's group), writes
+their dx and its weight and bias gradient terms into a partial-sum row of its own; the
+partial rows are then added by torch's column sum, in a fixed order: results are
+deterministic.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ..ops import memory_format
 from ..reference import CAST_ONCE, ROUNDING, acc_dtype
 
 _MAX_BLOCK = 4096  # values of a row held at once; longer rows loop over blocks of it
@@ -308,6 +313,176 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
             HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
             WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
             ACC=_TL_ACC.get(r.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
+        )
+    dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
+    db = None if db_part is None else db_part.sum(0).to(bias.dtype)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm (and InstanceNorm, G = C): (N, C, *spatial), contiguous or channels-last.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(offsets, mask, channel index within the group) of one [BLOCK_C, BLOCK_L] tile of a
+    group: element (c, l) sits at c * stride_c + l * stride_l, which covers contiguous
+    (stride_c = L, stride_l = 1) and channels-last (stride_c = 1, stride_l = C) alike."""
+    cs = c0 + tl.arange(0, BLOCK_C)[:, None]
+    ls = l0 + tl.arange(0, BLOCK_L)[None, :]
+    return cs * stride_c + ls * stride_l, (cs < cpg) & (ls < L), cs
+
+
+@triton.jit
+def _group_norm_fwd_kernel(
+    X, W, B, Y, MEAN, VAR,
+    L, cpg, groups, stride_n, stride_c, stride_l, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """One (sample, group) per program: its mean and variance (two passes, the second
+    over x - mean), then y = (x - mean) * rstd * w_c + b_c."""
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid % groups
+    base = (pid // groups) * stride_n + g * cpg * stride_c
+    X += base
+    Y += base
+    count = cpg * L
+    total = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for c0 in range(0, cpg, BLOCK_C):
+        for l0 in range(0, L, BLOCK_L):
+            at, mask, _ = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
+            total += tl.load(X + at, mask=mask, other=0.0).to(ACC)
+    mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+    total = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for c0 in range(0, cpg, BLOCK_C):
+        for l0 in range(0, L, BLOCK_L):
+            at, mask, _ = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
+            centred = tl.where(mask, tl.load(X + at, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+            total += centred * centred
+    var = tl.sum(tl.sum(total, axis=1), axis=0) / count
+    rstd = _rsqrt(var + eps, ACC)
+    for c0 in range(0, cpg, BLOCK_C):
+        for l0 in range(0, L, BLOCK_L):
+            at, mask, cs = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
+            y = (tl.load(X + at, mask=mask, other=0.0).to(ACC) - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + g * cpg + cs, mask=cs < cpg, other=0.0).to(ACC)
+            if HAS_B:
+                y = y + tl.load(B + g * cpg + cs, mask=cs < cpg, other=0.0).to(ACC)
+            tl.store(Y + at, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + pid, mean)
+    tl.store(VAR + pid, var)
+
+
+@triton.jit
+def _group_norm_bwd_kernel(
+    DY, X, W, MEAN, VAR, DX, DW_PART, DB_PART,
+    C, L, cpg, groups, stride_n, stride_c, stride_l, eps,
+    HAS_W: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """One (sample, group) per program: with g = dy * w_c, dx = rstd * (g - mean(g) - xhat
+    * mean(g * xhat)) over the group; the sample's dw_c and db_c terms into its partial
+    row (N, C), added over samples afterwards."""
+    pid = tl.program_id(0).to(tl.int64)
+    grp = pid % groups
+    n = pid // groups
+    base = n * stride_n + grp * cpg * stride_c
+    mean = tl.load(MEAN + pid)
+    rstd = _rsqrt(tl.load(VAR + pid) + eps, ACC)
+    count = cpg * L
+    s_gx = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    s_g = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for c0 in range(0, cpg, BLOCK_C):
+        dw = tl.zeros([BLOCK_C], dtype=ACC)
+        db = tl.zeros([BLOCK_C], dtype=ACC)
+        for l0 in range(0, L, BLOCK_L):
+            at, mask, cs = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
+            xhat = tl.where(mask, (tl.load(X + base + at, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
+            dy = tl.load(DY + base + at, mask=mask, other=0.0).to(ACC)
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + grp * cpg + cs, mask=cs < cpg, other=0.0).to(ACC)
+            s_gx += g * xhat
+            s_g += g
+            dw += tl.sum(dy * xhat, axis=1)
+            db += tl.sum(dy, axis=1)
+        channels = grp * cpg + c0 + tl.arange(0, BLOCK_C)
+        in_group = c0 + tl.arange(0, BLOCK_C) < cpg
+        if WANT_DW:
+            tl.store(DW_PART + n * C + channels, dw, mask=in_group)
+        if WANT_DB:
+            tl.store(DB_PART + n * C + channels, db, mask=in_group)
+    c_gx = tl.sum(tl.sum(s_gx, axis=1), axis=0) / count
+    c_g = tl.sum(tl.sum(s_g, axis=1), axis=0) / count
+    for c0 in range(0, cpg, BLOCK_C):
+        for l0 in range(0, L, BLOCK_L):
+            at, mask, cs = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
+            xhat = (tl.load(X + base + at, mask=mask, other=0.0).to(ACC) - mean) * rstd
+            g = tl.load(DY + base + at, mask=mask, other=0.0).to(ACC)
+            if HAS_W:
+                g = g * tl.load(W + grp * cpg + cs, mask=cs < cpg, other=0.0).to(ACC)
+            dx = (g - c_g - xhat * c_gx) * rstd
+            tl.store(DX + base + at, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+_GROUP_TILE = 4096  # values of a group's tile: BLOCK_C * BLOCK_L
+
+
+def _group_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(x, stride_n, stride_c, stride_l): contiguous or channels-last as it is (spatial
+    dims flattened with one stride), any other striding made contiguous."""
+    if memory_format(x) is torch.contiguous_format:
+        x = x.contiguous()
+        return x, x.stride(0), max(1, math.prod(x.shape[2:])), 1
+    return x, x.stride(0), 1, x.shape[1]
+
+
+def _group_blocks(cpg: int, length: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(cpg), 64)
+    block_l = max(1, min(triton.next_power_of_2(max(length, 1)), _GROUP_TILE // block_c))
+    return block_c, block_l
+
+
+def group_norm_forward(x, weight, bias, num_groups, eps):
+    _check_device(x, weight, bias)
+    x, stride_n, stride_c, stride_l = _group_layout(x)
+    n, c = x.shape[:2]
+    length, cpg = max(1, math.prod(x.shape[2:])), c // num_groups
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x)  # x's memory format
+    mean = torch.empty(n, num_groups, dtype=acc, device=x.device)
+    var = torch.empty(n, num_groups, dtype=acc, device=x.device)
+    block_c, block_l = _group_blocks(cpg, length)
+    if x.numel():
+        _group_norm_fwd_kernel[(n * num_groups,)](
+            x, _dummy(x) if weight is None else weight.contiguous(), _dummy(x) if bias is None else bias.contiguous(),
+            y, mean, var, length, cpg, num_groups, stride_n, stride_c, stride_l, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_TL_ACC.get(x.dtype, tl.float32),
+            BLOCK_C=block_c, BLOCK_L=block_l,
+        )
+    return y, mean, var
+
+
+def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
+    _check_device(dy, x, weight)
+    x, stride_n, stride_c, stride_l = _group_layout(x)
+    dy = dy.contiguous(memory_format=memory_format(x))
+    n, c = x.shape[:2]
+    length, cpg = max(1, math.prod(x.shape[2:])), c // num_groups
+    acc = acc_dtype(x.dtype)
+    dx = torch.empty_like(x)
+    dw_part = torch.zeros(n, c, dtype=acc, device=x.device) if weight is not None else None
+    db_part = torch.zeros(n, c, dtype=acc, device=x.device) if bias is not None else None
+    block_c, block_l = _group_blocks(cpg, length)
+    if x.numel():
+        _group_norm_bwd_kernel[(n * num_groups,)](
+            dy, x, _dummy(x) if weight is None else weight.contiguous(), mean.contiguous(), var.contiguous(), dx,
+            _dummy(mean) if dw_part is None else dw_part, _dummy(mean) if db_part is None else db_part,
+            c, length, cpg, num_groups, stride_n, stride_c, stride_l, float(eps),
+            HAS_W=weight is not None, WANT_DW=dw_part is not None, WANT_DB=db_part is not None,
+            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK_C=block_c, BLOCK_L=block_l,
         )
     dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
     db = None if db_part is None else db_part.sum(0).to(bias.dtype)
