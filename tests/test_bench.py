@@ -71,3 +71,31 @@ def test_header_names_the_threading_layer_the_kernels_will_use():
     assert "numba threading layer default" not in out
     if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("NUMBA_THREADING_LAYER"):
         assert "numba threading layer tbb" in out
+
+
+def test_gpu_benchmark_runs_its_loop(monkeypatch):
+    """``addnorm bench --device cuda`` cannot run here; its loop, contenders, byte counts
+    and table run on the CPU at a tiny size, so they are ready when a GPU is lent."""
+    from addnorm import bench_gpu as G
+
+    monkeypatch.setattr(G, "ROWS", 4)
+    monkeypatch.setattr(G, "HIDDEN", (64,))
+    monkeypatch.setattr(G, "DECODE_SHAPE", (1, 32))
+    results = G.run("cpu", compile=False, rounds=1)
+    assert len(results) == len(G.cases()) == 2 * 2 * 2 * 2
+    for r in results:
+        assert {"addnorm", "torch"} <= set(r.ms) and all(v > 0 for v in r.ms.values())
+        assert r.gbps["addnorm"] == G.traffic(tuple(r.shape), getattr(torch, r.dtype), r.pass_) / (
+            r.ms["addnorm"] * 1e-3) / 1e9
+    md = G.markdown(results, "cpu")
+    assert md.count("\n| rms_norm |") == 8 and "% of peak" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark would run")
+def test_gpu_benchmark_without_a_gpu_says_so():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "addnorm.cli", "bench", "--device", "cuda"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "needs a CUDA device" in out.stderr

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                        "UNet channel shapes), float32/bfloat16/float16, no_grad forward, "
                        "forward with grad and forward+backward, per-call time against torch "
                        "eager; --quick: a subset; writes sweep.json and sweep.md")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (default) or cuda: on cuda the row norms' Triton kernels against "
+                       "torch eager, torch.compile, Liger-Kernel and quack (where installed), "
+                       "rows 16384 x hidden 1024..8192 and one decoding row, with the fraction "
+                       "of the GPU's peak bandwidth; writes gpu.json and gpu.md")
     bench.add_argument("--model", action="store_true",
                        help="whole models with torch.nn's norms and with addnorm's: a "
                        "nanoGPT-style training step, Llama-style prefill and decode, a "
@@ -117,6 +122,27 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(B.header(), highlight=False)
         ops = {o for o in args.ops.split(",") if o} or None
+        if args.device != "cpu":
+            import torch
+
+            from . import bench_gpu as G
+
+            if torch.device(args.device).type != "cuda":
+                parser.error(f"--device must be cpu or a CUDA device, got {args.device!r}")
+            try:
+                results = G.run(args.device, compile=not args.no_compile, rounds=args.rounds or 20,
+                                console=console)
+            except RuntimeError as e:
+                parser.error(str(e))
+            name = G.device_name(torch.device(args.device))
+            md = G.markdown(results, name)
+            console.print(md, highlight=False)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu.json").write_text(json.dumps(
+                {"meta": B.header(), "device": name, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+            (args.out / "gpu.md").write_text(f"{B.header()}\n\n{md}")
+            console.print(f"saved {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
+            return 0
         if args.model:
             from . import bench_model as M
 
