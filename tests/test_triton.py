@@ -152,3 +152,28 @@ def test_group_norm_matches_the_float64_reference(monkeypatch, shape, groups, la
     for name, ours, ref in zip(["y", "dx", "dweight", "dbias"], outs["triton"], outs["torch"]):
         assert ours.dtype == dtype, name
         _close(ours.detach(), ref.detach(), dtype, name, terms.get(name, 1.0))
+
+
+@pytest.mark.parametrize("d, max_block", [(1, 4096), (37, 4096), (100, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dyt_matches_the_float64_reference(monkeypatch, d, max_block, dtype):
+    monkeypatch.setattr(gpu, "_MAX_BLOCK", max_block)
+    g = torch.Generator().manual_seed(d)
+    n = 11
+    base = [torch.randn(n, d, generator=g) * 4, torch.tensor([0.7]), torch.randn(d, generator=g),
+            torch.randn(d, generator=g)]
+    cot = torch.randn(n, d, generator=g)
+    outs = {}
+    for side, dt in (("triton", dtype), ("torch", torch.float64)):
+        x, alpha, w, b = (t.to(dt, copy=True).requires_grad_() for t in base)
+        with addnorm.backend(side):
+            y = AF.dyt(x, alpha, w, b)
+        (y.double() * cot.double()).sum().backward()
+        outs[side] = [y, x.grad, alpha.grad, w.grad, b.grad]
+    # dalpha sums n * d terms that cancel: its error is relative to their absolute sum
+    x64, w64 = base[0].double(), base[2].double()
+    t = torch.tanh(0.7 * x64)
+    terms = {"dalpha": (cot.double() * w64 * (1 - t * t) * x64).abs().sum().item()}
+    for name, ours, ref in zip(["y", "dx", "dalpha", "dweight", "dbias"], outs["triton"], outs["torch"]):
+        assert ours.dtype == dtype, name
+        _close(ours.detach(), ref.detach(), dtype, name, terms.get(name, 1.0))

@@ -1,5 +1,5 @@
 """The ``triton`` backend: LayerNorm and RMSNorm rows, with or without the fused residual
-add, and GroupNorm (InstanceNorm's too), forward and backward, in Triton.
+add, GroupNorm (InstanceNorm's too) and DyT, forward and backward, in Triton.
 
 Written for CUDA tensors; with ``TRITON_INTERPRET=1`` set before this module is
 imported, the same kernels run on CPU tensors through Triton's interpreter, which is how
@@ -13,7 +13,7 @@ block, once for each statistic and once to write.  GroupNorm walks each (sample,
 in [channels, positions] tiles whose strides cover contiguous and channels-last inputs
 alike.  Statistics accumulate in float32 (float64 for float64 input); the output is
 rounded once, casting mode "torch".  The families' casting modes ("gemma", "llama",
-"none"), BatchNorm, DyT and ScaleNorm are not written here yet: they run
+"none"), BatchNorm and ScaleNorm are not written here yet: they run
 ``reference``'s torch ops on the same device (``_backend``'s fallback).
 
 The backward: each program takes a contiguous run of rows (a sample's group), writes
@@ -487,3 +487,100 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
     db = None if db_part is None else db_part.sum(0).to(bias.dtype)
     return dx, dw, db
+
+
+# ---------------------------------------------------------------------------
+# DyT (Zhu et al., 2025): y = w * tanh(alpha * x) + b, alpha a scalar.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(v):
+    """tanh from exp, for any sign without overflow: sign(v) * (1 - e) / (1 + e), e = exp(-2|v|)."""
+    e = tl.exp(-2.0 * tl.abs(v))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(v < 0, -t, t)
+
+
+@triton.jit
+def _dyt_fwd_kernel(X, ALPHA, W, B, Y, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    alpha = tl.load(ALPHA).to(ACC)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < D
+        y = _tanh(alpha * tl.load(X + row * D + cols, mask=mask, other=0.0).to(ACC))
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dyt_bwd_kernel(DY, X, ALPHA, W, DX, PART, N, D, rows_per_program,
+                    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [pid * rows_per_program, ...): dx = dy * w * alpha * (1 - t^2); the program's
+    terms of dw (dy * t), db (dy) and dalpha (dy * w * x * (1 - t^2)) per column into
+    PART[0..2, pid], added over programs afterwards."""
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, N)
+    alpha = tl.load(ALPHA).to(ACC)
+    programs = tl.num_programs(0)
+    for start in range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < D
+        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) if HAS_W else 1.0
+        dw = tl.zeros([BLOCK], dtype=ACC)
+        db = tl.zeros([BLOCK], dtype=ACC)
+        da = tl.zeros([BLOCK], dtype=ACC)
+        for row in range(first, last):
+            x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(ACC)
+            t = _tanh(alpha * x)
+            dpre = dy * w * (1.0 - t * t)
+            tl.store(DX + row * D + cols, (dpre * alpha).to(DX.dtype.element_ty), mask=mask)
+            dw += dy * t
+            db += dy
+            da += dpre * x
+        tl.store(PART + pid * D + cols, dw, mask=mask)
+        tl.store(PART + (programs + pid) * D + cols, db, mask=mask)
+        tl.store(PART + (2 * programs + pid) * D + cols, da, mask=mask)
+
+
+def dyt_forward(x, alpha, weight, bias):
+    _check_device(x, alpha, weight, bias)
+    x = x.contiguous()
+    n, d = x.shape
+    y = torch.empty_like(x)
+    if x.numel():
+        _dyt_fwd_kernel[(n,)](
+            x, alpha.reshape(1), _dummy(x) if weight is None else weight.contiguous(),
+            _dummy(x) if bias is None else bias.contiguous(), y, d,
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_TL_ACC.get(x.dtype, tl.float32),
+            BLOCK=_block(d)[0],
+        )
+    return y
+
+
+def dyt_backward(dy, x, alpha, weight, bias):
+    _check_device(dy, x, alpha, weight)
+    x, dy = x.contiguous(), dy.contiguous()
+    n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    programs = _programs(n, x.device)
+    dx = torch.empty_like(x)
+    part = torch.zeros(3, programs, d, dtype=acc, device=x.device)
+    if x.numel():
+        _dyt_bwd_kernel[(programs,)](
+            dy, x, alpha.reshape(1), _dummy(x) if weight is None else weight.contiguous(), dx, part,
+            n, d, triton.cdiv(n, programs),
+            HAS_W=weight is not None, ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=_block(d)[0],
+        )
+    sums = part.sum(1, dtype=torch.float64)  # (3, d): over programs, in a fixed order
+    dalpha = sums[2].sum().reshape(alpha.shape).to(alpha.dtype)
+    dw = None if weight is None else sums[0].to(weight.dtype)
+    db = None if bias is None else sums[1].to(bias.dtype)
+    return dx, dalpha, dw, db
