@@ -177,3 +177,18 @@ def test_dyt_matches_the_float64_reference(monkeypatch, d, max_block, dtype):
     for name, ours, ref in zip(["y", "dx", "dalpha", "dweight", "dbias"], outs["triton"], outs["torch"]):
         assert ours.dtype == dtype, name
         _close(ours.detach(), ref.detach(), dtype, name, terms.get(name, 1.0))
+
+
+@pytest.mark.parametrize("n, max_rows", [(70, 64), (10, 4), (3, 1)])
+@pytest.mark.parametrize("rms", [True, False])
+def test_narrow_rows_share_a_program(monkeypatch, n, max_rows, rms):
+    """Several rows per forward program, the last program's rows partly past the end."""
+    monkeypatch.setattr(gpu, "_MAX_ROWS", max_rows)
+    g = torch.Generator().manual_seed(n)
+    x, res, w = torch.randn(n, 24, generator=g), torch.randn(n, 24, generator=g), torch.randn(24, generator=g)
+    with addnorm.backend("triton"):
+        y, r = AF.add_rms_norm(x, res, 24, w, 1e-5) if rms else AF.add_layer_norm(x, res, 24, w, None, 1e-5)
+    with addnorm.backend("torch"):
+        y_ref, r_ref = AF.add_rms_norm(x, res, 24, w, 1e-5) if rms else AF.add_layer_norm(x, res, 24, w, None, 1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=2e-6, atol=2e-6)
+    assert torch.equal(r, r_ref)

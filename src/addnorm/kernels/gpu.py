@@ -36,44 +36,51 @@ from ..ops import memory_format
 from ..reference import CAST_ONCE, ROUNDING, acc_dtype
 
 _MAX_BLOCK = 4096  # values of a row held at once; longer rows loop over blocks of it
+_MAX_ROWS = 64  # rows a forward program takes at most, where rows are narrow
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _row_norm_fwd_kernel(
     X, RES, W, B, Y, R_OUT, MEAN, RSTD,
-    D, eps, offset,
+    N, D, eps, offset,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
     STORE_MEAN: tl.constexpr, STORE_RSTD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """One row per program: y = (r - mean) * rstd * (w + offset) + b, r = x (+ res)."""
-    row = tl.program_id(0).to(tl.int64)
-    X += row * D
-    Y += row * D
-    RES += row * D
-    R_OUT += row * D
+    """y = (r - mean) * rstd * (w + offset) + b, r = x (+ res): ``ROWS`` rows a program
+    where a row fits one block (narrow rows share a program, so it has work enough), one
+    row walked block by block otherwise."""
     if ONE_BLOCK:
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < D
-        r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, True, ACC)
+        in_rows = rows < N
+        mask = in_rows[:, None] & (cols < D)[None, :]
+        at = rows[:, None] * D + cols[None, :]
+        r = _load_row(X, RES, R_OUT, at, mask, HAS_RES, True, ACC)
         if RMS:
-            mean = 0.0
-            var = tl.sum(r * r, axis=0) / D
+            mean = tl.zeros([ROWS], dtype=ACC)
+            var = tl.sum(r * r, axis=1) / D
         else:
-            mean = tl.sum(r, axis=0) / D
-            centred = tl.where(mask, r - mean, 0.0)
-            var = tl.sum(centred * centred, axis=0) / D
+            mean = tl.sum(r, axis=1) / D
+            centred = tl.where(mask, r - mean[:, None], 0.0)
+            var = tl.sum(centred * centred, axis=1) / D
         rstd = _rsqrt(var + eps, ACC)
-        _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset, HAS_W, HAS_B, ACC)
+        _store_normalized(Y, W, B, r, at, mask, cols[None, :], mean[:, None], rstd[:, None], offset,
+                          HAS_W, HAS_B, ACC)
+        if STORE_MEAN:
+            tl.store(MEAN + rows, mean, mask=in_rows)
+        if STORE_RSTD:
+            tl.store(RSTD + rows, rstd, mask=in_rows)
     else:
         # the statistics block by block (r recomputed from x and res, not read back from
         # R_OUT: a program's own stores need not be visible to its loads)
+        row = tl.program_id(0).to(tl.int64)
         total = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, D, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < D
-            r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, True, ACC)
+            r = _load_row(X, RES, R_OUT, row * D + cols, mask, HAS_RES, True, ACC)
             if RMS:
                 total += r * r
             else:
@@ -87,7 +94,7 @@ def _row_norm_fwd_kernel(
             for start in range(0, D, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < D
-                r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, False, ACC)
+                r = _load_row(X, RES, R_OUT, row * D + cols, mask, HAS_RES, False, ACC)
                 centred = tl.where(mask, r - mean, 0.0)
                 total += centred * centred
             var = tl.sum(total, axis=0) / D
@@ -95,12 +102,12 @@ def _row_norm_fwd_kernel(
         for start in range(0, D, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < D
-            r = _load_row(X, RES, R_OUT, cols, mask, HAS_RES, False, ACC)
-            _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset, HAS_W, HAS_B, ACC)
-    if STORE_MEAN:
-        tl.store(MEAN + row, mean)
-    if STORE_RSTD:
-        tl.store(RSTD + row, rstd)
+            r = _load_row(X, RES, R_OUT, row * D + cols, mask, HAS_RES, False, ACC)
+            _store_normalized(Y, W, B, r, row * D + cols, mask, cols, mean, rstd, offset, HAS_W, HAS_B, ACC)
+        if STORE_MEAN:
+            tl.store(MEAN + row, mean)
+        if STORE_RSTD:
+            tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -115,28 +122,29 @@ def _rsqrt(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def _load_row(X, RES, R_OUT, cols, mask, HAS_RES: tl.constexpr, STORE_R: tl.constexpr, ACC: tl.constexpr):
+def _load_row(X, RES, R_OUT, at, mask, HAS_RES: tl.constexpr, STORE_R: tl.constexpr, ACC: tl.constexpr):
     """r = x (+ res, rounded to x's dtype as an unfused add rounds it, and stored to R_OUT
-    where ``STORE_R``), widened to the accumulation type."""
-    x = tl.load(X + cols, mask=mask, other=0.0)
+    where ``STORE_R``) at offsets ``at``, widened to the accumulation type."""
+    x = tl.load(X + at, mask=mask, other=0.0)
     if HAS_RES:
-        res = tl.load(RES + cols, mask=mask, other=0.0)
+        res = tl.load(RES + at, mask=mask, other=0.0)
         x = (x.to(ACC) + res.to(ACC)).to(X.dtype.element_ty)
         if STORE_R:
-            tl.store(R_OUT + cols, x, mask=mask)
+            tl.store(R_OUT + at, x, mask=mask)
     return x.to(ACC)
 
 
 @triton.jit
-def _store_normalized(Y, W, B, r, cols, mask, mean, rstd, offset,
+def _store_normalized(Y, W, B, r, at, mask, cols, mean, rstd, offset,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """y = ((r - mean) * rstd) * (w + offset) + b, rounded once to y's dtype."""
+    """y = ((r - mean) * rstd) * (w + offset) + b at offsets ``at`` (w and b at ``cols``),
+    rounded once to y's dtype."""
     y = (r - mean) * rstd
     if HAS_W:
         y = y * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
     if HAS_B:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + at, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -266,16 +274,17 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     mean = None if rms else torch.empty(n, dtype=acc, device=x.device)
     rstd = torch.empty(n, dtype=acc, device=x.device)
     block, one_block = _block(d)
+    rows = max(1, min(_MAX_ROWS, _MAX_BLOCK // block)) if one_block else 1
     if n:
-        _row_norm_fwd_kernel[(n,)](
+        _row_norm_fwd_kernel[(triton.cdiv(n, rows),)](
             x, _dummy(x) if residual is None else residual,
             _dummy(x) if weight is None else weight.contiguous(),
             _dummy(x) if bias is None else bias.contiguous(),
             y, _dummy(x) if r is None else r, _dummy(rstd) if mean is None else mean, rstd,
-            d, float(eps), float(offset),
+            n, d, float(eps), float(offset),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
             STORE_MEAN=mean is not None, STORE_RSTD=True,
-            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
+            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
         )
     return y, r, mean, rstd
 
