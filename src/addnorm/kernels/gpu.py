@@ -73,8 +73,8 @@ def _row_norm_fwd_kernel(
         if STORE_RSTD:
             tl.store(RSTD + rows, rstd, mask=in_rows)
     else:
-        # the statistics block by block (r recomputed from x and res, not read back from
-        # R_OUT: a program's own stores need not be visible to its loads)
+        # the statistics block by block; r recomputed from x and res in each pass, not
+        # read back from R_OUT, so no pass reads what an earlier one stored
         row = tl.program_id(0).to(tl.int64)
         total = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, D, BLOCK):
@@ -186,7 +186,9 @@ def _row_norm_bwd_kernel(
         if WANT_DB:
             tl.store(DB_PART + cols, db, mask=mask)
     else:
-        for row in range(first, last):  # (the partial rows start zeroed)
+        # the partial rows start zeroed; each block's terms are added where the same
+        # thread stored them for the row before (the same [BLOCK] layout every time)
+        for row in range(first, last):
             at = row * D
             s_gx = tl.zeros([BLOCK], dtype=ACC)
             s_g = tl.zeros([BLOCK], dtype=ACC)
