@@ -9,6 +9,9 @@ def test_info_prints_versions_and_backends(capsys):
     out = capsys.readouterr().out
     for word in ("addnorm", "torch", "backends", "cpu cores"):
         assert word in out
+    from addnorm.bench import cpu_model
+
+    assert cpu_model() in out  # the CPU's name, as the bench's header prints it
 
 
 def test_console_script_entry_point():

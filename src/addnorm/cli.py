@@ -55,7 +55,9 @@ def info(console: Console) -> None:
         f"cpu: {addnorm._backend.select(torch.device('cpu'))}"
         + (f", cuda: {addnorm._backend.select(torch.device('cuda'))}" if torch.cuda.is_available() else ""),
     )
-    table.add_row("cpu", f"{platform.machine()} {platform.processor() or ''}".strip())
+    from .bench import cpu_model  # the same name the bench's header prints
+
+    table.add_row("cpu", f"{cpu_model()} ({platform.machine()})")
     table.add_row("cpu cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})")
     table.add_row("cpu features", _cpu_flags())
     if torch.cuda.is_available():
