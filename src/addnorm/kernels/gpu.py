@@ -348,7 +348,7 @@ def _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK
 @triton.jit
 def _group_norm_fwd_kernel(
     X, W, B, Y, MEAN, VAR,
-    L, cpg, groups, stride_n, stride_c, stride_l, eps,
+    L, cpg, stride_n, stride_c, stride_l, groups, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """One (sample, group) per program: its mean and variance (two passes, the second
@@ -389,7 +389,7 @@ def _group_norm_fwd_kernel(
 @triton.jit
 def _group_norm_bwd_kernel(
     DY, X, W, MEAN, VAR, DX, DW_PART, DB_PART,
-    C, L, cpg, groups, stride_n, stride_c, stride_l, eps,
+    L, cpg, stride_n, stride_c, stride_l, groups, C, eps,
     HAS_W: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -441,35 +441,32 @@ def _group_norm_bwd_kernel(
 _GROUP_TILE = 4096  # values of a group's tile: BLOCK_C * BLOCK_L
 
 
-def _group_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """(x, stride_n, stride_c, stride_l): contiguous or channels-last as it is (spatial
-    dims flattened with one stride), any other striding made contiguous."""
-    if memory_format(x) is torch.contiguous_format:
+def _group_layout(x: torch.Tensor, num_groups: int):
+    """(x, geometry, tile) for the GroupNorm kernels: x contiguous or channels-last as it
+    is, any other striding made contiguous; geometry = (L, channels per group, stride_n,
+    stride_c, stride_l), the spatial dims flattened with one stride; tile = (BLOCK_C,
+    BLOCK_L), at most ``_GROUP_TILE`` values."""
+    contiguous = memory_format(x) is torch.contiguous_format
+    if contiguous:
         x = x.contiguous()
-        return x, x.stride(0), max(1, math.prod(x.shape[2:])), 1
-    return x, x.stride(0), 1, x.shape[1]
-
-
-def _group_blocks(cpg: int, length: int) -> tuple[int, int]:
+    length, cpg = max(1, math.prod(x.shape[2:])), x.shape[1] // num_groups
+    stride_c, stride_l = (length, 1) if contiguous else (1, x.shape[1])
     block_c = min(triton.next_power_of_2(cpg), 64)
-    block_l = max(1, min(triton.next_power_of_2(max(length, 1)), _GROUP_TILE // block_c))
-    return block_c, block_l
+    block_l = max(1, min(triton.next_power_of_2(length), _GROUP_TILE // block_c))
+    return x, (length, cpg, x.stride(0), stride_c, stride_l), (block_c, block_l)
 
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
     _check_device(x, weight, bias)
-    x, stride_n, stride_c, stride_l = _group_layout(x)
-    n, c = x.shape[:2]
-    length, cpg = max(1, math.prod(x.shape[2:])), c // num_groups
+    x, geometry, (block_c, block_l) = _group_layout(x, num_groups)
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)  # x's memory format
-    mean = torch.empty(n, num_groups, dtype=acc, device=x.device)
-    var = torch.empty(n, num_groups, dtype=acc, device=x.device)
-    block_c, block_l = _group_blocks(cpg, length)
+    mean = torch.empty(x.shape[0], num_groups, dtype=acc, device=x.device)
+    var = torch.empty_like(mean)
     if x.numel():
-        _group_norm_fwd_kernel[(n * num_groups,)](
+        _group_norm_fwd_kernel[(x.shape[0] * num_groups,)](
             x, _dummy(x) if weight is None else weight.contiguous(), _dummy(x) if bias is None else bias.contiguous(),
-            y, mean, var, length, cpg, num_groups, stride_n, stride_c, stride_l, float(eps),
+            y, mean, var, *geometry, num_groups, float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, ACC=_TL_ACC.get(x.dtype, tl.float32),
             BLOCK_C=block_c, BLOCK_L=block_l,
         )
@@ -478,20 +475,18 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     _check_device(dy, x, weight)
-    x, stride_n, stride_c, stride_l = _group_layout(x)
+    x, geometry, (block_c, block_l) = _group_layout(x, num_groups)
     dy = dy.contiguous(memory_format=memory_format(x))
     n, c = x.shape[:2]
-    length, cpg = max(1, math.prod(x.shape[2:])), c // num_groups
     acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
     dw_part = torch.zeros(n, c, dtype=acc, device=x.device) if weight is not None else None
     db_part = torch.zeros(n, c, dtype=acc, device=x.device) if bias is not None else None
-    block_c, block_l = _group_blocks(cpg, length)
     if x.numel():
         _group_norm_bwd_kernel[(n * num_groups,)](
             dy, x, _dummy(x) if weight is None else weight.contiguous(), mean.contiguous(), var.contiguous(), dx,
             _dummy(mean) if dw_part is None else dw_part, _dummy(mean) if db_part is None else db_part,
-            c, length, cpg, num_groups, stride_n, stride_c, stride_l, float(eps),
+            *geometry, num_groups, c, float(eps),
             HAS_W=weight is not None, WANT_DW=dw_part is not None, WANT_DB=db_part is not None,
             ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK_C=block_c, BLOCK_L=block_l,
         )
