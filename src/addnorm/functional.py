@@ -251,8 +251,7 @@ def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
 
 
 _is_compiling = torch.compiler.is_compiling
-_len_dispatch_stack = torch._C._len_torch_dispatch_stack
-_has_torch_function = torch._C._has_torch_function_variadic
+_len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_torch_function  # ``ops.eager``'s
 
 
 def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:

@@ -1239,7 +1239,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     tx = _TOKENS[r.dtype]
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
                      r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
-                     rstd.data_ptr(), _TOKENS[acc], float(offset), int(cast & ROUNDING), _address(dx), _address(dw_part),
+                     rstd.data_ptr(), _TOKENS[acc], float(offset), cast & ROUNDING, _address(dx), _address(dw_part),
                      _address(db_part), threads == 1)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
