@@ -18,6 +18,8 @@ import torch
 
 import addnorm
 
+from .bench import _time_calls
+
 ROWS = 16384
 HIDDEN = (1024, 2048, 4096, 8192)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -76,36 +78,27 @@ def peak_gbps(device: torch.device) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, rounds: int = 20) -> float:
-    """Best of ``rounds`` rounds of time per call (CUDA events on a GPU); each round repeats
-    the call enough to last ~2 ms (short calls are launch-bound: a single one would
-    measure the launch)."""
+    """Best of ``rounds`` rounds of time per call, each round repeating the call enough to
+    last ~2 ms (short calls are launch-bound: a single one would measure the launch): CUDA
+    events on a GPU; elsewhere ``bench``'s own CPU timing."""
+    if device.type != "cuda":
+        return _time_calls({"call": fn}, rounds)["call"]
     fn()
-    _sync(device)
+    torch.cuda.synchronize(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    torch.cuda.synchronize(device)
     number = max(1, min(1000, int(2e-3 / max(time.perf_counter() - t, 1e-6))))
     best = float("inf")
     for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(number):
-                fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            best = min(best, start.elapsed_time(end) / number)
-        else:
-            t = time.perf_counter()
-            for _ in range(number):
-                fn()
-            best = min(best, (time.perf_counter() - t) * 1e3 / number)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        best = min(best, start.elapsed_time(end) / number)
     return best
 
 
