@@ -231,27 +231,31 @@ _NATIVE_BELOW = {
 }
 
 
-def _native(op: str, input: Tensor, *params: Tensor | None) -> bool:
-    """Whether ``op`` on these arguments runs torch's twin (the rule above); cheap: it
-    runs first on every call."""
-    # ~0.4 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.5, and
+def _native(op: str, input: Tensor, params: tuple) -> bool:
+    """Whether ``op`` on ``input`` and the tensors (or Nones) ``params`` runs torch's twin
+    (the rule above); cheap: it runs first on every call."""
+    # ~0.35 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.45, and
     # every cell that runs torch's kernel pays this on top, so no call here that can be
-    # a C call or an attribute read
+    # a C call or an attribute read (params come as one tuple: no *args to pack)
     return (
         not _is_compiling()  # first: torch.compile folds the rest away
         and type(input) is Tensor
         and input.is_cpu
         and 0 < input.numel() < _NATIVE_BELOW[op]
-        and _backend._Choice.forced is None  # the backend is left to addnorm
+        and _Choice.forced is None  # the backend is left to addnorm
         # is_compiling is checked above; input is a plain Tensor: params and modes are left
         # (``ops.eager``, inlined)
         and not _len_dispatch_stack()
-        and not _has_torch_function(*params)
+        and not _has_torch_function(params)
     )
 
 
 _is_compiling = torch.compiler.is_compiling
-_len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_torch_function  # ``ops.eager``'s
+_Choice = _backend._Choice
+_len_dispatch_stack = ops._len_dispatch_stack  # ``ops.eager``'s
+_has_torch_function = torch._C._has_torch_function  # ``ops.eager``'s, over one tuple
+# what torch raises for arguments it refuses: then our checks, which run next, say why
+_REFUSED = (RuntimeError, TypeError, ValueError, IndexError)
 
 
 def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:
@@ -268,7 +272,7 @@ def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, o
         and not offset
         and input.dtype in _TWIN_RMS_DTYPES
         and (weight is None or weight.dtype is input.dtype)
-        and _native("rms_norm", input, residual, weight)
+        and _native("rms_norm", input, (residual, weight))
     )
 
 
@@ -276,16 +280,9 @@ _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_native`` lets through (n
 _TWIN_RMS_DTYPES = (torch.float32, torch.float64)
 
 
-def _torch_norm(norm, input, normalized_shape, *args) -> Tensor | None:
-    """torch's ``norm(input, normalized_shape, *args)`` (the rule above), or None where
-    torch refuses the arguments: torch validates in C++, and our checks, which run next,
-    then say why."""
-    if type(normalized_shape) is int:  # torch takes a sequence only
-        normalized_shape = (normalized_shape,)
-    try:
-        return norm(input, normalized_shape, *args)
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        return None
+def _sequence(normalized_shape: int | Sequence[int]) -> Sequence[int]:
+    """normalized_shape as torch's twins take it: a sequence, never an int."""
+    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
 
 
 def _channel_layout(x: Tensor) -> Tensor:
@@ -345,10 +342,11 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
-    if _native("layer_norm", input, weight, bias) and eps >= 0:
-        y = _torch_norm(torch.layer_norm, input, normalized_shape, weight, bias, eps)
-        if y is not None:
-            return y
+    if _native("layer_norm", input, (weight, bias)) and eps >= 0:
+        try:
+            return torch.layer_norm(input, _sequence(normalized_shape), weight, bias, eps)
+        except _REFUSED:
+            pass  # torch validates in C++; our checks, next, say why
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
 
 
@@ -378,9 +376,10 @@ def rms_norm(
     """
     cast = _casting(casting_mode)
     if not cast and _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):
-        y = _torch_norm(torch.rms_norm, input, normalized_shape, weight, eps)
-        if y is not None:
-            return y
+        try:
+            return torch.rms_norm(input, _sequence(normalized_shape), weight, eps)
+        except _REFUSED:
+            pass  # torch validates in C++; our checks, next, say why
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, cast)[0]
 
 
@@ -393,12 +392,13 @@ def add_layer_norm(
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
-    if _native("layer_norm", x, residual, weight, bias) and eps >= 0:
+    if _native("layer_norm", x, (residual, weight, bias)) and eps >= 0:
         _check_same(residual, "residual", x)  # x + residual must not broadcast
         r = x + residual
-        y = _torch_norm(torch.layer_norm, r, normalized_shape, weight, bias, eps)
-        if y is not None:
-            return y, r
+        try:
+            return torch.layer_norm(r, _sequence(normalized_shape), weight, bias, eps), r
+        except _REFUSED:
+            pass  # torch validates in C++; our checks, next, say why
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
 
 
@@ -418,9 +418,10 @@ def add_rms_norm(
     if not cast and _native_rms(x, residual, weight, offset) and (eps is None or eps >= 0):
         _check_same(residual, "residual", x)  # x + residual must not broadcast
         r = x + residual
-        y = _torch_norm(torch.rms_norm, r, normalized_shape, weight, eps)
-        if y is not None:
-            return y, r
+        try:
+            return torch.rms_norm(r, _sequence(normalized_shape), weight, eps), r
+        except _REFUSED:
+            pass  # torch validates in C++; our checks, next, say why
     return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True, cast)
 
 
@@ -455,7 +456,7 @@ def batch_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps, positive=training)
-    if _native("batch_norm", input, weight, bias, running_mean, running_var) or _inlined(input):
+    if _native("batch_norm", input, (weight, bias, running_mean, running_var)) or _inlined(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
         ops.batch_norm, reference.batch_norm_forward,
@@ -494,7 +495,7 @@ def instance_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, weight, bias, running_mean, running_var) or _inlined(input):
+    if _native("group_norm", input, (weight, bias, running_mean, running_var)) or _inlined(input):
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
         ops.group_norm, reference.group_norm_forward,
@@ -528,7 +529,7 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, weight, bias) or _inlined(input):
+    if _native("group_norm", input, (weight, bias)) or _inlined(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
         ops.group_norm, reference.group_norm_forward,
