@@ -98,6 +98,12 @@ def _backend_name() -> str:
     return addnorm._backend.select(torch.device("cpu"))
 
 
+def _unfused(norm, x, residual, *args):
+    """torch's add+norm as a model writes it: r = x + residual (once), then norm(r)."""
+    r = x + residual
+    return norm(r, *args), r
+
+
 def _row_cases(shape) -> list[Case]:
     d = shape[-1]
     return [
@@ -111,11 +117,11 @@ def _row_cases(shape) -> list[Case]:
              lambda dt: _row_inputs(shape, dt), (2, 3), grads=(0, 1, 2)),
         Case("add_rms_norm", shape, "rows",
              lambda x, r, w, b: AF.add_rms_norm(x, r, (d,), w, 1e-6),
-             lambda x, r, w, b: (F.rms_norm(x + r, (d,), w, 1e-6), x + r),
+             lambda x, r, w, b: _unfused(F.rms_norm, x, r, (d,), w, 1e-6),
              lambda dt: _row_inputs(shape, dt, residual=True, bias=False), (4, 4), grads=(0, 1, 2)),
         Case("add_layer_norm", shape, "rows",
              lambda x, r, w, b: AF.add_layer_norm(x, r, (d,), w, b),
-             lambda x, r, w, b: (F.layer_norm(x + r, (d,), w, b), x + r),
+             lambda x, r, w, b: _unfused(F.layer_norm, x, r, (d,), w, b),
              lambda dt: _row_inputs(shape, dt, residual=True), (4, 4), grads=(0, 1, 2, 3)),
     ]
 
