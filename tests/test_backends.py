@@ -44,10 +44,24 @@ def test_forcing_nests_and_restores():
 
 
 def test_default_is_the_fastest_available(monkeypatch):
+    assert _backend.select(torch.device("cpu")) == ("numba" if _backend._AVAILABLE["numba"] else "torch")
     monkeypatch.setitem(_backend._AVAILABLE, "numba", False)
-    assert _backend.select(torch.device("cpu")) == "torch"
+    assert _backend._defaults()["cpu"] == "torch"
     monkeypatch.setitem(_backend._AVAILABLE, "triton", False)
-    assert _backend.select(torch.device("cuda")) == "torch"
+    assert _backend._defaults()["cuda"] == "torch"
+
+
+def test_a_retired_backend_stops_being_the_default(monkeypatch):
+    for registry in ("_AVAILABLE", "_RETIRED", "_DEFAULT"):  # retire on copies
+        monkeypatch.setattr(_backend, registry, dict(getattr(_backend, registry)))
+    monkeypatch.setitem(_backend._AVAILABLE, "numba", True)
+    _backend._DEFAULT.update(_backend._defaults())
+    assert _backend.select(torch.device("cpu")) == "numba"
+    _backend.retire("numba", "a test retired it")
+    assert _backend.select(torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="a test retired it"):
+        with addnorm.backend("numba"):
+            pass
 
 
 def test_ops_run_on_the_chosen_backend(monkeypatch):

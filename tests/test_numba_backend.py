@@ -70,18 +70,25 @@ def test_thread_count_follows_torch(threads):
             assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
 
 
-def test_small_work_runs_on_the_calling_thread_alone():
+def test_small_work_runs_on_the_calling_thread_alone(monkeypatch):
+    """Below ``_ONE_THREAD_BELOW`` elements the forward runs its rows on the calling
+    thread, without numba's parallel loop, and the backward's parallel sums run one
+    thread; above it both run torch's thread count."""
     import numba
 
     from addnorm.kernels import cpu
 
+    serial = []
+    real = cpu._row_norm_fwd_at
+    monkeypatch.setattr(cpu, "_row_norm_fwd_at", lambda *args: serial.append(args[-1]) or real(*args))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         with addnorm.backend("numba"):
-            AF.rms_norm(torch.randn(1, 64), (64,))
-            assert numba.get_num_threads() == 1
+            AF.rms_norm(torch.randn(1, 64, requires_grad=True), (64,)).sum().backward()
+            assert serial == [True] and numba.get_num_threads() == 1
             AF.rms_norm(torch.randn(cpu._ONE_THREAD_BELOW // 64, 64), (64,))
+            assert serial == [True, False]
             assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)

@@ -57,11 +57,23 @@ _AVAILABLE: dict[str, bool] = {name: _probe(name) for name in _SOURCES}
 _RETIRED: dict[str, str] = {}  # backend -> why it can no longer run in this process
 
 
+def _defaults() -> dict[str, str]:
+    """Each device type's default backend: its first available one."""
+    return {
+        device: next((name for name in names if _AVAILABLE[name]), "torch")
+        for device, names in _PREFERENCE.items()
+    }
+
+
+_DEFAULT = _defaults()  # read on every call (``select``), so worked out once
+
+
 def retire(name: str, why: str) -> None:
     """Stop choosing backend ``name`` in this process (the default falls to the next one;
     forcing it raises with ``why``)."""
     _AVAILABLE[name] = False
     _RETIRED[name] = why
+    _DEFAULT.update(_defaults())
 
 
 def backends() -> dict[str, bool]:
@@ -111,10 +123,7 @@ def select(device: torch.device) -> str:
     """The backend an op on a tensor of ``device`` runs on."""
     if _Choice.forced is not None:
         return _Choice.forced
-    for name in _PREFERENCE.get(device.type, ("torch",)):
-        if _AVAILABLE[name]:
-            return name
-    return "torch"
+    return _DEFAULT.get(device.type, "torch")
 
 
 def kernel(backend_name: str, function: str):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, ops, reference
-from ._backend import select
+from ._backend import _DEFAULT  # (retire updates it in place)
 from .reference import rms_eps, update_running_stats
 
 __all__ = [
@@ -177,15 +177,18 @@ def _transformed(args: tuple) -> bool:
 _functorch_level = torch._C._functorch.maybe_current_level
 
 
-def _forward(op, math, *args, device: torch.device):
-    """``op(*args, backend)``, or ``math(*args)`` (its reference) where a transform watches
-    (``_transformed``) or torch.compile traces a small input (``_inlined``)."""
-    if torch.compiler.is_compiling():
+def _forward(op, math, *args):
+    """``op(*args, backend)``, with the backend for the device of the input ``args[0]``,
+    or ``math(*args)`` (its reference) where a transform watches (``_transformed``) or
+    torch.compile traces a small input (``_inlined``)."""
+    if _is_compiling():
         if _inlined(args[0]):
             return math(*args)
     elif _transformed(args):
         return math(*args)
-    return op(*args, select(device))
+    # ``select``, inlined: on every call
+    x = args[0]
+    return op(*args, _Choice.forced or _DEFAULT.get("cpu" if x.is_cpu else x.device.type, "torch"))
 
 
 def _inlined(x: Tensor) -> bool:
@@ -226,7 +229,7 @@ _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
-    "rms_norm": 1 << 13,  # with autograd recording, float32/float64, offset 0
+    "rms_norm": 1 << 15,  # with autograd recording, float32/float64, offset 0
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 
@@ -244,7 +247,7 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
         and 0 < input.numel() < _NATIVE_BELOW[op]
         and _Choice.forced is None  # the backend is left to addnorm
         # is_compiling is checked above; input is a plain Tensor: params and modes are left
-        # (``ops.eager``, inlined)
+        # (``ops._traced``, inlined)
         and not _len_dispatch_stack()
         and not _has_torch_function(params)
     )
@@ -252,8 +255,7 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
 
 _is_compiling = torch.compiler.is_compiling
 _Choice = _backend._Choice
-_len_dispatch_stack = ops._len_dispatch_stack  # ``ops.eager``'s
-_has_torch_function = torch._C._has_torch_function  # ``ops.eager``'s, over one tuple
+_len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_torch_function  # ``ops._traced``'s
 # what torch raises for arguments it refuses: then our checks, which run next, say why
 _REFUSED = (RuntimeError, TypeError, ValueError, IndexError)
 
@@ -263,6 +265,7 @@ def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, o
     return (
         torch.is_grad_enabled()  # first: False in no_grad and inference, where it is cheapest
         and type(input) is Tensor  # (anything else goes on to the checks, which say why)
+        and input.numel() < _NATIVE_BELOW["rms_norm"]  # (again in _native) a large input leaves here
         and (weight is None or type(weight) in _TENSORS)
         and (
             input.requires_grad
@@ -313,13 +316,12 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         reference.row_norm_forward,
         _rows(x, d).contiguous(),
         None if residual is None else _rows(residual, d).contiguous(),
-        None if weight is None else _reshaped(weight, (d,)),
-        None if bias is None else _reshaped(bias, (d,)),
+        None if weight is None else _flat(weight),
+        None if bias is None else _flat(bias),
         float(eps),
         float(offset),
         rms,
         cast if x.dtype in _REDUCED else cast & reference.TORCH_ORDER,  # no rounding in float32/64
-        device=x.device,
     )
     return _reshaped(y, x.shape), None if residual is None else _reshaped(r, x.shape)
 
@@ -327,6 +329,11 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
 def _rows(t: Tensor, d: int) -> Tensor:
     """t as rows of d values."""
     return t if t.ndim == 2 and t.shape[1] == d else t.reshape(-1, d)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A parameter of the normalized shape as one row of its d values."""
+    return t if t.ndim == 1 else t.reshape(-1)
 
 
 def _reshaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -461,7 +468,6 @@ def batch_norm(
     y, mean, var = _forward(
         ops.batch_norm, reference.batch_norm_forward,
         _channel_layout(input), weight, bias, running_mean, running_var, training, float(eps),
-        device=input.device,
     )
     if training and running_mean is not None and values_per_channel > 0:
         update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
@@ -499,7 +505,7 @@ def instance_norm(
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
         ops.group_norm, reference.group_norm_forward,
-        _channel_layout(input), weight, bias, c, float(eps), device=input.device,
+        _channel_layout(input), weight, bias, c, float(eps),
     )
     if running_mean is not None and input.numel() > 0:
         update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum)
@@ -533,7 +539,7 @@ def group_norm(
         return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
         ops.group_norm, reference.group_norm_forward,
-        _channel_layout(input), weight, bias, num_groups, float(eps), device=input.device,
+        _channel_layout(input), weight, bias, num_groups, float(eps),
     )
     return y
 
@@ -560,9 +566,8 @@ def dyt(
         reference.dyt_forward,
         _rows(input, d).contiguous(),
         alpha,
-        None if weight is None else _reshaped(weight, (d,)),
-        None if bias is None else _reshaped(bias, (d,)),
-        device=input.device,
+        None if weight is None else _flat(weight),
+        None if bias is None else _flat(bias),
     )
     return _reshaped(y, input.shape)
 
@@ -577,6 +582,6 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     _check_eps(eps)
     y, _ = _forward(
         ops.scale_norm, reference.scale_norm_forward,
-        _rows(input, input.shape[-1]).contiguous(), weight, float(eps), device=input.device,
+        _rows(input, input.shape[-1]).contiguous(), weight, float(eps),
     )
     return _reshaped(y, input.shape)

@@ -78,19 +78,13 @@ def _traced(args: tuple) -> bool:
     FlopCounterMode, ``with torch.device``), or a tensor subclass with a
     ``__torch_function__`` (a Parameter has none).  Those must see the custom op; plain
     eager calls skip the dispatcher (about 12 µs a call at small shapes)."""
-    if torch.compiler.is_compiling():  # first: dynamo folds it, and traces nothing after
-        return True
-    return not eager(args)
+    # is_compiling first: dynamo folds it, and traces nothing after; then two C calls, in
+    # this one frame, since every call runs it
+    return _is_compiling() or _len_dispatch_stack() > 0 or _has_torch_function(args)
 
 
-def eager(args: tuple) -> bool:
-    """Plain eager execution, for a caller that has seen torch.compile is not tracing: no
-    dispatch or function mode, no subclass among ``args`` (see ``_traced``); two C calls,
-    since this runs on every call."""
-    return not _len_dispatch_stack() and not _has_torch_function(*args)
-
-
-_has_torch_function = torch._C._has_torch_function_variadic
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function  # over one tuple of arguments
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
 
 
@@ -113,22 +107,38 @@ class _Entry:
     ``inspect.signature`` on every call (~35 µs, twice a small norm's time).  Where no
     functorch transform is active it is entered through the C++ ``apply`` underneath,
     after the one thing the Python ``apply`` adds there, unwrapping tensors left over
-    from a finished transform (another ~2 µs a call)."""
+    from a finished transform (another ~2 µs a call; here only the tensor arguments).
+    Measured at (64, 256) float32, forward recording autograd: 16.9 µs through the
+    generic wrapper with every output, 15.5 with the statistics kept as intermediates
+    and only the tensors unwrapped."""
 
-    def __init__(self, op, fn, setup, backward, eager=None, lean=None):
+    def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None):
         op.register_autograd(backward, setup_context=setup)
         self.op, self.eager = op, eager or fn
         self.lean = lean or self.eager
+        schema = op._opoverload._schema
+        # the tensor arguments lead (x, then the optional ones); only those can need unwrapping
+        is_tensor = ["Tensor" in str(a.type) for a in schema.arguments]
+        self.tensors = is_tensor.index(False) if False in is_tensor else len(is_tensor)
+        assert not any(is_tensor[self.tensors :]), f"{schema.name}: tensor arguments must lead"
+        # the outputs the callers read; the rest (a row norm's statistics) the
+        # ``autograd.Function`` keeps as saved intermediates, not outputs: each output costs
+        # autograd ~0.3 µs a call, and the callers get None in their place
+        visible = visible or len(schema.returns)
+        self.hidden = (None,) * (len(schema.returns) - visible)
 
         def forward(ctx, *args):
             out = self.eager(*args)
             setup(ctx, args, out)
-            return out
+            return out[:visible] if self.hidden else out  # (a single output is no tuple)
+
+        def function_backward(ctx, *grads):
+            return backward(ctx, *grads, *self.hidden)
 
         self.function = type(
             fn.__name__.strip("_"),
             (torch.autograd.Function,),
-            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+            {"forward": staticmethod(forward), "backward": staticmethod(function_backward)},
         )
         self._apply = _function_apply.__get__(None, self.function)
 
@@ -136,11 +146,15 @@ class _Entry:
         if _traced(args):
             return self.op(*args)
         if torch.is_grad_enabled():
-            for a in args:
-                if isinstance(a, Tensor) and a.requires_grad:
+            tensors = args[: self.tensors]
+            for a in tensors:
+                if a is not None and a.requires_grad:
                     if _transforms_active():
-                        return self.function.apply(*args)
-                    return self._apply(*[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+                        out = self.function.apply(*args)
+                    else:
+                        unwrapped = [None if t is None else _unwrap_if_dead(t) for t in tensors]
+                        out = self._apply(*unwrapped, *args[self.tensors :])
+                    return out + self.hidden if self.hidden else out
         return self.lean(*args)
 
 
@@ -281,7 +295,7 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
 
 
 row_norm = _Entry(
-    row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean
+    row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean, visible=2
 )
 
 
