@@ -40,6 +40,7 @@ __all__ = [
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
+_TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_check_param``'s fast path takes
 
 
 # ---------------------------------------------------------------------------
@@ -213,23 +214,15 @@ def _inlined(x: Tensor) -> bool:
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
 # --sweep``.
 #
-# RMSNorm's twin, ``torch.rms_norm``, computes the same function in every dtype (casting
-# mode "torch": one rounding; the sum of squares in another order, so the last bit of
-# rstd may differ; "gemma" without an offset is it bit for bit), without Gemma's offset;
-# it is slower than ours without autograd.  While autograd records a float32 or float64
-# forward of fewer than ``_NATIVE_BELOW["rms_norm"]`` elements, though, its C++ graph
-# nodes cost less than our autograd.Function (~4 µs more per forward: (1, 4096) float32
-# 16.8 µs against 18.4 with autograd on), so RMSNorm and add+RMSNorm run it there (the add
-# as x + residual); from (2, 4096) on ours is faster, forward and backward.  In float16
-# and bfloat16 torch's kernel is slower per element and ours is faster at every size
-# (forward with autograd 1.1-1.3x, forward+backward 1.2-1.3x at (1, 256)-(2, 4096)).
-# Measured with ``addnorm bench --sweep``.  DyT and ScaleNorm have no twin and always run
-# ours.
+# RMSNorm has a twin, ``torch.rms_norm``, but always runs ours: without autograd ours is
+# faster at every size, and with it the two now cost the same forward below 16K elements
+# (our autograd.Function against torch's C++ nodes) while our backward is 1.3-1.6x
+# faster; the rule's checks on top of torch's kernel made that path 0.9x.  DyT and
+# ScaleNorm have no twin.
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "batch_norm": 1 << 23,
-    "rms_norm": 1 << 15,  # with autograd recording, float32/float64, offset 0
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 
@@ -260,27 +253,6 @@ _len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_tor
 _REFUSED = (RuntimeError, TypeError, ValueError, IndexError)
 
 
-def _native_rms(input: Tensor, residual: Tensor | None, weight: Tensor | None, offset: float) -> bool:
-    """Whether this RMSNorm runs ``torch.rms_norm`` (the rule above)."""
-    return (
-        torch.is_grad_enabled()  # first: False in no_grad and inference, where it is cheapest
-        and type(input) is Tensor  # (anything else goes on to the checks, which say why)
-        and input.numel() < _NATIVE_BELOW["rms_norm"]  # (again in _native) a large input leaves here
-        and (weight is None or type(weight) in _TENSORS)
-        and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (type(residual) is Tensor and residual.requires_grad)
-        )
-        and not offset
-        and input.dtype in _TWIN_RMS_DTYPES
-        and (weight is None or weight.dtype is input.dtype)
-        and _native("rms_norm", input, (residual, weight))
-    )
-
-
-_TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_native`` lets through (no subclass)
-_TWIN_RMS_DTYPES = (torch.float32, torch.float64)
 
 
 def _sequence(normalized_shape: int | Sequence[int]) -> Sequence[int]:
@@ -381,13 +353,7 @@ def rms_norm(
     "torch" sums in the kernel's faster order (the last float32 bit of rstd may differ
     from torch.rms_norm's).
     """
-    cast = _casting(casting_mode)
-    if not cast and _native_rms(input, None, weight, offset) and (eps is None or eps >= 0):
-        try:
-            return torch.rms_norm(input, _sequence(normalized_shape), weight, eps)
-        except _REFUSED:
-            pass  # torch validates in C++; our checks, next, say why
-    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, cast)[0]
+    return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, _casting(casting_mode))[0]
 
 
 def add_layer_norm(
@@ -421,15 +387,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (rms_norm(r), r)`` in one pass (``casting_mode`` as
     :func:`rms_norm`)."""
-    cast = _casting(casting_mode)
-    if not cast and _native_rms(x, residual, weight, offset) and (eps is None or eps >= 0):
-        _check_same(residual, "residual", x)  # x + residual must not broadcast
-        r = x + residual
-        try:
-            return torch.rms_norm(r, _sequence(normalized_shape), weight, eps), r
-        except _REFUSED:
-            pass  # torch validates in C++; our checks, next, say why
-    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True, cast)
+    return _row_norm(x, residual, normalized_shape, weight, None, eps, offset, True, _casting(casting_mode))
 
 
 # ---------------------------------------------------------------------------
