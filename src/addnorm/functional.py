@@ -255,8 +255,6 @@ _len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_tor
 _REFUSED = (RuntimeError, TypeError, ValueError, IndexError)
 
 
-
-
 def _sequence(normalized_shape: int | Sequence[int]) -> Sequence[int]:
     """normalized_shape as torch's twins take it: a sequence, never an int."""
     return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
