@@ -120,10 +120,9 @@ def forced() -> bool:
 
 
 def select(device: torch.device) -> str:
-    """The backend an op on a tensor of ``device`` runs on."""
-    if _Choice.forced is not None:
-        return _Choice.forced
-    return _DEFAULT.get(device.type, "torch")
+    """The backend an op on a tensor of ``device`` runs on (``functional._forward`` reads
+    the same two things inline, without making the tensor's device object)."""
+    return _Choice.forced or _DEFAULT.get(device.type, "torch")
 
 
 def kernel(backend_name: str, function: str):

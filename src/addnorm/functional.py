@@ -189,7 +189,8 @@ def _forward(op, math, *args):
             return math(*args)
     elif _transformed(args):
         return math(*args)
-    # ``select``, inlined: on every call
+    # ``_backend.select``, inlined: on every call, and a CPU tensor's ``.device`` object
+    # alone costs ~0.6 µs in this path
     x = args[0]
     return op(*args, _Choice.forced or _DEFAULT.get("cpu" if x.is_cpu else x.device.type, "torch"))
 

@@ -1207,39 +1207,26 @@ _LANES: dict[torch.dtype, int] = {}
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
-    # on every call, a decoding step's too: each line here costs ~0.1 µs, each helper
-    # call more, so addresses and dtype tokens are read inline (no generators either)
+    # on every call, a decoding step's too: each line here costs ~0.1 µs (no generators)
     x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     n, d = x.shape
     serial = n * d < _ONE_THREAD_BELOW
     if not serial:  # (the serial path runs no parallel loop: numba's thread count is moot)
         _threads(n * d)
     acc = acc_dtype(x.dtype)
-    tx = _TOKENS[x.dtype]
     y = _empty_like(x, row_norm_out_dtype(x.dtype, weight, cast))
-    if residual is not None:
-        residual = residual.contiguous()
-        r = _empty_like(x)
-    else:
-        r = None
-    if weight is not None:
-        weight = weight.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
+    r = None if residual is None else _empty_like(x)
     mean = None if rms else torch.empty(n, dtype=acc)
     rstd = torch.empty(n, dtype=acc) if stats else None
-    _row_norm_fwd_at(
-        n, d, x.data_ptr(), tx,
-        None if residual is None else residual.data_ptr(),
-        None if weight is None else weight.data_ptr(), tx if weight is None else _TOKENS[weight.dtype],
-        None if bias is None else bias.data_ptr(), tx if bias is None else _TOKENS[bias.dtype],
-        y.data_ptr(), _TOKENS[y.dtype],
-        None if r is None else r.data_ptr(),
-        None if mean is None else mean.data_ptr(),
-        None if rstd is None else rstd.data_ptr(),
-        _TOKENS[acc], float(eps), float(offset), cast & ROUNDING, _torch_lanes(acc) if cast & TORCH_ORDER else 0,
-        serial,
-    )
+    tx = _TOKENS[x.dtype]
+    _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
+                     _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
+                     _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
+                     float(eps), float(offset), cast & ROUNDING,
+                     _torch_lanes(acc) if cast & TORCH_ORDER else 0, serial)
     return y, r, mean, rstd
 
 
