@@ -82,9 +82,9 @@ def backends() -> dict[str, bool]:
     ``torch``: ``reference``'s plain torch ops, on any device.  ``numba``: the CPU
     kernels, the default for CPU tensors.  ``triton`` (``pip install addnorm[gpu]``): the
     default for CUDA tensors; LayerNorm and RMSNorm (with and without the fused residual
-    add), GroupNorm / InstanceNorm and DyT, forward and backward, are Triton kernels;
-    BatchNorm, ScaleNorm and the families' casting modes run the reference's torch ops on
-    the GPU there.  On CPU tensors it runs only through Triton's
+    add, RMSNorm's casting modes), GroupNorm / InstanceNorm and DyT, forward and
+    backward, are Triton kernels; BatchNorm and ScaleNorm run the reference's torch ops
+    on the GPU there.  On CPU tensors it runs only through Triton's
     interpreter (``TRITON_INTERPRET=1`` set before addnorm loads it), as the tests do.
 
     >>> addnorm.backends()

@@ -11,10 +11,17 @@ Triton layer norm): LayerNorm or RMSNorm, residual in and out, weight (with Gemm
 block (``_MAX_BLOCK`` values) is held in registers; a longer one is walked block by
 block, once for each statistic and once to write.  GroupNorm walks each (sample, group)
 in [channels, positions] tiles whose strides cover contiguous and channels-last inputs
-alike.  Statistics accumulate in float32 (float64 for float64 input); the output is
-rounded once, casting mode "torch".  The families' casting modes ("gemma", "llama",
-"none"), BatchNorm and ScaleNorm are not written here yet: they run
-``reference``'s torch ops on the same device (``_backend``'s fallback).
+alike.  Statistics accumulate in float32 (float64 for float64 input).
+
+RMSNorm's casting modes are a compile-time flag too: the output rounded once ("torch",
+"gemma"), or the normalized value rounded to the input's dtype before the weight
+("llama"), or rstd, the normalized value and the scale each rounded ("none").  Their
+``TORCH_ORDER`` bit (sum the squares in torch's CPU order, so a patched model's output is
+the original's bit for bit on CPU) is not followed: on a GPU torch's own reduction order
+is its CUDA kernel's, which no Triton kernel reproduces, so the statistic may differ from
+the family's code in its last float32 bit, as Liger-Kernel's casting modes do.
+BatchNorm and ScaleNorm are not written here: they run ``reference``'s torch ops on the
+same device (``_backend``'s fallback).
 
 The backward: each program takes a contiguous run of rows (a sample's group), writes
 their dx and its weight and bias gradient terms into a partial-sum row of its own; the
@@ -31,9 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ..ops import memory_format
-from ..reference import CAST_ONCE, ROUNDING, acc_dtype
+from ..reference import CAST_ONCE, ROUNDING, acc_dtype, row_norm_out_dtype
 
 _MAX_BLOCK = 4096  # values of a row held at once; longer rows loop over blocks of it
 _MAX_ROWS = 64  # rows a forward program takes at most, where rows are narrow
@@ -45,7 +51,7 @@ def _row_norm_fwd_kernel(
     X, RES, W, B, Y, R_OUT, MEAN, RSTD,
     N, D, eps, offset,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-    STORE_MEAN: tl.constexpr, STORE_RSTD: tl.constexpr,
+    STORE_MEAN: tl.constexpr, STORE_RSTD: tl.constexpr, CAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     """y = (r - mean) * rstd * (w + offset) + b, r = x (+ res): ``ROWS`` rows a program
@@ -66,8 +72,10 @@ def _row_norm_fwd_kernel(
             centred = tl.where(mask, r - mean[:, None], 0.0)
             var = tl.sum(centred * centred, axis=1) / D
         rstd = _rsqrt(var + eps, ACC)
-        _store_normalized(Y, W, B, r, at, mask, cols[None, :], mean[:, None], rstd[:, None], offset,
-                          HAS_W, HAS_B, ACC)
+        if CAST == 2:  # CAST_EACH: rstd rounded too, and stored as y used it
+            rstd = _rounded(rstd, X, ACC)
+        _store_normalized(X, Y, W, B, r, at, mask, cols[None, :], mean[:, None], rstd[:, None], offset,
+                          HAS_W, HAS_B, CAST, ACC)
         if STORE_MEAN:
             tl.store(MEAN + rows, mean, mask=in_rows)
         if STORE_RSTD:
@@ -99,11 +107,14 @@ def _row_norm_fwd_kernel(
                 total += centred * centred
             var = tl.sum(total, axis=0) / D
         rstd = _rsqrt(var + eps, ACC)
+        if CAST == 2:
+            rstd = _rounded(rstd, X, ACC)
         for start in range(0, D, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < D
             r = _load_row(X, RES, R_OUT, row * D + cols, mask, HAS_RES, False, ACC)
-            _store_normalized(Y, W, B, r, row * D + cols, mask, cols, mean, rstd, offset, HAS_W, HAS_B, ACC)
+            _store_normalized(X, Y, W, B, r, row * D + cols, mask, cols, mean, rstd, offset, HAS_W, HAS_B,
+                              CAST, ACC)
         if STORE_MEAN:
             tl.store(MEAN + row, mean)
         if STORE_RSTD:
@@ -135,16 +146,29 @@ def _load_row(X, RES, R_OUT, at, mask, HAS_RES: tl.constexpr, STORE_R: tl.conste
 
 
 @triton.jit
-def _store_normalized(Y, W, B, r, at, mask, cols, mean, rstd, offset,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+def _store_normalized(X, Y, W, B, r, at, mask, cols, mean, rstd, offset,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, CAST: tl.constexpr, ACC: tl.constexpr):
     """y = ((r - mean) * rstd) * (w + offset) + b at offsets ``at`` (w and b at ``cols``),
-    rounded once to y's dtype."""
+    rounded to y's dtype; with ``CAST`` (``reference.CAST_XHAT``, ``CAST_EACH``) the
+    normalized value, and for ``CAST_EACH`` the scale, rounded to X's dtype first."""
     y = (r - mean) * rstd
+    if CAST != 0:
+        y = _rounded(y, X, ACC)
     if HAS_W:
-        y = y * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
+        scale = tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset
+        if CAST == 2:
+            scale = _rounded(scale, X, ACC)
+        y = y * scale
     if HAS_B:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
     tl.store(Y + at, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rounded(v, like, ACC: tl.constexpr):
+    """v rounded to the element type of the pointer ``like`` and widened back to ``ACC``
+    (``reference.round_to``)."""
+    return v.to(like.dtype.element_ty).to(ACC)
 
 
 @triton.jit
@@ -152,12 +176,14 @@ def _row_norm_bwd_kernel(
     DY, DR, R, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     N, D, rows_per_program, offset,
     HAS_DR: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr, WANT_DX: tl.constexpr,
-    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, ROUND: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     """Rows [pid * rows_per_program, ...): with g = dy * (w + offset) and xhat = (r - mean)
     * rstd, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dr), mean(g) absent for
-    RMSNorm; the program's dw and db terms summed into its own partial rows."""
+    RMSNorm; the program's dw and db terms summed into its own partial rows.  ``ROUND``:
+    the forward rounded xhat to R's dtype (a casting mode), so g is rounded as autograd
+    rounds the gradient of that rounding, and dw takes the rounded xhat."""
     pid = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: no overflow past 2**31 values
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, N)
@@ -170,9 +196,10 @@ def _row_norm_bwd_kernel(
         db = tl.zeros([BLOCK], dtype=ACC)
         for row in range(first, last):
             at = row * D
-            xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+            xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS,
+                                      ROUND, ACC)
             if WANT_DW:
-                dw += dy * xhat
+                dw += _weight_term(dy, xhat, R, ROUND, ACC)
             if WANT_DB:
                 db += dy
             if WANT_DX:
@@ -195,11 +222,13 @@ def _row_norm_bwd_kernel(
             for start in range(0, D, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < D
-                xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+                xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS,
+                                          ROUND, ACC)
                 s_gx += g * xhat
                 s_g += g
                 if WANT_DW:
-                    tl.store(DW_PART + cols, tl.load(DW_PART + cols, mask=mask) + dy * xhat, mask=mask)
+                    dw = tl.load(DW_PART + cols, mask=mask) + _weight_term(dy, xhat, R, ROUND, ACC)
+                    tl.store(DW_PART + cols, dw, mask=mask)
                 if WANT_DB:
                     tl.store(DB_PART + cols, tl.load(DB_PART + cols, mask=mask) + dy, mask=mask)
             if WANT_DX:
@@ -211,14 +240,16 @@ def _row_norm_bwd_kernel(
                 for start in range(0, D, BLOCK):
                     cols = start + tl.arange(0, BLOCK)
                     mask = cols < D
-                    xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W, RMS, ACC)
+                    xhat, dy, g = _grad_terms(DY + at, R + at, W, MEAN, RSTD, row, cols, mask, offset, HAS_W,
+                                              RMS, ROUND, ACC)
                     _store_dx(DX + at, DR + at, g, xhat, c_gx, c_g, rstd, cols, mask, HAS_DR, ACC)
 
 
 @triton.jit
 def _grad_terms(DY, R, W, MEAN, RSTD, row, cols, mask, offset, HAS_W: tl.constexpr, RMS: tl.constexpr,
-                ACC: tl.constexpr):
-    """(xhat, dy, g = dy * (w + offset)) of one block of one row, zero outside the row."""
+                ROUND: tl.constexpr, ACC: tl.constexpr):
+    """(xhat, dy, g = dy * (w + offset), rounded to R's dtype where ``ROUND``) of one block
+    of one row, zero outside the row."""
     r = tl.load(R + cols, mask=mask, other=0.0).to(ACC)
     dy = tl.load(DY + cols, mask=mask, other=0.0).to(ACC)
     rstd = tl.load(RSTD + row)
@@ -229,7 +260,18 @@ def _grad_terms(DY, R, W, MEAN, RSTD, row, cols, mask, offset, HAS_W: tl.constex
     g = dy
     if HAS_W:
         g = dy * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
+    if ROUND:
+        g = _rounded(g, R, ACC)
     return xhat, dy, g
+
+
+@triton.jit
+def _weight_term(dy, xhat, R, ROUND: tl.constexpr, ACC: tl.constexpr):
+    """One row's term of the weight gradient: dy * xhat, xhat rounded as the forward
+    rounded it where ``ROUND``."""
+    if ROUND:
+        xhat = _rounded(xhat, R, ACC)
+    return dy * xhat
 
 
 @triton.jit
@@ -264,14 +306,14 @@ def _dummy(like: torch.Tensor) -> torch.Tensor:
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
-    if cast & ROUNDING != CAST_ONCE or cast & reference.TORCH_ORDER:
-        return reference.row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast, stats)
+    """``reference.row_norm_forward``'s contract; ``cast``'s ``TORCH_ORDER`` bit is not
+    followed (see the module's docstring)."""
     _check_device(x, residual, weight, bias)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     n, d = x.shape
     acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=row_norm_out_dtype(x.dtype, weight, cast))
     r = None if residual is None else torch.empty_like(x)
     mean = None if rms else torch.empty(n, dtype=acc, device=x.device)
     rstd = torch.empty(n, dtype=acc, device=x.device)
@@ -285,7 +327,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
             y, _dummy(x) if r is None else r, _dummy(rstd) if mean is None else mean, rstd,
             n, d, float(eps), float(offset),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
-            STORE_MEAN=mean is not None, STORE_RSTD=True,
+            STORE_MEAN=mean is not None, STORE_RSTD=True, CAST=cast & ROUNDING,
             ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
         )
     return y, r, mean, rstd
@@ -299,8 +341,6 @@ def _programs(n: int, device: torch.device) -> int:
 
 
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted=(True, True, True)):
-    if cast & ROUNDING != CAST_ONCE:
-        return reference.row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted)
     _check_device(dy, dr, r, weight)
     dy, r = dy.contiguous(), r.contiguous()
     dr = None if dr is None else dr.contiguous()
@@ -322,7 +362,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
             _dummy(rstd) if dw_part is None else dw_part, _dummy(rstd) if db_part is None else db_part,
             n, d, triton.cdiv(n, programs), float(offset),
             HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
-            WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db,
+            WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ROUND=cast & ROUNDING != CAST_ONCE,
             ACC=_TL_ACC.get(r.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
         )
     dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
