@@ -96,6 +96,31 @@ def test_small_add_layer_norm_runs_torchs_add_and_kernel(monkeypatch):
 
 
 @pytest.mark.native_rule
+def test_off_the_cpu_a_twin_runs_where_the_default_backend_has_no_kernel(monkeypatch):
+    """A device whose default backend is the reference (here the meta device; on a GPU
+    without Triton, cuda) runs torch's twins at every size; beside the triton backend only
+    BatchNorm does (cuDNN's on CUDA), the rest run our Triton kernels."""
+    x = torch.empty(2, 4, 3, device="meta")
+    w, b = torch.empty(4, device="meta"), torch.empty(3, device="meta")
+    calls = []
+    for name in ("batch_norm", "group_norm"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    real_ln = torch.layer_norm
+    monkeypatch.setattr(torch, "layer_norm", lambda *a, **k: calls.append("layer_norm") or real_ln(*a, **k))
+    assert AF.layer_norm(x, (3,), b, b).shape == x.shape
+    assert AF.batch_norm(x, w, w + 1, w, w, training=True).shape == x.shape
+    assert AF.group_norm(x, 2, w, w).shape == x.shape
+    assert calls == ["layer_norm", "batch_norm", "group_norm"]
+    monkeypatch.setitem(AF._DEFAULT, "meta", "triton")
+    assert AF._native("batch_norm", x, (w, w, w, w))
+    assert not AF._native("layer_norm", x, (b, b)) and not AF._native("group_norm", x, (w, w))
+    assert not AF._native("batch_norm", torch.empty(0, 4, device="meta"), (None, None, None, None))
+    with addnorm.backend("torch"):  # a backend the user chose runs everywhere
+        assert not AF._native("batch_norm", x, (w, w, w, w))
+
+
+@pytest.mark.native_rule
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_rms_norm_runs_ours_at_every_size_and_autograd_state(monkeypatch, dtype):
     """RMSNorm has a twin but the rule leaves it out: ours is as fast forward with

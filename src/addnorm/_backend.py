@@ -83,9 +83,10 @@ def backends() -> dict[str, bool]:
     kernels, the default for CPU tensors.  ``triton`` (``pip install addnorm[gpu]``): the
     default for CUDA tensors; LayerNorm and RMSNorm (with and without the fused residual
     add, RMSNorm's casting modes), GroupNorm / InstanceNorm and DyT, forward and
-    backward, are Triton kernels; BatchNorm and ScaleNorm run the reference's torch ops
-    on the GPU there.  On CPU tensors it runs only through Triton's
-    interpreter (``TRITON_INTERPRET=1`` set before addnorm loads it), as the tests do.
+    backward, are Triton kernels; BatchNorm runs torch's own kernel there (cuDNN's, by
+    ``functional``'s rule), ScaleNorm the reference's torch ops on the GPU.  On CPU
+    tensors it runs only through Triton's interpreter (``TRITON_INTERPRET=1`` set before
+    addnorm loads it), as the tests do.
 
     >>> addnorm.backends()
     {'torch': True, 'numba': True, 'triton': False}

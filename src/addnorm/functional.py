@@ -228,6 +228,14 @@ _NATIVE_BELOW = {
     "batch_norm": 1 << 23,
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
+# Off the CPU the twin runs at every size where the device's default backend has no
+# kernel of its own for the norm, so that ours would be the reference's chain of torch
+# ops: BatchNorm beside the triton backend (the twin is cuDNN's on CUDA), and every norm
+# where the default is the reference (a GPU without Triton, any other device).
+_TWIN_OFF_CPU = {
+    "triton": ("batch_norm",),
+    "torch": ("layer_norm", "group_norm", "batch_norm"),
+}
 
 
 def _native(op: str, input: Tensor, params: tuple) -> bool:
@@ -239,14 +247,18 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
     return (
         not _is_compiling()  # first: torch.compile folds the rest away
         and type(input) is Tensor
-        and input.is_cpu
-        and 0 < input.numel() < _NATIVE_BELOW[op]
+        and (0 < input.numel() < _NATIVE_BELOW[op] if input.is_cpu else _twin_off_cpu(op, input))
         and _Choice.forced is None  # the backend is left to addnorm
         # is_compiling is checked above; input is a plain Tensor: params and modes are left
         # (``ops._traced``, inlined)
         and not _len_dispatch_stack()
         and not _has_torch_function(params)
     )
+
+
+def _twin_off_cpu(op: str, input: Tensor) -> bool:
+    """``_native``'s bound for a tensor off the CPU: ``_TWIN_OFF_CPU``."""
+    return input.numel() > 0 and op in _TWIN_OFF_CPU.get(_DEFAULT.get(input.device.type, "torch"), ())
 
 
 _is_compiling = torch.compiler.is_compiling

@@ -20,8 +20,9 @@ RMSNorm's casting modes are a compile-time flag too: the output rounded once ("t
 the original's bit for bit on CPU) is not followed: on a GPU torch's own reduction order
 is its CUDA kernel's, which no Triton kernel reproduces, so the statistic may differ from
 the family's code in its last float32 bit, as Liger-Kernel's casting modes do.
-BatchNorm and ScaleNorm are not written here: they run ``reference``'s torch ops on the
-same device (``_backend``'s fallback).
+BatchNorm and ScaleNorm are not written here: BatchNorm runs torch's own (cuDNN's) by
+``functional``'s rule, ScaleNorm ``reference``'s torch ops on the same device
+(``_backend``'s fallback).
 
 The backward: each program takes a contiguous run of rows (a sample's group), writes
 their dx and its weight and bias gradient terms into a partial-sum row of its own; the
