@@ -283,7 +283,9 @@ def _store_dx(DX, DR, g, xhat, c_gx, c_g, rstd, cols, mask, HAS_DR: tl.constexpr
     tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-_TL_ACC = {torch.float64: tl.float64}
+def _tl_acc(dtype: torch.dtype):
+    """The kernels' ``ACC``: float64 statistics for float64 input, float32 for the rest."""
+    return tl.float64 if dtype is torch.float64 else tl.float32
 
 
 def _block(d: int) -> tuple[int, bool]:
@@ -301,9 +303,15 @@ def _check_device(*tensors: torch.Tensor | None) -> None:
             )
 
 
-def _dummy(like: torch.Tensor) -> torch.Tensor:
-    """A pointer for an absent operand (its flag keeps the kernel from touching it)."""
-    return like
+def _operand(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """t, contiguous, as a kernel's pointer; for an absent operand ``like`` stands in (its
+    flag keeps the kernel from touching it)."""
+    return like if t is None else t.contiguous()
+
+
+def _summed(part: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter's gradient: its per-program partial rows added in a fixed order."""
+    return None if part is None else part.sum(0).to(param.dtype)
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
@@ -322,14 +330,12 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     rows = max(1, min(_MAX_ROWS, _MAX_BLOCK // block)) if one_block else 1
     if n:
         _row_norm_fwd_kernel[(triton.cdiv(n, rows),)](
-            x, _dummy(x) if residual is None else residual,
-            _dummy(x) if weight is None else weight.contiguous(),
-            _dummy(x) if bias is None else bias.contiguous(),
-            y, _dummy(x) if r is None else r, _dummy(rstd) if mean is None else mean, rstd,
+            x, _operand(residual, x), _operand(weight, x), _operand(bias, x),
+            y, _operand(r, x), _operand(mean, rstd), rstd,
             n, d, float(eps), float(offset),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
             STORE_MEAN=mean is not None, STORE_RSTD=True, CAST=cast & ROUNDING,
-            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
+            ACC=_tl_acc(x.dtype), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
         )
     return y, r, mean, rstd
 
@@ -356,18 +362,14 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     db_part = torch.zeros(programs, d, dtype=acc, device=r.device) if want_db else None
     if n:
         _row_norm_bwd_kernel[(programs,)](
-            dy, _dummy(dy) if dr is None else dr, r,
-            _dummy(r) if weight is None else weight.contiguous(),
-            _dummy(rstd) if mean is None or rms else mean.contiguous(), rstd.contiguous(),
-            _dummy(r) if dx is None else dx,
-            _dummy(rstd) if dw_part is None else dw_part, _dummy(rstd) if db_part is None else db_part,
+            dy, _operand(dr, dy), r, _operand(weight, r), _operand(None if rms else mean, rstd),
+            rstd.contiguous(), _operand(dx, r), _operand(dw_part, rstd), _operand(db_part, rstd),
             n, d, triton.cdiv(n, programs), float(offset),
             HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
             WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ROUND=cast & ROUNDING != CAST_ONCE,
-            ACC=_TL_ACC.get(r.dtype, tl.float32), BLOCK=block, ONE_BLOCK=one_block,
+            ACC=_tl_acc(r.dtype), BLOCK=block, ONE_BLOCK=one_block,
         )
-    dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
-    db = None if db_part is None else db_part.sum(0).to(bias.dtype)
+    dw, db = _summed(dw_part, weight), _summed(db_part, bias)
     return dx, dw, db
 
 
@@ -506,9 +508,9 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
     var = torch.empty_like(mean)
     if x.numel():
         _group_norm_fwd_kernel[(x.shape[0] * num_groups,)](
-            x, _dummy(x) if weight is None else weight.contiguous(), _dummy(x) if bias is None else bias.contiguous(),
+            x, _operand(weight, x), _operand(bias, x),
             y, mean, var, *geometry, num_groups, float(eps),
-            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_TL_ACC.get(x.dtype, tl.float32),
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
             BLOCK_C=block_c, BLOCK_L=block_l,
         )
     return y, mean, var
@@ -525,14 +527,13 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     db_part = torch.zeros(n, c, dtype=acc, device=x.device) if bias is not None else None
     if x.numel():
         _group_norm_bwd_kernel[(n * num_groups,)](
-            dy, x, _dummy(x) if weight is None else weight.contiguous(), mean.contiguous(), var.contiguous(), dx,
-            _dummy(mean) if dw_part is None else dw_part, _dummy(mean) if db_part is None else db_part,
+            dy, x, _operand(weight, x), mean.contiguous(), var.contiguous(), dx,
+            _operand(dw_part, mean), _operand(db_part, mean),
             *geometry, num_groups, c, float(eps),
             HAS_W=weight is not None, WANT_DW=dw_part is not None, WANT_DB=db_part is not None,
-            ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK_C=block_c, BLOCK_L=block_l,
+            ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_L=block_l,
         )
-    dw = None if dw_part is None else dw_part.sum(0).to(weight.dtype)
-    db = None if db_part is None else db_part.sum(0).to(bias.dtype)
+    dw, db = _summed(dw_part, weight), _summed(db_part, bias)
     return dx, dw, db
 
 
@@ -604,9 +605,8 @@ def dyt_forward(x, alpha, weight, bias):
     y = torch.empty_like(x)
     if x.numel():
         _dyt_fwd_kernel[(n,)](
-            x, alpha.reshape(1), _dummy(x) if weight is None else weight.contiguous(),
-            _dummy(x) if bias is None else bias.contiguous(), y, d,
-            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_TL_ACC.get(x.dtype, tl.float32),
+            x, alpha.reshape(1), _operand(weight, x), _operand(bias, x), y, d,
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
             BLOCK=_block(d)[0],
         )
     return y
@@ -622,9 +622,9 @@ def dyt_backward(dy, x, alpha, weight, bias):
     part = torch.zeros(3, programs, d, dtype=acc, device=x.device)
     if x.numel():
         _dyt_bwd_kernel[(programs,)](
-            dy, x, alpha.reshape(1), _dummy(x) if weight is None else weight.contiguous(), dx, part,
+            dy, x, alpha.reshape(1), _operand(weight, x), dx, part,
             n, d, triton.cdiv(n, programs),
-            HAS_W=weight is not None, ACC=_TL_ACC.get(x.dtype, tl.float32), BLOCK=_block(d)[0],
+            HAS_W=weight is not None, ACC=_tl_acc(x.dtype), BLOCK=_block(d)[0],
         )
     sums = part.sum(1, dtype=torch.float64)  # (3, d): over programs, in a fixed order
     dalpha = sums[2].sum().reshape(alpha.shape).to(alpha.dtype)
