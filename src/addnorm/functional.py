@@ -164,8 +164,8 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
 
 def _transformed(args: tuple) -> bool:
     """Whether forward-mode AD or a torch.func transform sees any tensor in ``args``; for
-    a caller that has seen torch.compile is not tracing (it traces neither: there the op
-    is always what it sees)."""
+    a caller that has already found torch.compile not tracing (torch.compile traces
+    through neither: there the op is always what it sees)."""
     # fast exit, the common case: no transform is active and no dual level is open
     if _functorch_level() is None and forward_ad._current_level < 0:
         return False
@@ -257,8 +257,9 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
 
 
 def _twin_off_cpu(op: str, input: Tensor) -> bool:
-    """``_native``'s bound for a tensor off the CPU: ``_TWIN_OFF_CPU``."""
-    return input.numel() > 0 and op in _TWIN_OFF_CPU.get(_DEFAULT.get(input.device.type, "torch"), ())
+    """``_native``'s bound for a tensor off the CPU: ``_TWIN_OFF_CPU`` (by the device's
+    backend; ``_native`` itself turns the twin down where the user forced one)."""
+    return input.numel() > 0 and op in _TWIN_OFF_CPU.get(_backend.select(input.device), ())
 
 
 _is_compiling = torch.compiler.is_compiling
