@@ -151,16 +151,19 @@ def run(device: str = "cuda", compile: bool = True, rounds: int = 20, console=No
         raise RuntimeError(f"addnorm bench --device {device}: needs a CUDA device, and this "
                            f"machine has {torch.cuda.device_count()}")
     peak = peak_gbps(dev)
-    results = []
-    for i, (op, shape, dtype, pass_) in enumerate(cases()):
+    results, todo, built = [], cases(), {}
+    for i, (op, shape, dtype, pass_) in enumerate(todo):
         if console is not None:
-            console.print(f"[{i + 1}/{len(cases())}] {op} {shape[0]}x{shape[1]} {str(dtype)[6:]} {pass_}",
+            console.print(f"[{i + 1}/{len(todo)}] {op} {shape[0]}x{shape[1]} {str(dtype)[6:]} {pass_}",
                           highlight=False)
         torch.manual_seed(0)
         x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=pass_ != "fwd")
         dy = torch.randn_like(x)
         result = Result(op, list(shape), str(dtype)[6:], pass_, {}, peak_gbps=peak)
-        for name, module in contenders(op, shape[1], dtype, dev, compile).items():
+        key = (op, shape[1], dtype)
+        if key not in built:  # the passes of one shape follow each other: built (and compiled) once
+            built = {key: contenders(op, shape[1], dtype, dev, compile)}
+        for name, module in built[key].items():
             if pass_ == "fwd":
                 def call(m=module):
                     with torch.no_grad():
