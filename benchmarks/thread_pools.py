@@ -40,14 +40,14 @@ def _setup(config: str) -> None:
 def _measure(config: str) -> str:
     _setup(config)
     import torch
-    import torch.nn.functional as F
 
-    import addnorm.functional as AF
+    from addnorm.bench import _row_cases
 
     out = []
     for rows, d in SHAPES:
-        x, w = torch.randn(rows, d), torch.randn(d)
-        sides = {"addnorm": lambda: AF.rms_norm(x, (d,), w, 1e-6), "torch": lambda: F.rms_norm(x, (d,), w, 1e-6)}
+        case = next(c for c in _row_cases((rows, d)) if c.op == "rms_norm")  # the sweep's own
+        inputs = case.make(torch.float32)
+        sides = {"addnorm": lambda: case.ours(*inputs), "torch": lambda: case.torch(*inputs)}
         medians = {side: [] for side in sides}
         with torch.no_grad():
             for call in sides.values():
