@@ -1,6 +1,7 @@
 """The triton backend's kernels, run on CPU tensors through Triton's interpreter: values
 and gradients against the float64 reference, so GPU code cannot rot unseen on a machine
-without a GPU.
+without a GPU.  With ``ADDNORM_TEST_DEVICE=cuda`` the same tests run the compiled kernels
+on a GPU instead (and ``tests/test_cuda.py`` what only a GPU can check).
 
 The interpreter rounds float32 to bfloat16 by truncation where a GPU rounds to nearest
 even, so bfloat16 results are compared within two bfloat16 steps, not bit for bit.
@@ -8,7 +9,9 @@ even, so bfloat16 results are compared within two bfloat16 steps, not bit for bi
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before addnorm's Triton kernels are defined
+DEVICE = os.environ.get("ADDNORM_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before addnorm's Triton kernels are defined
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,8 +23,23 @@ import addnorm.functional as AF  # noqa: E402
 from addnorm.kernels import gpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    not gpu._INTERPRETED, reason="TRITON_INTERPRET was set to something else before this module"
+    not gpu._INTERPRETED if DEVICE == "cpu" else not torch.cuda.is_available(),
+    reason="TRITON_INTERPRET was set to something else before this module" if DEVICE == "cpu"
+    else f"ADDNORM_TEST_DEVICE={DEVICE}, and torch sees no GPU",
 )
+
+
+def _on(tensors):
+    """The tests' inputs (drawn on the CPU, from a seeded generator) on the tested device."""
+    return [t.to(DEVICE) for t in tensors]
+
+
+def _side(t, side, dtype):
+    """A copy of a (CPU) input for one side of a comparison: the kernels' on the tested
+    device, the float64 reference's on the CPU (torch's CUDA float64 kernels are no
+    exact reference: GroupNorm's one-pass variance loses ~1e-11 where a group's values
+    are close)."""
+    return t.to("cpu" if side == "torch" else DEVICE, dtype, copy=True)
 
 # per dtype: tolerance relative to the reference's largest value
 _TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -40,7 +58,7 @@ def _close(ours, ref, dtype, what, terms=1.0):
     # about 1 here) where it is smaller: RMSNorm's dx for a row of one value is a
     # difference of two terms of size |dy| that cancel to ~eps / x^3
     scale = max(ref.abs().max().item(), terms)
-    err = (ours.double() - ref).abs().max().item() / scale
+    err = (ours.double().cpu() - ref).abs().max().item() / scale
     assert err <= _TOL[dtype], f"{what}: relative error {err:.2e} > {_TOL[dtype]:.0e}"
 
 
@@ -59,37 +77,45 @@ def test_values_and_gradients_match_the_float64_reference(monkeypatch, d, max_bl
     cot = [torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)]
     outs = {}
     for side, dt in (("triton", dtype), ("torch", torch.float64)):
-        x, res, w, b = (t.to(dt, copy=True).requires_grad_() for t in base)
+        x, res, w, b = (_side(t, side, dt).requires_grad_() for t in base)
         with addnorm.backend(side):
             y, r = _call(rms, fused, x, res if fused else None, w, None if rms else b)
-        loss = (y.double() * cot[0].double()).sum()
+        loss = (y.double() * cot[0].to(y.device, torch.float64)).sum()
         if r is not None:
-            loss = loss + (r.double() * cot[1].double()).sum()
+            loss = loss + (r.double() * cot[1].to(y.device, torch.float64)).sum()
         loss.backward()
         grads = [x.grad, res.grad if fused else None, w.grad, None if rms else b.grad]
         outs[side] = [y, r] + grads
+    # dx is rstd * (terms of size |dy * w|) that cancel: a row of one value (RMSNorm) or
+    # of close values has rstd up to 1/sqrt(eps); a GPU's fused multiply-adds round such
+    # differences apart from the CPU's separate products and sums
+    r64 = base[0].double() + (base[1].double() if fused else 0)
+    var = r64.square().mean(-1) if rms else r64.var(-1, unbiased=False)
+    rstd = (var + 1e-5).rsqrt().max().item()
+    terms = {"dx": rstd * cot[0].abs().max().item() * base[2].abs().max().item()}
+    terms["dresidual"] = terms["dx"]
     names = ["y", "r", "dx", "dresidual", "dweight", "dbias"]
     for name, ours, ref in zip(names, outs["triton"], outs["torch"]):
         assert (ours is None) == (ref is None), name
         if ours is not None:
             assert ours.dtype == dtype, name
-            _close(ours.detach(), ref.detach(), dtype, name)
+            _close(ours.detach(), ref.detach(), dtype, name, terms.get(name, 1.0))
 
 
 def test_gemmas_offset_and_no_weight():
-    x = torch.randn(3, 40)
-    w = torch.randn(40)
+    x, w = _on([torch.randn(3, 40), torch.randn(40)])
     with addnorm.backend("triton"):
         y = AF.rms_norm(x, 40, w, 1e-6, offset=1.0)
         y0 = AF.rms_norm(x, 40, None, 1e-6)
-    torch.testing.assert_close(y, AF.rms_norm(x, 40, w, 1e-6, offset=1.0), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(y0, AF.rms_norm(x, 40, None, 1e-6), rtol=1e-6, atol=1e-6)
+    with addnorm.backend("torch"):
+        ref, ref0 = AF.rms_norm(x, 40, w, 1e-6, offset=1.0), AF.rms_norm(x, 40, None, 1e-6)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y0, ref0, rtol=1e-6, atol=1e-6)
 
 
 def test_only_the_gradients_autograd_asks_for():
-    x = torch.randn(4, 24, requires_grad=True)
-    w = torch.randn(24)  # frozen
-    b = torch.randn(24, requires_grad=True)
+    x, w, b = _on([torch.randn(4, 24), torch.randn(24), torch.randn(24)])
+    x.requires_grad_(), b.requires_grad_()  # w frozen
     with addnorm.backend("triton"):
         AF.layer_norm(x, 24, w, b).sum().backward()
     ref_x, ref_b = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
@@ -115,6 +141,7 @@ def test_casting_modes_round_where_the_family_rounds(monkeypatch, mode, weight_d
     base = [torch.randint(-16, 17, (n, d), generator=g) / 8, torch.randint(-16, 17, (n, d), generator=g) / 8,
             torch.randn(d, generator=g) + 1]
     cot = [torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)]
+    base, cot = _on(base), _on(cot)
     outs = {}
     for side in ("triton", "torch"):
         x, res = (t.to(torch.float16).requires_grad_() for t in base[:2])
@@ -142,6 +169,7 @@ def test_casting_modes_round_where_the_family_rounds(monkeypatch, mode, weight_d
                                atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(gpu, "_INTERPRETED", False)
     with addnorm.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -167,7 +195,7 @@ def test_group_norm_matches_the_float64_reference(monkeypatch, shape, groups, la
     cot = torch.randn(shape, generator=g)
     outs = {}
     for side, dt in (("triton", dtype), ("torch", torch.float64)):
-        x, w, b = (t.to(dt, copy=True) for t in base)
+        x, w, b = (_side(t, side, dt) for t in base)
         if layout is not None:
             x = x.contiguous(memory_format=layout)
         x, w, b = (t.requires_grad_() for t in (x, w, b))
@@ -175,7 +203,7 @@ def test_group_norm_matches_the_float64_reference(monkeypatch, shape, groups, la
             y = AF.group_norm(x, groups, w, b, 1e-5)
         if layout is not None:
             assert y.is_contiguous(memory_format=layout)
-        (y.double() * cot.double()).sum().backward()
+        (y.double() * cot.to(y.device, torch.float64)).sum().backward()
         outs[side] = [y, x.grad, w.grad, b.grad]
     # dx is rstd * (terms of size |dy * w|) that cancel: in a group of two close values
     # rstd reaches ~1/sqrt(eps), and float32's error with it
@@ -198,10 +226,10 @@ def test_dyt_matches_the_float64_reference(monkeypatch, d, max_block, dtype):
     cot = torch.randn(n, d, generator=g)
     outs = {}
     for side, dt in (("triton", dtype), ("torch", torch.float64)):
-        x, alpha, w, b = (t.to(dt, copy=True).requires_grad_() for t in base)
+        x, alpha, w, b = (_side(t, side, dt).requires_grad_() for t in base)
         with addnorm.backend(side):
             y = AF.dyt(x, alpha, w, b)
-        (y.double() * cot.double()).sum().backward()
+        (y.double() * cot.to(y.device, torch.float64)).sum().backward()
         outs[side] = [y, x.grad, alpha.grad, w.grad, b.grad]
     # dalpha sums n * d terms that cancel: its error is relative to their absolute sum
     x64, w64 = base[0].double(), base[2].double()
@@ -218,7 +246,7 @@ def test_narrow_rows_share_a_program(monkeypatch, n, max_rows, rms):
     """Several rows per forward program, the last program's rows partly past the end."""
     monkeypatch.setattr(gpu, "_MAX_ROWS", max_rows)
     g = torch.Generator().manual_seed(n)
-    x, res, w = torch.randn(n, 24, generator=g), torch.randn(n, 24, generator=g), torch.randn(24, generator=g)
+    x, res, w = _on([torch.randn(n, 24, generator=g), torch.randn(n, 24, generator=g), torch.randn(24, generator=g)])
     with addnorm.backend("triton"):
         y, r = AF.add_rms_norm(x, res, 24, w, 1e-5) if rms else AF.add_layer_norm(x, res, 24, w, None, 1e-5)
     with addnorm.backend("torch"):

@@ -1,10 +1,11 @@
 """``addnorm bench --device cuda``: the row norms on a GPU, addnorm's Triton kernels against
 torch eager, ``torch.compile``, Liger-Kernel and quack (each where installed).
 
-Per case: time (best of rounds, CUDA events), achieved bandwidth (the bytes the pass must
-move at the least, over the time) and its fraction of the GPU's peak; then the per-call
-latency of one decoding row, (1, 4096).  Rows 16,384 × hidden 1,024 … 8,192, bfloat16
-and float32, forward and forward+backward: the shapes issue 17 sets targets for
+Per case: the GPU's time per call (``time_ms``: median, L2 flushed), achieved bandwidth
+(the bytes the pass must move at the least, over the time) and its fraction of the GPU's
+peak; then the per-call latency of one decoding row, (1, 4096), calls back to back
+(``latency_ms``: there the host's launch cost is the time).  Rows 16,384 × hidden
+1,024 … 8,192, bfloat16 and float32, forward and forward+backward: the shapes issue 17 sets targets for
 (forward ≥ 85% of peak, backward ≥ 75%, ≥ 1.0x Liger and quack, ≥ 1.5x torch eager).
 """
 
@@ -79,9 +80,20 @@ def peak_gbps(device: torch.device) -> float:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, rounds: int = 20) -> float:
-    """Best of ``rounds`` rounds of time per call, each round repeating the call enough to
-    last ~2 ms (short calls are launch-bound: a single one would measure the launch): CUDA
-    events on a GPU; elsewhere ``bench``'s own CPU timing."""
+    """The GPU's time per call (median, CUDA events around each call, the L2 cache
+    flushed before it: ``triton.testing.do_bench``), the host's launch hidden behind the
+    flush as a busy GPU hides it in a model; elsewhere ``bench``'s own CPU timing."""
+    if device.type != "cuda":
+        return _time_calls({"call": fn}, rounds)["call"]
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=max(20, 5 * rounds), return_mode="median")
+
+
+def latency_ms(fn: Callable[[], object], device: torch.device, rounds: int = 20) -> float:
+    """Per-call latency as a decoding loop meets it: calls back to back, each round
+    repeating the call to last ~2 ms, best of ``rounds`` (a small call is launch-bound:
+    this is the host's time per call where it exceeds the GPU's)."""
     if device.type != "cuda":
         return _time_calls({"call": fn}, rounds)["call"]
     fn()
@@ -110,26 +122,38 @@ def contenders(op: str, d: int, dtype: torch.dtype, device: torch.device, compil
     mods = {"addnorm": ours_cls(d, eps=eps), "torch": torch_cls(d, eps=eps)}
     if compile:
         mods["compile"] = torch.compile(torch_cls(d, eps=eps))
-    try:  # Liger-Kernel, in torch's casting mode where it has one
-        if op == "rms_norm":
-            from liger_kernel.transformers.rms_norm import LigerRMSNorm
-
-            mods["liger"] = LigerRMSNorm(d, eps=eps, casting_mode="gemma")
-        else:
-            from liger_kernel.transformers.layer_norm import LigerLayerNorm
-
-            mods["liger"] = LigerLayerNorm(d, eps=eps)
-    except ImportError:
-        pass
-    if op == "rms_norm":
+    for name, make in (("liger", _liger), ("quack", _quack)):
         try:
-            from quack.rmsnorm import rmsnorm
-
-            weight = torch.nn.Parameter(torch.ones(d))
-            mods["quack"] = _Function(lambda x, w: rmsnorm(x, w, eps=eps), weight)
-        except ImportError:
-            pass
+            module = make(op, d, eps)
+        except Exception as e:  # not installed, or installed but unable to load here
+            UNAVAILABLE.setdefault(name, f"{type(e).__name__}: {e}")
+            continue
+        if module is not None:
+            mods[name] = module
     return {name: m.to(device=device, dtype=dtype) for name, m in mods.items()}
+
+
+UNAVAILABLE: dict[str, str] = {}  # contender -> why it could not be built, as first met
+
+
+def _liger(op: str, d: int, eps: float) -> torch.nn.Module:
+    """Liger-Kernel's module, in torch's casting mode where it has one."""
+    if op == "rms_norm":
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+        return LigerRMSNorm(d, eps=eps, casting_mode="gemma")
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+
+    return LigerLayerNorm(d, eps=eps)
+
+
+def _quack(op: str, d: int, eps: float) -> torch.nn.Module | None:
+    """quack's RMSNorm (it has no LayerNorm)."""
+    if op != "rms_norm":
+        return None
+    from quack.rmsnorm import rmsnorm
+
+    return _Function(lambda x, w: rmsnorm(x, w, eps=eps), torch.nn.Parameter(torch.ones(d)))
 
 
 class _Function(torch.nn.Module):
@@ -172,14 +196,18 @@ def run(device: str = "cuda", compile: bool = True, rounds: int = 20, console=No
                 def call(m=module):
                     x.grad = None
                     m(x).backward(dy)
+            timer = latency_ms if shape == DECODE_SHAPE else time_ms
             try:
-                result.ms[name] = time_ms(call, dev, rounds)
+                result.ms[name] = timer(call, dev, rounds)
             except Exception as e:  # a contender that cannot run this case is left out, said why
                 if console is not None:
                     console.print(f"  {name}: {type(e).__name__}: {e}", highlight=False)
                 continue
             result.gbps[name] = traffic(shape, dtype, pass_) / (result.ms[name] * 1e-3) / 1e9
         results.append(result)
+    if console is not None:
+        for name, why in UNAVAILABLE.items():
+            console.print(f"not timed: {name} ({why})", highlight=False)
     return results
 
 
@@ -194,4 +222,6 @@ def markdown(results: list[Result], device_name: str) -> str:
         ours = f"{r.ms['addnorm'] * 1e3:.1f}" if "addnorm" in r.ms else "failed"
         lines.append(f"| {r.op} | {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.pass_} | {ours} | "
                      f"{r.fraction():.0%} | " + " | ".join(ratios) + " |")
+    lines += ["", f"µs: the GPU's time per call (median, L2 flushed) at {ROWS:,} rows; per-call latency, "
+              f"calls back to back, at {DECODE_SHAPE}. Ratios: their time over addnorm's."]
     return "\n".join(lines) + "\n"

@@ -32,8 +32,10 @@ deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -42,15 +44,19 @@ import triton.language as tl
 from ..ops import memory_format
 from ..reference import CAST_ONCE, ROUNDING, acc_dtype, row_norm_out_dtype
 
-_MAX_BLOCK = 4096  # values of a row held at once; longer rows loop over blocks of it
+_MAX_BLOCK = 16384  # values of a row held at once; longer rows loop over blocks of it
 _MAX_ROWS = 64  # rows a forward program takes at most, where rows are narrow
+_ROWS_TILE = 4096  # values a forward program takes at most where it takes several rows
+_VALUES_PER_THREAD = {"fwd": 16, "bwd": 4}  # a block's values over a program's threads
+_WARPS = (1, 32)  # warps a program runs, at least and at most
+_VALUES_PER_SM = 8192  # the backward's programs per multiprocessor: this over the block, 1 to 4
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _row_norm_fwd_kernel(
     X, RES, W, B, Y, R_OUT, MEAN, RSTD,
-    N, D, eps, offset,
+    N, D, eps, eps_lo, offset,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
     STORE_MEAN: tl.constexpr, STORE_RSTD: tl.constexpr, CAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr,
@@ -72,7 +78,7 @@ def _row_norm_fwd_kernel(
             mean = tl.sum(r, axis=1) / D
             centred = tl.where(mask, r - mean[:, None], 0.0)
             var = tl.sum(centred * centred, axis=1) / D
-        rstd = _rsqrt(var + eps, ACC)
+        rstd = _rsqrt(var + _widened(eps, eps_lo, ACC), ACC)
         if CAST == 2:  # CAST_EACH: rstd rounded too, and stored as y used it
             rstd = _rounded(rstd, X, ACC)
         _store_normalized(X, Y, W, B, r, at, mask, cols[None, :], mean[:, None], rstd[:, None], offset,
@@ -107,7 +113,7 @@ def _row_norm_fwd_kernel(
                 centred = tl.where(mask, r - mean, 0.0)
                 total += centred * centred
             var = tl.sum(total, axis=0) / D
-        rstd = _rsqrt(var + eps, ACC)
+        rstd = _rsqrt(var + _widened(eps, eps_lo, ACC), ACC)
         if CAST == 2:
             rstd = _rounded(rstd, X, ACC)
         for start in range(0, D, BLOCK):
@@ -120,6 +126,13 @@ def _row_norm_fwd_kernel(
             tl.store(MEAN + row, mean)
         if STORE_RSTD:
             tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _widened(hi, lo, ACC: tl.constexpr):
+    """A float argument passed as ``_split``'s two parts, in ``ACC``: exact to float64's
+    ~1e-15 where one float32 (what Triton makes of a Python float) would be off by ~1e-8."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -283,9 +296,29 @@ def _store_dx(DX, DR, g, xhat, c_gx, c_g, rstd, cols, mask, HAS_DR: tl.constexpr
     tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
+def _split(v: float) -> tuple[float, float]:
+    """v as float32 ``hi`` plus float32 ``lo`` (the rest), for ``_widened``: Triton passes
+    a Python float as float32, which float64 statistics would otherwise add."""
+    hi = _float32(v)
+    return hi, _float32(v - hi)
+
+
+def _float32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _tl_acc(dtype: torch.dtype):
     """The kernels' ``ACC``: float64 statistics for float64 input, float32 for the rest."""
     return tl.float64 if dtype is torch.float64 else tl.float32
+
+
+def _warps(values: int, direction: str) -> int:
+    """num_warps for a program that holds ``values`` at once: enough threads that each
+    holds ``_VALUES_PER_THREAD`` of them (more spill registers; fewer leave the memory
+    system idle), a power of two within ``_WARPS``."""
+    want = triton.next_power_of_2(max(1, values // (32 * _VALUES_PER_THREAD[direction])))
+    return max(_WARPS[0], min(_WARPS[1], want))
 
 
 def _block(d: int) -> tuple[int, bool]:
@@ -327,23 +360,31 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     mean = None if rms else torch.empty(n, dtype=acc, device=x.device)
     rstd = torch.empty(n, dtype=acc, device=x.device)
     block, one_block = _block(d)
-    rows = max(1, min(_MAX_ROWS, _MAX_BLOCK // block)) if one_block else 1
+    rows = max(1, min(_MAX_ROWS, _ROWS_TILE // block)) if one_block else 1
     if n:
         _row_norm_fwd_kernel[(triton.cdiv(n, rows),)](
             x, _operand(residual, x), _operand(weight, x), _operand(bias, x),
             y, _operand(r, x), _operand(mean, rstd), rstd,
-            n, d, float(eps), float(offset),
+            n, d, *_split(eps), float(offset),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
             STORE_MEAN=mean is not None, STORE_RSTD=True, CAST=cast & ROUNDING,
             ACC=_tl_acc(x.dtype), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
+            num_warps=_warps(rows * block, "fwd"),
         )
     return y, r, mean, rstd
 
 
-def _programs(n: int, device: torch.device) -> int:
-    """How many programs share the backward's rows: a few per SM on a GPU."""
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(n: int, device: torch.device, block: int) -> int:
+    """How many programs share the backward's rows: a few per multiprocessor for narrow
+    rows, one for wide ones (each program's partial row of the parameter gradients is
+    then added by one more pass; measured on an H100, ``benchmarks/gpu_tune.py``)."""
     if device.type == "cuda":
-        return max(1, min(n, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(n, max(1, min(4, _VALUES_PER_SM // block)) * _sm_count(device.index)))
     return max(1, min(n, 8))
 
 
@@ -354,12 +395,14 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     n, d = r.shape
     acc = acc_dtype(r.dtype)
     want_dx, want_dw, want_db = wanted[0], weight is not None and wanted[1], bias is not None and wanted[2]
-    programs = _programs(n, r.device)
     block, one_block = _block(d)
+    programs = _programs(n, r.device, block)
     dx = torch.empty_like(r) if want_dx else None
-    # zeroed: the blockwise path adds into them row by row
-    dw_part = torch.zeros(programs, d, dtype=acc, device=r.device) if want_dw else None
-    db_part = torch.zeros(programs, d, dtype=acc, device=r.device) if want_db else None
+    # every program writes its whole partial row; the blockwise path adds into it row by
+    # row, so there it starts zeroed
+    part = torch.empty if one_block else torch.zeros
+    dw_part = part(programs, d, dtype=acc, device=r.device) if want_dw else None
+    db_part = part(programs, d, dtype=acc, device=r.device) if want_db else None
     if n:
         _row_norm_bwd_kernel[(programs,)](
             dy, _operand(dr, dy), r, _operand(weight, r), _operand(None if rms else mean, rstd),
@@ -367,7 +410,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
             n, d, triton.cdiv(n, programs), float(offset),
             HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
             WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ROUND=cast & ROUNDING != CAST_ONCE,
-            ACC=_tl_acc(r.dtype), BLOCK=block, ONE_BLOCK=one_block,
+            ACC=_tl_acc(r.dtype), BLOCK=block, ONE_BLOCK=one_block, num_warps=_warps(block, "bwd"),
         )
     dw, db = _summed(dw_part, weight), _summed(db_part, bias)
     return dx, dw, db
@@ -391,7 +434,7 @@ def _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK
 @triton.jit
 def _group_norm_fwd_kernel(
     X, W, B, Y, MEAN, VAR,
-    L, cpg, stride_n, stride_c, stride_l, groups, eps,
+    L, cpg, stride_n, stride_c, stride_l, groups, eps, eps_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """One (sample, group) per program: its mean and variance (two passes, the second
@@ -415,7 +458,7 @@ def _group_norm_fwd_kernel(
             centred = tl.where(mask, tl.load(X + at, mask=mask, other=0.0).to(ACC) - mean, 0.0)
             total += centred * centred
     var = tl.sum(tl.sum(total, axis=1), axis=0) / count
-    rstd = _rsqrt(var + eps, ACC)
+    rstd = _rsqrt(var + _widened(eps, eps_lo, ACC), ACC)
     for c0 in range(0, cpg, BLOCK_C):
         for l0 in range(0, L, BLOCK_L):
             at, mask, cs = _group_tile(c0, l0, cpg, L, stride_c, stride_l, BLOCK_C, BLOCK_L)
@@ -432,7 +475,7 @@ def _group_norm_fwd_kernel(
 @triton.jit
 def _group_norm_bwd_kernel(
     DY, X, W, MEAN, VAR, DX, DW_PART, DB_PART,
-    L, cpg, stride_n, stride_c, stride_l, groups, C, eps,
+    L, cpg, stride_n, stride_c, stride_l, groups, C, eps, eps_lo,
     HAS_W: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -444,7 +487,7 @@ def _group_norm_bwd_kernel(
     n = pid // groups
     base = n * stride_n + grp * cpg * stride_c
     mean = tl.load(MEAN + pid)
-    rstd = _rsqrt(tl.load(VAR + pid) + eps, ACC)
+    rstd = _rsqrt(tl.load(VAR + pid) + _widened(eps, eps_lo, ACC), ACC)
     count = cpg * L
     s_gx = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
     s_g = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
@@ -509,7 +552,7 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
     if x.numel():
         _group_norm_fwd_kernel[(x.shape[0] * num_groups,)](
             x, _operand(weight, x), _operand(bias, x),
-            y, mean, var, *geometry, num_groups, float(eps),
+            y, mean, var, *geometry, num_groups, *_split(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
             BLOCK_C=block_c, BLOCK_L=block_l,
         )
@@ -529,7 +572,7 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
         _group_norm_bwd_kernel[(n * num_groups,)](
             dy, x, _operand(weight, x), mean.contiguous(), var.contiguous(), dx,
             _operand(dw_part, mean), _operand(db_part, mean),
-            *geometry, num_groups, c, float(eps),
+            *geometry, num_groups, c, *_split(eps),
             HAS_W=weight is not None, WANT_DW=dw_part is not None, WANT_DB=db_part is not None,
             ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_L=block_l,
         )
@@ -617,7 +660,7 @@ def dyt_backward(dy, x, alpha, weight, bias):
     x, dy = x.contiguous(), dy.contiguous()
     n, d = x.shape
     acc = acc_dtype(x.dtype)
-    programs = _programs(n, x.device)
+    programs = _programs(n, x.device, _block(d)[0])
     dx = torch.empty_like(x)
     part = torch.zeros(3, programs, d, dtype=acc, device=x.device)
     if x.numel():
