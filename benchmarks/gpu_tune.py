@@ -81,10 +81,30 @@ def overhead():
         row.append(f"fwd+bwd, backward on this thread {host_us(fwd_bwd, 500):6.1f}")
         torch.autograd.set_multithreading_enabled(True)
         print(", ".join(row))
+    # the layers of one forward and one backward, each timed alone
     m = mods["addnorm"]
-    xg = x.clone().requires_grad_()
+    w = m.weight
+    _, _, _, rstd = gpu.row_norm_forward(x, None, w, None, 1e-6, 0.0, True, CAST_ONCE, True)
+    layers = {
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "kernels.gpu.row_norm_forward": lambda: gpu.row_norm_forward(x, None, w, None, 1e-6, 0.0, True, CAST_ONCE,
+                                                                     False),
+        "functional.rms_norm": lambda: addnorm.functional.rms_norm(x, 4096, w, 1e-6),
+        "module": lambda: m(x),
+        "kernels.gpu.row_norm_backward": lambda: gpu.row_norm_backward(dy, None, x, w, None, rstd, 0.0, True,
+                                                                       CAST_ONCE, None),
+    }
+    with torch.no_grad():
+        for name, fn in layers.items():
+            print(f"  {name}: {host_us(fn):.1f} µs")
+        out = {}
+        fn = layers["kernels.gpu.row_norm_backward"]
+        thread = threading.Thread(target=lambda: out.setdefault("t", host_us(fn)))
+        thread.start(), thread.join()
+        print(f"  kernels.gpu.row_norm_backward from another thread: {out['t']:.1f} µs")
     for title, fn in [("addnorm fwd no_grad", lambda: torch.no_grad()(m)(x)),
                       ("addnorm fwd+bwd (backward on this thread)", lambda: m(xg).backward(dy))]:
+        xg = x.clone().requires_grad_()
         torch.autograd.set_multithreading_enabled(False)
         prof = cProfile.Profile()
         prof.enable()
@@ -93,8 +113,8 @@ def overhead():
         prof.disable()
         torch.autograd.set_multithreading_enabled(True)
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        print(f"--- profile: {title}, 500 calls\n" + "\n".join(s.getvalue().splitlines()[6:28]))
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        print(f"--- profile: {title}, 500 calls\n" + "\n".join(s.getvalue().splitlines()[6:34]))
 
 
 def _ms(fn) -> float:

@@ -357,17 +357,18 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, dtype=row_norm_out_dtype(x.dtype, weight, cast))
     r = None if residual is None else torch.empty_like(x)
-    mean = None if rms else torch.empty(n, dtype=acc, device=x.device)
-    rstd = torch.empty(n, dtype=acc, device=x.device)
+    # the statistics only where a backward will read them (each allocation is host time)
+    mean = None if rms or not stats else torch.empty(n, dtype=acc, device=x.device)
+    rstd = torch.empty(n, dtype=acc, device=x.device) if stats else None
     block, one_block = _block(d)
     rows = max(1, min(_MAX_ROWS, _ROWS_TILE // block)) if one_block else 1
     if n:
         _row_norm_fwd_kernel[(triton.cdiv(n, rows),)](
             x, _operand(residual, x), _operand(weight, x), _operand(bias, x),
-            y, _operand(r, x), _operand(mean, rstd), rstd,
+            y, _operand(r, x), _operand(mean, x), _operand(rstd, x),
             n, d, *_split(eps), float(offset),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
-            STORE_MEAN=mean is not None, STORE_RSTD=True, CAST=cast & ROUNDING,
+            STORE_MEAN=mean is not None, STORE_RSTD=stats, CAST=cast & ROUNDING,
             ACC=_tl_acc(x.dtype), BLOCK=block, ONE_BLOCK=one_block, ROWS=rows,
             num_warps=_warps(rows * block, "fwd"),
         )
