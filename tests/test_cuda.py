@@ -123,6 +123,32 @@ def test_compile_fullgraph_and_cuda_graphs(mode):
             torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_inductor_launches_the_triton_kernels_itself():
+    """Compiled, the triton backend's ops are traced into their kernels (as
+    ``torch.library.triton_op``'s): inductor's code launches ``_row_norm_*_kernel`` and
+    keeps no opaque ``addnorm`` op, forward and backward; values and gradients as eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(5)
+    block = _Block().to(CUDA)
+    x = torch.randn(8, 256, device=CUDA)
+
+    def step(model):
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = step(block)
+    block.zero_grad(set_to_none=True)
+    compiled, codes = run_and_get_code(step, torch.compile(block, fullgraph=True))
+    code = "\n".join(codes)
+    assert "_row_norm_fwd_kernel" in code and "_row_norm_bwd_kernel" in code
+    assert "torch.ops.addnorm" not in code
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_eager_calls_are_captured_in_a_cuda_graph():
     """Decoding on a GPU is launch-bound: a step captured once and replayed must run the
     same kernels on whatever the static input holds at replay."""

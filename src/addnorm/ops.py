@@ -28,8 +28,13 @@ same memory format.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from . import reference
 from ._backend import kernel
@@ -68,8 +73,40 @@ def _present(t: Tensor, wanted: bool) -> Tensor | None:
 
 
 def _custom_op(fn):
-    """``fn`` as the custom op ``addnorm::<fn's name without the underscore>``."""
-    return torch.library.custom_op(f"addnorm::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
+    """``fn`` as the custom op ``addnorm::<fn's name without the underscore>``, traced into
+    where the triton backend runs it on a GPU (``_into_triton_kernels``)."""
+    op = torch.library.custom_op(f"addnorm::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
+    backend_at = list(inspect.signature(fn).parameters).index("backend")
+    op.register_torch_dispatch(FunctionalTensorMode, functools.partial(_into_triton_kernels, fn, backend_at))
+    return op
+
+
+def _into_triton_kernels(fn, backend_at, mode, op, types, args, kwargs):
+    """Under torch.compile's functionalization (AOTAutograd), an op that the triton
+    backend runs on a GPU is replaced by its body, as ``torch.library.triton_op``'s are:
+    the body's Triton kernels are launched through ``torch.library.wrap_triton``
+    (``kernels.gpu._launch``), so inductor sees each kernel and launches it itself, with
+    no Python of ours left in the compiled graph.  Every other op stays whole: an opaque
+    call (numba's kernels cannot be traced)."""
+    if (
+        args[backend_at] != "triton"
+        or args[0].device.type != "cuda"
+        or any(t not in _TRACEABLE and not issubclass(t, FakeTensor) for t in types)
+        or _triton_decomposition_disabled()
+    ):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return fn(*args, **kwargs)
+
+
+def _triton_decomposition_disabled() -> bool:
+    """torch.export's switch that keeps ``triton_op``s whole (kept for ours too)."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    return custom_triton_ops_decomposition_disabled()
+
+
+_TRACEABLE = (Tensor, FunctionalTensor)
 
 
 def _traced(args: tuple) -> bool:

@@ -308,6 +308,20 @@ def _float32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+def _launch(kernel):
+    """``kernel``; while torch.compile traces an op into its kernels (``ops``'
+    ``_into_triton_kernels``, under functionalization), the same kernel wrapped by
+    ``torch.library.wrap_triton``, so inductor sees it.  Plain eager calls launch it
+    straight (the wrapper's dispatch would cost more than the launch)."""
+    if _get_dispatch_mode(_FUNCTIONAL) is not None:
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+_get_dispatch_mode = torch._C._get_dispatch_mode
+_FUNCTIONAL = torch._C._TorchDispatchModeKey.FUNCTIONAL
+
+
 def _tl_acc(dtype: torch.dtype):
     """The kernels' ``ACC``: float64 statistics for float64 input, float32 for the rest."""
     return tl.float64 if dtype is torch.float64 else tl.float32
@@ -363,7 +377,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     block, one_block = _block(d)
     rows = max(1, min(_MAX_ROWS, _ROWS_TILE // block)) if one_block else 1
     if n:
-        _row_norm_fwd_kernel[(triton.cdiv(n, rows),)](
+        _launch(_row_norm_fwd_kernel)[(triton.cdiv(n, rows),)](
             x, _operand(residual, x), _operand(weight, x), _operand(bias, x),
             y, _operand(r, x), _operand(mean, x), _operand(rstd, x),
             n, d, *_split(eps), float(offset),
@@ -405,7 +419,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     dw_part = part(programs, d, dtype=acc, device=r.device) if want_dw else None
     db_part = part(programs, d, dtype=acc, device=r.device) if want_db else None
     if n:
-        _row_norm_bwd_kernel[(programs,)](
+        _launch(_row_norm_bwd_kernel)[(programs,)](
             dy, _operand(dr, dy), r, _operand(weight, r), _operand(None if rms else mean, rstd),
             rstd.contiguous(), _operand(dx, r), _operand(dw_part, rstd), _operand(db_part, rstd),
             n, d, triton.cdiv(n, programs), float(offset),
@@ -551,7 +565,7 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
     mean = torch.empty(x.shape[0], num_groups, dtype=acc, device=x.device)
     var = torch.empty_like(mean)
     if x.numel():
-        _group_norm_fwd_kernel[(x.shape[0] * num_groups,)](
+        _launch(_group_norm_fwd_kernel)[(x.shape[0] * num_groups,)](
             x, _operand(weight, x), _operand(bias, x),
             y, mean, var, *geometry, num_groups, *_split(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
@@ -570,7 +584,7 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     dw_part = torch.zeros(n, c, dtype=acc, device=x.device) if weight is not None else None
     db_part = torch.zeros(n, c, dtype=acc, device=x.device) if bias is not None else None
     if x.numel():
-        _group_norm_bwd_kernel[(n * num_groups,)](
+        _launch(_group_norm_bwd_kernel)[(n * num_groups,)](
             dy, x, _operand(weight, x), mean.contiguous(), var.contiguous(), dx,
             _operand(dw_part, mean), _operand(db_part, mean),
             *geometry, num_groups, c, *_split(eps),
@@ -648,7 +662,7 @@ def dyt_forward(x, alpha, weight, bias):
     n, d = x.shape
     y = torch.empty_like(x)
     if x.numel():
-        _dyt_fwd_kernel[(n,)](
+        _launch(_dyt_fwd_kernel)[(n,)](
             x, alpha.reshape(1), _operand(weight, x), _operand(bias, x), y, d,
             HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
             BLOCK=_block(d)[0],
@@ -665,7 +679,7 @@ def dyt_backward(dy, x, alpha, weight, bias):
     dx = torch.empty_like(x)
     part = torch.zeros(3, programs, d, dtype=acc, device=x.device)
     if x.numel():
-        _dyt_bwd_kernel[(programs,)](
+        _launch(_dyt_bwd_kernel)[(programs,)](
             dy, x, alpha.reshape(1), _operand(weight, x), dx, part,
             n, d, triton.cdiv(n, programs),
             HAS_W=weight is not None, ACC=_tl_acc(x.dtype), BLOCK=_block(d)[0],
