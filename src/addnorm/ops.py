@@ -1,9 +1,11 @@
 """torch.library custom ops: the boundary between addnorm's Python and its kernels.
 
 Each norm is a forward op and a backward op.  Both dispatch to the kernel of the backend
-named by their last argument (``addnorm._backend``), have a fake implementation so
-``torch.compile`` traces them without running them, and the forward has its autograd
+named by their ``backend`` argument (``addnorm._backend``), have a fake implementation
+so ``torch.compile`` traces them without running them, and the forward has its autograd
 registered with the backward op, so compiled graphs keep forward and backward whole.
+Where the triton backend runs them on a GPU, compiled graphs hold their Triton kernels
+instead of the op (``_into_triton_kernels``), for inductor to launch.
 
 ``functional`` calls each norm through its ``_Entry``: where anything traces
 (torch.compile, export, make_fx, a dispatch mode, a tensor subclass) it is the custom op,

@@ -24,6 +24,11 @@ BatchNorm and ScaleNorm are not written here: BatchNorm runs torch's own (cuDNN'
 ``functional``'s rule, ScaleNorm ``reference``'s torch ops on the same device
 (``_backend``'s fallback).
 
+Every launch goes through ``_launch``: under ``torch.compile`` the kernels are launched
+through ``torch.library.wrap_triton``, so inductor sees them (``ops._into_triton_kernels``).
+Launch settings (values per thread, programs per SM, the largest block) were chosen by
+``benchmarks/gpu_tune.py`` on an H100.
+
 The backward: each program takes a contiguous run of rows (a sample's group), writes
 their dx and its weight and bias gradient terms into a partial-sum row of its own; the
 partial rows are then added by torch's column sum, in a fixed order: results are
