@@ -13,6 +13,14 @@ PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
+    # a --target install leaves .pth files unread (nvidia-cutlass-dsl, quack's compiler,
+    # puts its `cutlass` package on the path by one): add their directories by hand
+    for pth in /tmp/site/*.pth; do
+        [ -e "$pth" ] || continue
+        while read -r line; do
+            case $line in import*|"") ;; *) PYTHONPATH=$PYTHONPATH:/tmp/site/$line ;; esac
+        done <"$pth"
+    done
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
