@@ -1,4 +1,5 @@
-"""The tolerance rule of DESIGN.md section 6, and ways to make test inputs."""
+"""The tolerance rule of DESIGN.md section 6, ways to make test inputs, and one compiled
+training step checked against eager."""
 
 from __future__ import annotations
 
@@ -78,3 +79,14 @@ def grads(out, inputs, dtype, seed=0):
 
 
 __all__ = ["R", "assert_close", "max_err", "leaf", "as64", "grads", "rstd_scale"]
+
+
+def assert_same_step(eager, model, compiled, x, rtol=1e-4, grad_rtol=1e-3):
+    """One training step of ``eager`` and of ``compiled`` (``model`` compiled, the same
+    parameters): the same output, then the same parameter gradients."""
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye, rtol=rtol, atol=rtol)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    for (name, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=grad_rtol, atol=1e-4, msg=name)

@@ -10,6 +10,7 @@ from torch import nn
 
 import addnorm
 from addnorm import _backend
+from helpers import assert_same_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 CUDA = torch.device("cuda")
@@ -114,13 +115,7 @@ def test_compile_fullgraph_and_cuda_graphs(mode):
         # replay, so the step's gradients are fresh tensors, read before the next one
         torch.compiler.cudagraph_mark_step_begin()
         eager.zero_grad(set_to_none=True), model.zero_grad(set_to_none=True)
-        x = torch.randn(8, 256, device=CUDA)
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
-        ye.square().sum().backward()
-        yc.square().sum().backward()
-        for (name, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
+        assert_same_step(eager, model, compiled, torch.randn(8, 256, device=CUDA), rtol=1e-5, grad_rtol=1e-4)
 
 
 def test_inductor_launches_the_triton_kernels_itself():
