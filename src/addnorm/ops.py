@@ -4,8 +4,8 @@ Each norm is a forward op and a backward op.  Both dispatch to the kernel of the
 named by their ``backend`` argument (``addnorm._backend``), have a fake implementation
 so ``torch.compile`` traces them without running them, and the forward has its autograd
 registered with the backward op, so compiled graphs keep forward and backward whole.
-Where the triton backend runs them on a GPU, compiled graphs hold their Triton kernels
-instead of the op (``_into_triton_kernels``), for inductor to launch.
+Where the triton backend runs the row norms on a GPU, compiled graphs hold their Triton
+kernels instead of the op (``_into_triton_kernels``), for inductor to launch.
 
 ``functional`` calls each norm through its ``_Entry``: where anything traces
 (torch.compile, export, make_fx, a dispatch mode, a tensor subclass) it is the custom op,
@@ -74,12 +74,16 @@ def _present(t: Tensor, wanted: bool) -> Tensor | None:
     return t if wanted else None
 
 
-def _custom_op(fn):
-    """``fn`` as the custom op ``addnorm::<fn's name without the underscore>``, traced into
-    where the triton backend runs it on a GPU (``_into_triton_kernels``)."""
+def _custom_op(fn, triton_kernels=False):
+    """``fn`` as the custom op ``addnorm::<fn's name without the underscore>``; with
+    ``triton_kernels``, traced into where the triton backend runs it on a GPU
+    (``_into_triton_kernels``).  So far the row norms', the ones compiled and checked
+    on a GPU (``tests/test_cuda.py``); GroupNorm's and DyT's kernels would serve too,
+    once checked there; BatchNorm and ScaleNorm have none (the reference's fallback)."""
     op = torch.library.custom_op(f"addnorm::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
-    backend_at = list(inspect.signature(fn).parameters).index("backend")
-    op.register_torch_dispatch(FunctionalTensorMode, functools.partial(_into_triton_kernels, fn, backend_at))
+    if triton_kernels:
+        backend_at = list(inspect.signature(fn).parameters).index("backend")
+        op.register_torch_dispatch(FunctionalTensorMode, functools.partial(_into_triton_kernels, fn, backend_at))
     return op
 
 
@@ -242,7 +246,7 @@ def _row_norm_fwd(
     return y.contiguous(), _or_empty(r, x), _or_empty(mean, x, acc), rstd.contiguous()
 
 
-row_norm_fwd = _custom_op(_row_norm_fwd)
+row_norm_fwd = _custom_op(_row_norm_fwd, triton_kernels=True)
 
 
 @row_norm_fwd.register_fake
@@ -285,7 +289,7 @@ def _row_norm_bwd(
     return _or_empty(dx, r), _or_empty(dw, r), _or_empty(db, r)
 
 
-row_norm_bwd = _custom_op(_row_norm_bwd)
+row_norm_bwd = _custom_op(_row_norm_bwd, triton_kernels=True)
 
 
 @row_norm_bwd.register_fake
