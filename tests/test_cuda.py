@@ -118,15 +118,31 @@ def test_compile_fullgraph_and_cuda_graphs(mode):
         assert_same_step(eager, model, compiled, torch.randn(8, 256, device=CUDA), rtol=1e-5, grad_rtol=1e-4)
 
 
-def test_inductor_launches_the_triton_kernels_itself():
+class _ChannelBlock(nn.Module):
+    def __init__(self, c=32):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gn = addnorm.GroupNorm(8, c)
+        self.dyt = addnorm.DyT(c)
+
+    def forward(self, x):  # (N, C, H, W) -> DyT over the last dim after moving C there
+        return self.dyt(self.gn(self.conv(x)).transpose(1, -1)).transpose(1, -1)
+
+
+@pytest.mark.parametrize("make, shape, kernels", [
+    (_Block, (8, 256), ("_row_norm_fwd_kernel", "_row_norm_bwd_kernel")),
+    (_ChannelBlock, (2, 32, 8, 8), ("_group_norm_fwd_kernel", "_group_norm_bwd_kernel", "_dyt_fwd_kernel",
+                                    "_dyt_bwd_kernel")),
+])
+def test_inductor_launches_the_triton_kernels_itself(make, shape, kernels):
     """Compiled, the triton backend's ops are traced into their kernels (as
-    ``torch.library.triton_op``'s): inductor's code launches ``_row_norm_*_kernel`` and
-    keeps no opaque ``addnorm`` op, forward and backward; values and gradients as eager's."""
+    ``torch.library.triton_op``'s): inductor's code launches them and keeps no opaque
+    ``addnorm`` op, forward and backward; values and gradients as eager's."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(5)
-    block = _Block().to(CUDA)
-    x = torch.randn(8, 256, device=CUDA)
+    block = make().to(CUDA)
+    x = torch.randn(shape, device=CUDA)
 
     def step(model):
         out = model(x)
@@ -137,7 +153,8 @@ def test_inductor_launches_the_triton_kernels_itself():
     block.zero_grad(set_to_none=True)
     compiled, codes = run_and_get_code(step, torch.compile(block, fullgraph=True))
     code = "\n".join(codes)
-    assert "_row_norm_fwd_kernel" in code and "_row_norm_bwd_kernel" in code
+    for kernel in kernels:
+        assert kernel in code, kernel
     assert "torch.ops.addnorm" not in code
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled[1], eager[1]):

@@ -4,8 +4,8 @@ Each norm is a forward op and a backward op.  Both dispatch to the kernel of the
 named by their ``backend`` argument (``addnorm._backend``), have a fake implementation
 so ``torch.compile`` traces them without running them, and the forward has its autograd
 registered with the backward op, so compiled graphs keep forward and backward whole.
-Where the triton backend runs the row norms on a GPU, compiled graphs hold their Triton
-kernels instead of the op (``_into_triton_kernels``), for inductor to launch.
+Where the triton backend runs them on a GPU, compiled graphs hold their Triton kernels
+instead of the op (``_into_triton_kernels``), for inductor to launch.
 
 ``functional`` calls each norm through its ``_Entry``: where anything traces
 (torch.compile, export, make_fx, a dispatch mode, a tensor subclass) it is the custom op,
@@ -77,9 +77,9 @@ def _present(t: Tensor, wanted: bool) -> Tensor | None:
 def _custom_op(fn, triton_kernels=False):
     """``fn`` as the custom op ``addnorm::<fn's name without the underscore>``; with
     ``triton_kernels``, traced into where the triton backend runs it on a GPU
-    (``_into_triton_kernels``).  So far the row norms', the ones compiled and checked
-    on a GPU (``tests/test_cuda.py``); GroupNorm's and DyT's kernels would serve too,
-    once checked there; BatchNorm and ScaleNorm have none (the reference's fallback)."""
+    (``_into_triton_kernels``): the row norms', GroupNorm's and DyT's, each compiled
+    and checked on a GPU (``tests/test_cuda.py``); BatchNorm and ScaleNorm have no
+    Triton kernel (torch's own, or the reference's fallback)."""
     op = torch.library.custom_op(f"addnorm::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
     if triton_kernels:
         backend_at = list(inspect.signature(fn).parameters).index("backend")
@@ -355,7 +355,7 @@ def _group_norm_fwd(
     return y.contiguous(memory_format=memory_format(x)), mean.contiguous(), var.contiguous()
 
 
-group_norm_fwd = _custom_op(_group_norm_fwd)
+group_norm_fwd = _custom_op(_group_norm_fwd, triton_kernels=True)
 
 
 @group_norm_fwd.register_fake
@@ -381,7 +381,7 @@ def _group_norm_bwd(
     return dx.contiguous(memory_format=memory_format(x)), _or_empty(dw, x), _or_empty(db, x)
 
 
-group_norm_bwd = _custom_op(_group_norm_bwd)
+group_norm_bwd = _custom_op(_group_norm_bwd, triton_kernels=True)
 
 
 @group_norm_bwd.register_fake
@@ -503,7 +503,7 @@ def _dyt_fwd(
     return kernel(backend, "dyt_forward")(x, alpha, weight, bias).contiguous()
 
 
-dyt_fwd = _custom_op(_dyt_fwd)
+dyt_fwd = _custom_op(_dyt_fwd, triton_kernels=True)
 
 
 @dyt_fwd.register_fake
@@ -518,7 +518,7 @@ def _dyt_bwd(
     return dx.contiguous(), dalpha, _or_empty(dw, x), _or_empty(db, x)
 
 
-dyt_bwd = _custom_op(_dyt_bwd)
+dyt_bwd = _custom_op(_dyt_bwd, triton_kernels=True)
 
 
 @dyt_bwd.register_fake
