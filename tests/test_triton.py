@@ -253,3 +253,28 @@ def test_narrow_rows_share_a_program(monkeypatch, n, max_rows, rms):
         y_ref, r_ref = AF.add_rms_norm(x, res, 24, w, 1e-5) if rms else AF.add_layer_norm(x, res, 24, w, None, 1e-5)
     torch.testing.assert_close(y, y_ref, rtol=2e-6, atol=2e-6)
     assert torch.equal(r, r_ref)
+
+
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_rows_give_zero_parameter_gradients(rms, fused):
+    """An empty batch launches no program: the parameter gradients are zeros (as torch's),
+    not whatever the partial-sum buffer held."""
+    x, res, w, b = (t.requires_grad_() for t in _on([torch.randn(0, 8), torch.randn(0, 8), torch.randn(8),
+                                                      torch.randn(8)]))
+    for _ in range(3):  # fresh buffers land where freed ones were, with their bytes
+        torch.full((64, 8), float("nan"), device=DEVICE)
+        w.grad = b.grad = None
+        with addnorm.backend("triton"):
+            y, r = _call(rms, fused, x, res if fused else None, w, None if rms else b)
+        y.sum().backward()
+        assert y.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+        if not rms:
+            assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_no_samples_give_zero_group_norm_parameter_gradients():
+    x, w, b = (t.requires_grad_() for t in _on([torch.randn(0, 4, 3, 3), torch.randn(4), torch.randn(4)]))
+    with addnorm.backend("triton"):
+        AF.group_norm(x, 2, w, b, 1e-5).sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

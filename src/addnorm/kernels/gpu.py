@@ -361,9 +361,27 @@ def _operand(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.contiguous()
 
 
-def _summed(part: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
-    """A parameter's gradient: its per-program partial rows added in a fixed order."""
-    return None if part is None else part.sum(0).to(param.dtype)
+def _partials(wanted: tuple[bool, bool], rows: int, cols: int, like: torch.Tensor, zeroed: bool):
+    """(buffer, (dw's rows, db's rows)): the weight's and the bias's partial-sum rows,
+    each (rows, cols) where ``wanted`` and None where not, in one allocation, so that one
+    column sum adds both (``_summed``).  ``zeroed`` where a kernel adds into them, or
+    leaves some unwritten (no program runs on an empty input)."""
+    count = wanted[0] + wanted[1]
+    if not count:
+        return None, (None, None)
+    buffer = (torch.zeros if zeroed else torch.empty)(count, rows, cols, dtype=acc_dtype(like.dtype),
+                                                      device=like.device)
+    views = iter(buffer)
+    return buffer, tuple(next(views) if w else None for w in wanted)
+
+
+def _summed(buffer: torch.Tensor | None, weight, bias, wanted: tuple[bool, bool]):
+    """(dweight, dbias): ``_partials``' rows added over programs in a fixed order, each in
+    its parameter's dtype; None where not ``wanted``."""
+    if buffer is None:
+        return None, None
+    sums = iter(buffer.sum(1))
+    return tuple(next(sums).to(p.dtype) if w else None for p, w in zip((weight, bias), wanted))
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
@@ -413,16 +431,13 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     dy, r = dy.contiguous(), r.contiguous()
     dr = None if dr is None else dr.contiguous()
     n, d = r.shape
-    acc = acc_dtype(r.dtype)
     want_dx, want_dw, want_db = wanted[0], weight is not None and wanted[1], bias is not None and wanted[2]
     block, one_block = _block(d)
     programs = _programs(n, r.device, block)
     dx = torch.empty_like(r) if want_dx else None
-    # every program writes its whole partial row; the blockwise path adds into it row by
-    # row, so there it starts zeroed
-    part = torch.empty if one_block else torch.zeros
-    dw_part = part(programs, d, dtype=acc, device=r.device) if want_dw else None
-    db_part = part(programs, d, dtype=acc, device=r.device) if want_db else None
+    # each program writes its whole partial row, where one runs: the blockwise path adds
+    # into it row by row, and no program runs on no rows
+    buffer, (dw_part, db_part) = _partials((want_dw, want_db), programs, d, r, zeroed=not one_block or not n)
     if n:
         _launch(_row_norm_bwd_kernel)[(programs,)](
             dy, _operand(dr, dy), r, _operand(weight, r), _operand(None if rms else mean, rstd),
@@ -432,7 +447,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
             WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ROUND=cast & ROUNDING != CAST_ONCE,
             ACC=_tl_acc(r.dtype), BLOCK=block, ONE_BLOCK=one_block, num_warps=_warps(block, "bwd"),
         )
-    dw, db = _summed(dw_part, weight), _summed(db_part, bias)
+    dw, db = _summed(buffer, weight, bias, (want_dw, want_db))
     return dx, dw, db
 
 
@@ -584,10 +599,10 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     x, geometry, (block_c, block_l) = _group_layout(x, num_groups)
     dy = dy.contiguous(memory_format=memory_format(x))
     n, c = x.shape[:2]
-    acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
-    dw_part = torch.zeros(n, c, dtype=acc, device=x.device) if weight is not None else None
-    db_part = torch.zeros(n, c, dtype=acc, device=x.device) if bias is not None else None
+    wanted = (weight is not None, bias is not None)
+    # every (sample, group) program writes its channels of its sample's row
+    buffer, (dw_part, db_part) = _partials(wanted, n, c, x, zeroed=not x.numel())
     if x.numel():
         _launch(_group_norm_bwd_kernel)[(n * num_groups,)](
             dy, x, _operand(weight, x), mean.contiguous(), var.contiguous(), dx,
@@ -596,7 +611,7 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
             HAS_W=weight is not None, WANT_DW=dw_part is not None, WANT_DB=db_part is not None,
             ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_L=block_l,
         )
-    dw, db = _summed(dw_part, weight), _summed(db_part, bias)
+    dw, db = _summed(buffer, weight, bias, wanted)
     return dx, dw, db
 
 
