@@ -1,5 +1,6 @@
-"""The tolerance rule of DESIGN.md section 6, ways to make test inputs, and one compiled
-training step checked against eager."""
+"""The tolerance rule of DESIGN.md section 6, a relative-error check for other
+backends and devices, ways to make test inputs, and one compiled training step checked
+against eager."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     d = (a.double() - ref.double()).abs()
     both_nan = a.isnan() & ref.isnan()
     return float(torch.where(both_nan, 0.0, d).max())
+
+
+def assert_relative(ours, ref, tol, what, terms=1.0):
+    """|ours - ref| at most ``tol`` relative to the reference's largest value, or to the
+    size of the terms it is made of (``terms``) where that is larger: a result that is a
+    difference of terms that cancel keeps their error, not its own size's.  The two
+    tensors may sit on different devices."""
+    scale = max(ref.detach().double().abs().max().item(), terms)
+    err = (ours.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item() / scale
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
 def assert_close(ours, theirs, ref, dtype, what="output", floor_ulps=2.0, scale=None):

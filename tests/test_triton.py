@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 import addnorm  # noqa: E402
 import addnorm.functional as AF  # noqa: E402
 from addnorm.kernels import gpu  # noqa: E402
+from helpers import assert_relative  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not gpu._INTERPRETED if DEVICE == "cpu" else not torch.cuda.is_available(),
@@ -54,12 +55,9 @@ def _call(rms, fused, x, res, w, b):
 
 
 def _close(ours, ref, dtype, what, terms=1.0):
-    # relative to the result's size, or to the size of the terms it is made of (``terms``,
-    # about 1 here) where it is smaller: RMSNorm's dx for a row of one value is a
-    # difference of two terms of size |dy| that cancel to ~eps / x^3
-    scale = max(ref.abs().max().item(), terms)
-    err = (ours.double().cpu() - ref).abs().max().item() / scale
-    assert err <= _TOL[dtype], f"{what}: relative error {err:.2e} > {_TOL[dtype]:.0e}"
+    # ``terms`` about 1 unless given: RMSNorm's dx for a row of one value is a difference
+    # of two terms of size |dy| that cancel to ~eps / x^3
+    assert_relative(ours, ref, _TOL[dtype], what, terms)
 
 
 @pytest.mark.parametrize("d, max_block", [(1, 4096), (7, 4096), (64, 4096), (100, 4096), (100, 16), (33, 8)])

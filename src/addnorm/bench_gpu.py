@@ -5,9 +5,9 @@ Per case: the GPU's time per call (``graph_ms``: replayed from a CUDA graph, the
 alone), achieved bandwidth (the bytes the pass must move at the least, over that time)
 and its fraction of the GPU's peak; and the time as eager code meets it, the host's
 launch cost included (``time_ms``, and ``latency_ms`` for one decoding row, (1, 4096),
-calls back to back).  Rows 16,384 × hidden
-1,024 … 8,192, bfloat16 and float32, forward and forward+backward: the shapes issue 17 sets targets for
-(forward ≥ 85% of peak, backward ≥ 75%, ≥ 1.0x Liger and quack, ≥ 1.5x torch eager).
+calls back to back).  Rows 16,384 × hidden 1,024 … 8,192, bfloat16 and float32, forward
+and forward+backward: the shapes issue 17 sets targets for (forward ≥ 85% of peak,
+backward ≥ 75%, ≥ 1.0x Liger and quack, ≥ 1.5x torch eager).
 """
 
 from __future__ import annotations
