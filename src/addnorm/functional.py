@@ -241,11 +241,14 @@ _TWIN_OFF_CPU = {
 def _native(op: str, input: Tensor, params: tuple) -> bool:
     """Whether ``op`` on ``input`` and the tensors (or Nones) ``params`` runs torch's twin
     (the rule above); cheap: it runs first on every call."""
-    # ~0.35 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.45, and
+    # ~0.3 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.35, and
     # every cell that runs torch's kernel pays this on top, so no call here that can be
-    # a C call or an attribute read (params come as one tuple: no *args to pack)
+    # a C call or an attribute read (params come as one tuple: no *args to pack).
+    # ``is_dynamo_compiling`` (one call) rather than ``is_compiling`` (two): what it
+    # misses, export's non-strict tracing, traces fake tensors under a dispatch mode,
+    # turned down below by the type and dispatch-stack checks
     return (
-        not _is_compiling()  # first: torch.compile folds the rest away
+        not _is_dynamo_compiling()  # first: dynamo folds it and traces none of the rest
         and type(input) is Tensor
         and (0 < input.numel() < _NATIVE_BELOW[op] if input.is_cpu else _twin_off_cpu(op, input))
         and _Choice.forced is None  # the backend is left to addnorm
@@ -263,15 +266,11 @@ def _twin_off_cpu(op: str, input: Tensor) -> bool:
 
 
 _is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _Choice = _backend._Choice
 _len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_torch_function  # ``ops._traced``'s
 # what torch raises for arguments it refuses: then our checks, which run next, say why
 _REFUSED = (RuntimeError, TypeError, ValueError, IndexError)
-
-
-def _sequence(normalized_shape: int | Sequence[int]) -> Sequence[int]:
-    """normalized_shape as torch's twins take it: a sequence, never an int."""
-    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
 
 
 def _channel_layout(x: Tensor) -> Tensor:
@@ -337,7 +336,9 @@ def layer_norm(
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
     if _native("layer_norm", input, (weight, bias)) and eps >= 0:
         try:
-            return torch.layer_norm(input, _sequence(normalized_shape), weight, bias, eps)
+            # normalized_shape as torch takes it, never an int (inline: a call costs ~60 ns)
+            shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+            return torch.layer_norm(input, shape, weight, bias, eps)
         except _REFUSED:
             pass  # torch validates in C++; our checks, next, say why
     return _row_norm(input, None, normalized_shape, weight, bias, eps, 0.0, False)[0]
@@ -379,11 +380,19 @@ def add_layer_norm(
     eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
-    if _native("layer_norm", x, (residual, weight, bias)) and eps >= 0:
-        _check_same(residual, "residual", x)  # x + residual must not broadcast
-        r = x + residual
+    if (
+        _native("layer_norm", x, (residual, weight, bias))
+        and eps >= 0
+        # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
+        # inlined: x is known a CPU tensor here, and the add refuses another device)
+        and type(residual) is Tensor
+        and residual.dtype is x.dtype
+        and residual.shape == x.shape
+    ):
         try:
-            return torch.layer_norm(r, _sequence(normalized_shape), weight, bias, eps), r
+            r = x + residual
+            shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+            return torch.layer_norm(r, shape, weight, bias, eps), r
         except _REFUSED:
             pass  # torch validates in C++; our checks, next, say why
     return _row_norm(x, residual, normalized_shape, weight, bias, eps, 0.0, False)
