@@ -320,3 +320,34 @@ def test_cache_index_and_data_change_together(tmp_path, monkeypatch):
         t.join()
     assert cache.load("with-bias") == "code for with-bias"
     assert cache.load("without-bias") == "code for without-bias"
+
+
+ROW_CASES = {
+    "layer_norm": lambda x, r, w, b: AF.layer_norm(x, x.shape[-1:], w, b),
+    "add_layer_norm": lambda x, r, w, b: AF.add_layer_norm(x, r, x.shape[-1:], w, b)[0],
+    "rms_norm": lambda x, r, w, b: AF.rms_norm(x, x.shape[-1:], w),
+    "add_rms_norm_llama": lambda x, r, w, b: AF.add_rms_norm(x, r, x.shape[-1:], w, casting_mode="llama")[0],
+    "rms_norm_none": lambda x, r, w, b: AF.rms_norm(x, x.shape[-1:], w, offset=1.0, casting_mode="none"),
+}
+
+
+@pytest.mark.parametrize("name", ROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(700, 64), (9, 5000)])
+def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape, monkeypatch):
+    """The forward normalizes rows in chunks (``cpu._NORM_CHUNK`` values), on one thread
+    or many, keeping statistics or not (no_grad): each row's output is the same bits as
+    that row normalized alone."""
+    from addnorm.kernels import cpu
+
+    fn = ROW_CASES[name]
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    w, b = (torch.randn(shape[1], generator=g).to(dtype) for _ in range(2))
+    with addnorm.backend("numba"):
+        alone = torch.cat([fn(x[i : i + 1], r[i : i + 1], w, b) for i in range(shape[0])])
+        with torch.no_grad():
+            serial = fn(x, r, w, b)  # below ``_ONE_THREAD_BELOW``: one call, one thread
+        monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
+        parallel = fn(x, r, w.requires_grad_(), b)  # tasks across threads, statistics kept
+    assert torch.equal(serial, alone) and torch.equal(parallel.detach(), alone)

@@ -482,58 +482,73 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
 def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes, lo, hi):
     """``_row_norm_fwd`` on rows lo..hi-1 on the calling thread: the body of each of its
     tasks, and the whole of a call that runs on one thread (where starting the parallel
-    loop costs more, ~1 µs, than small rows themselves)."""
+    loop costs more, ~1 µs, than small rows themselves).  Rows go in chunks of about
+    ``_NORM_CHUNK`` values: the chunk's statistics, then its rows normalized by one call
+    of ``_normalized_rows``, while they are still in L1 (a call per row cost narrow rows
+    as much as their arithmetic: 4096x256 float32 on one thread 206 -> 132 µs)."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     acc4 = scratch(x, (4, 4 * lanes))  # used by torch-order sums only (``lanes`` > 0)
     src = x if res is None else r_out  # the rows normalized: x, or r = x + res
-    # ``_moments``' (runs, groups, length) view of them, made once: made per row, as it
-    # was, it cost half the time of a LayerNorm row of 256 values
+    # ``_moments``' (runs, groups, length) view of them, made once: made per row, it cost
+    # half the time of a LayerNorm row of 256 values
     src3 = src.reshape((1, n, d))
-    for i in range(lo, hi):
-        if res is not None:  # r = x + res rounded to x's dtype, as an unfused add would give
-            xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
-            for j in range(d):
-                st(sr, j, ld(xr, j) + ld(rr, j))
-        row = src[i]
-        if mean_out is None:
-            # torch's order where asked (a function of its own, no reassoc); else ours
-            var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
-            mean0, shift = zero, zero
-        else:
-            mean0, shift, var = _moments(src3, i)
-            mean_out[i] = mean0 + shift
-        rstd = acc(x, 1.0) / np.sqrt(var + eps_)
-        if cast == 2:
-            rstd = rnd(x, rstd)
-        if rstd_out is not None:
-            rstd_out[i] = rstd
-        _normalized_row(row, y[i], mean0, shift, rstd, w, b, offset_, cast)
+    per = max(1, min(hi - lo, _NORM_CHUNK // max(1, d)))
+    stats = scratch(x, (3, per))  # per row of a chunk: mean0, shift, rstd
+    for c0 in range(lo, hi, per):
+        c1 = min(hi, c0 + per)
+        for i in range(c0, c1):
+            if res is not None:  # r = x + res rounded to x's dtype, as an unfused add would give
+                xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
+                for j in range(d):
+                    st(sr, j, ld(xr, j) + ld(rr, j))
+            row = src[i]
+            if mean_out is None:
+                # torch's order where asked (a function of its own, no reassoc); else ours
+                var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
+                mean0, shift = zero, zero
+            else:
+                mean0, shift, var = _moments(src3, i)
+                mean_out[i] = mean0 + shift
+            rstd = acc(x, 1.0) / np.sqrt(var + eps_)
+            if cast == 2:
+                rstd = rnd(x, rstd)
+            if rstd_out is not None:
+                rstd_out[i] = rstd
+            stats[0, i - c0], stats[1, i - c0], stats[2, i - c0] = mean0, shift, rstd
+        _normalized_rows(src, y, stats, w, b, offset_, cast, c0, c1)
+
+
+_NORM_CHUNK = 4096  # values a chunk of ``_row_norm_fwd_rows``: 16 KB of float32, in L1
 
 
 @njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
-def _normalized_row(row, out, mean0, shift, rstd, w, b, offset, cast):
-    """out = ((row - mean0 - shift) * rstd) * (w + offset) + b, in this order: a function
-    of its own, compiled without ``reassoc``, so that the output's bits do not depend on
-    the code around it (with or without the statistics stored, ...).  ``cast`` 1 rounds
-    xhat to row's dtype before the scale; 2 the scale too (``reference.CAST_*``)."""
-    if cast == 0:  # separate loops, so the common one has no branch
-        for j in range(row.shape[0]):
-            h = (ld(row, j) - mean0 - shift) * rstd
-            if w is not None:
-                h = h * (ld(w, j) + offset)
-            if b is not None:
-                h = h + ld(b, j)
-            st(out, j, h)
-    else:
-        for j in range(row.shape[0]):
-            h = rnd(row, (ld(row, j) - mean0 - shift) * rstd)
-            if w is not None:
-                scale = ld(w, j) + offset
-                h = h * (rnd(row, scale) if cast == 2 else scale)
-            if b is not None:
-                h = h + ld(b, j)
-            st(out, j, h)
+def _normalized_rows(src, y, stats, w, b, offset, cast, lo, hi):
+    """y[i] = ((src[i] - mean0 - shift) * rstd) * (w + offset) + b for rows lo..hi-1, in
+    this order, (mean0, shift, rstd) = stats[:, i - lo]: a function of its own, compiled
+    without ``reassoc``, so that the output's bits do not depend on the code around it
+    (with or without the statistics stored, ...).  ``cast`` 1 rounds xhat to src's dtype
+    before the scale; 2 the scale too (``reference.CAST_*``)."""
+    for i in range(lo, hi):
+        row, out = src[i], y[i]  # rows: indices from 0, so the loops vectorize
+        mean0, shift, rstd = stats[0, i - lo], stats[1, i - lo], stats[2, i - lo]
+        if cast == 0:  # separate loops, so the common one has no branch
+            for j in range(row.shape[0]):
+                h = (ld(row, j) - mean0 - shift) * rstd
+                if w is not None:
+                    h = h * (ld(w, j) + offset)
+                if b is not None:
+                    h = h + ld(b, j)
+                st(out, j, h)
+        else:
+            for j in range(row.shape[0]):
+                h = rnd(row, (ld(row, j) - mean0 - shift) * rstd)
+                if w is not None:
+                    scale = ld(w, j) + offset
+                    h = h * (rnd(row, scale) if cast == 2 else scale)
+                if b is not None:
+                    h = h + ld(b, j)
+                st(out, j, h)
 
 
 @njit(**_JIT)
