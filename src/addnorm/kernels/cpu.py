@@ -497,11 +497,9 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     stats = scratch(x, (3, per))  # per row of a chunk: mean0, shift, rstd
     for c0 in range(lo, hi, per):
         c1 = min(hi, c0 + per)
+        if res is not None:
+            _added_rows(x, res, r_out, c0, c1)
         for i in range(c0, c1):
-            if res is not None:  # r = x + res rounded to x's dtype, as an unfused add would give
-                xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so loops vectorize
-                for j in range(d):
-                    st(sr, j, ld(xr, j) + ld(rr, j))
             row = src[i]
             if mean_out is None:
                 # torch's order where asked (a function of its own, no reassoc); else ours
@@ -520,6 +518,17 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
 
 
 _NORM_CHUNK = 4096  # values a chunk of ``_row_norm_fwd_rows``: 16 KB of float32, in L1
+
+
+@njit(cache=True, nogil=True)
+def _added_rows(x, res, r_out, lo, hi):
+    """r_out[i] = x[i] + res[i] for rows lo..hi-1, rounded to x's dtype, as an unfused add
+    would give.  A function of its own: inline in the row loop, beside the statistics,
+    the add ran at half the speed of the same loop alone."""
+    for i in range(lo, hi):
+        xr, rr, sr = x[i], res[i], r_out[i]  # rows: indices from 0, so the loop vectorizes
+        for j in range(xr.shape[0]):
+            st(sr, j, ld(xr, j) + ld(rr, j))
 
 
 @njit(cache=True, fastmath=False)  # explicit: numba gives an unset one the caller's reassoc
