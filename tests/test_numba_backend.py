@@ -17,7 +17,6 @@ def threads(monkeypatch):
     from addnorm.kernels import cpu
 
     monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
-    monkeypatch.setattr(cpu, "_ROW_FORWARD_ONE_THREAD_BELOW", 0)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -72,9 +71,9 @@ def test_thread_count_follows_torch(threads):
 
 
 def test_small_work_runs_on_the_calling_thread_alone(monkeypatch):
-    """Below ``_ROW_FORWARD_ONE_THREAD_BELOW`` elements the forward runs its rows on the
-    calling thread, without numba's parallel loop, and below ``_ONE_THREAD_BELOW`` the
-    backward's parallel sums run one thread; above them both run torch's thread count."""
+    """Below ``_ONE_THREAD_BELOW`` elements the forward runs its rows on the calling
+    thread, without numba's parallel loop, and the backward's parallel sums run one
+    thread; above it both run torch's thread count."""
     import numba
 
     from addnorm.kernels import cpu
@@ -89,9 +88,7 @@ def test_small_work_runs_on_the_calling_thread_alone(monkeypatch):
             AF.rms_norm(torch.randn(1, 64, requires_grad=True), (64,)).sum().backward()
             assert serial == [True] and numba.get_num_threads() == 1
             AF.rms_norm(torch.randn(cpu._ONE_THREAD_BELOW // 64, 64), (64,))
-            assert serial == [True, True]  # between the bounds: a forward alone
-            AF.rms_norm(torch.randn(cpu._ROW_FORWARD_ONE_THREAD_BELOW // 64, 64), (64,))
-            assert serial == [True, True, False]
+            assert serial == [True, False]
             assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
@@ -350,7 +347,7 @@ def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape,
     with addnorm.backend("numba"):
         alone = torch.cat([fn(x[i : i + 1], r[i : i + 1], w, b) for i in range(shape[0])])
         with torch.no_grad():
-            serial = fn(x, r, w, b)  # below the bound: one call, one thread
-        monkeypatch.setattr(cpu, "_ROW_FORWARD_ONE_THREAD_BELOW", 0)
+            serial = fn(x, r, w, b)  # below ``_ONE_THREAD_BELOW``: one call, one thread
+        monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
         parallel = fn(x, r, w.requires_grad_(), b)  # tasks across threads, statistics kept
     assert torch.equal(serial, alone) and torch.equal(parallel.detach(), alone)

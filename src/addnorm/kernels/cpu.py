@@ -1194,12 +1194,6 @@ _thread_count = threading.local()  # numba's thread count is per calling thread,
 # Work (elements) below which a kernel runs on the calling thread alone: waking the
 # pool's other threads costs more (~8 µs here) than sharing this much work saves.
 _ONE_THREAD_BELOW = 1 << 17
-# The same bound for a row norm's forward, higher: from L1 a row is cheap to normalize
-# (one read, one write), so two threads break even later.  float32 RMSNorm at 256K
-# elements (4096x64 ... 64x4096), one thread against two, median µs: right after a
-# matmul 171-287 against 177-338, back to back 45-72 against 47-87; at 512K two threads
-# win back to back (96 against 126 at 8192x64) and tie after a matmul.
-_ROW_FORWARD_ONE_THREAD_BELOW = 1 << 19
 
 
 def _threads(work: int) -> int:
@@ -1245,7 +1239,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     n, d = x.shape
-    serial = n * d < _ROW_FORWARD_ONE_THREAD_BELOW
+    serial = n * d < _ONE_THREAD_BELOW
     if not serial:  # (the serial path runs no parallel loop: numba's thread count is moot)
         _threads(n * d)
     acc = acc_dtype(x.dtype)
