@@ -241,7 +241,7 @@ _TWIN_OFF_CPU = {
 def _native(op: str, input: Tensor, params: tuple) -> bool:
     """Whether ``op`` on ``input`` and the tensors (or Nones) ``params`` runs torch's twin
     (the rule above); cheap: it runs first on every call."""
-    # ~0.3 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.35, and
+    # ~0.3 µs: torch.nn.functional's own wrapper around the same kernel costs ~0.45, and
     # every cell that runs torch's kernel pays this on top, so no call here that can be
     # a C call or an attribute read (params come as one tuple: no *args to pack).
     # ``is_dynamo_compiling`` (one call) rather than ``is_compiling`` (two): what it

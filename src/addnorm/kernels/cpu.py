@@ -485,7 +485,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     loop costs more, ~1 µs, than small rows themselves).  Rows go in chunks of about
     ``_NORM_CHUNK`` values: the chunk's statistics, then its rows normalized by one call
     of ``_normalized_rows``, while they are still in L1 (a call per row cost narrow rows
-    as much as their arithmetic: 4096x256 float32 on one thread 206 -> 132 µs)."""
+    as much as their arithmetic: RMSNorm 4096x256 float32 on one thread 206 -> 140 µs)."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
     acc4 = scratch(x, (4, 4 * lanes))  # used by torch-order sums only (``lanes`` > 0)
