@@ -97,7 +97,8 @@ def test_preallocated_kernel_table_runs():
 
 def test_header_names_the_threading_layer_the_kernels_will_use():
     """Printed before anything ran: a fresh process must still name the layer addnorm
-    chooses (TBB where installed), not numba's unset "default"."""
+    chooses (torch's OpenMP threads where torch has them, else TBB where installed), not
+    numba's unset "default"."""
     import os
     import platform
     import subprocess
@@ -105,8 +106,14 @@ def test_header_names_the_threading_layer_the_kernels_will_use():
 
     out = subprocess.run([sys.executable, "-c", "from addnorm import bench; print(bench.header())"],
                          capture_output=True, text=True, check=True).stdout
+    from addnorm.kernels import _torch_threads
+
     assert "numba threading layer default" not in out
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("NUMBA_THREADING_LAYER"):
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    if _torch_threads.openmp_runtime() is not None:
+        assert f"numba threading layer {_torch_threads.NAME}" in out
+    elif platform.machine() in ("x86_64", "AMD64"):
         assert "numba threading layer tbb" in out
 
 

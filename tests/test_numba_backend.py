@@ -155,37 +155,56 @@ def test_conversions_match_torchs_bit_for_bit(dtype):
     assert torch.equal(out.view(torch.int16), values.to(dtype).view(torch.int16))
 
 
-def _in_forked_child(work):
-    """Run ``work()`` (returning a str) in a child forked from this process; its report."""
+def _in_forked_child(work, threads=1, timeout=120.0):
+    """Run ``work()`` (returning a str) in a child forked from this process, with torch
+    set to ``threads`` threads there (1: as DataLoader workers do, torch's own OpenMP is
+    not fork-safe); its report.  A child still running after ``timeout`` s is killed and
+    the test fails: a hang must fail, not stall the suite."""
     import os
+    import time
 
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP is not fork-safe
+            torch.set_num_threads(threads)
             os.write(write, work().encode())
         finally:
             os._exit(0)
     os.close(write)
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child did not finish in {timeout} s")
+        time.sleep(0.05)
+    assert done[1] == 0
     return os.read(read, 1000).decode()
+
+
+def _numba_own_openmp() -> bool:
+    """Whether the kernels run on numba's own GNU OpenMP layer (a user's choice), which
+    cannot run in a forked child; torch's OpenMP threads (``_torch_threads``) can."""
+    import numba
+
+    from addnorm.kernels import _torch_threads
+
+    return numba.threading_layer() == "omp" and not _torch_threads.installed()
 
 
 def test_forked_child_keeps_the_numba_kernels():
     """A DataLoader worker or torch.multiprocessing child forked after the kernels ran:
-    on TBB (fork-safe) it keeps the numba backend and computes the same bits; without it
-    (GNU OpenMP) it falls back to the reference and warns."""
+    on torch's threads or TBB it keeps the numba backend and computes the same bits;
+    on numba's own GNU OpenMP it falls back to the reference and warns."""
     import warnings
-
-    import numba
 
     from addnorm import _backend
 
     x = torch.randn(64, 32)
     with addnorm.backend("numba"):
-        expected = AF.rms_norm(x, (32,))  # starts numba's threads in this process
+        expected = AF.rms_norm(x, (32,))
+        AF.rms_norm(torch.randn(1024, 512), (512,))  # starts the parallel threads in this process
 
     def child():
         with warnings.catch_warnings(record=True) as caught:
@@ -194,24 +213,117 @@ def test_forked_child_keeps_the_numba_kernels():
         return f"{_backend.select(x.device)} {torch.equal(y, expected)} {len(caught)}"
 
     report = _in_forked_child(child)
-    if numba.threading_layer() == "omp":
+    if _numba_own_openmp():
         assert report.startswith("torch True"), report
     else:
         assert report == "numba True 0", report
 
 
-def test_tbb_is_the_threading_layer_where_installed():
-    """The project installs tbb where wheels exist: then the kernels must run on it."""
+def test_forked_child_runs_the_parallel_kernels_with_torchs_thread_count():
+    """A child forked after the parent's parallel kernels ran, which leaves torch at its
+    thread count (where torch's own parallel ops would wait forever on threads the fork
+    did not copy, so the child runs none: its inputs are made before the fork, its
+    outputs hashed by numpy): every parallel kernel finishes there, with the parent's
+    bits."""
+    import hashlib
+
+    if _numba_own_openmp():
+        pytest.skip("numba's own GNU OpenMP layer retires the numba backend in a forked child")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 512, generator=gen)  # 256K elements: past the one-thread bound
+    r, dy = torch.randn_like(x), torch.randn_like(x)
+    images = torch.randn(4, 32, 48, 48, generator=gen)
+    w = torch.randn(512, generator=gen)
+    leaves = [(x.clone().requires_grad_(), w.clone().requires_grad_()) for _ in range(2)]
+
+    def run(leaf, weight):
+        y, res = AF.add_rms_norm(leaf, r, (512,), weight)
+        # both cotangents given: autograd would fill a missing one with torch's zeros
+        torch.autograd.backward([y, res], [dy, r])
+        outs = [y, res, leaf.grad, weight.grad, AF.layer_norm(x, (512,)), AF.group_norm(images, 8),
+                AF.batch_norm(images, None, None, training=True)]
+        return " ".join(hashlib.sha1(t.detach().numpy().tobytes()).hexdigest()[:12] for t in outs)
+
+    with addnorm.backend("numba"):
+        expected = run(*leaves[0])
+        report = _in_forked_child(lambda: run(*leaves[1]), threads=torch.get_num_threads())
+    assert report == expected
+
+
+def test_tbb_or_torchs_threads_run_the_kernels_where_installed():
+    """The kernels run on torch's OpenMP threads where torch has them (Linux builds,
+    pip's wheels among them), else on TBB where its wheels exist (a dependency there)."""
     import importlib.metadata
     import os
     import platform
 
     import numba
 
+    from addnorm.kernels import _torch_threads
+
     AF.layer_norm(torch.randn(8, 8), (8,))
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("NUMBA_THREADING_LAYER"):
-        assert importlib.metadata.version("tbb")  # a dependency of the project there
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    if _torch_threads.openmp_runtime() is not None:
+        assert _torch_threads.installed() and numba.threading_layer() == "omp"
+    elif platform.machine() in ("x86_64", "AMD64"):
+        assert importlib.metadata.version("tbb")
         assert numba.threading_layer() == "tbb"
+
+
+def test_parallel_kernels_run_on_torchs_threads():
+    """On torch's OpenMP threads, a parallel loop runs on the threads torch's own ops ran
+    on, not on a second pool that would spin beside them, and numba's parallel loops keep
+    their meaning there: per-thread reductions, the thread count."""
+    import platform
+    import subprocess
+    import sys
+
+    from addnorm.kernels import _torch_threads, cpu  # noqa: F401  (cpu chooses the layer)
+
+    if _torch_threads.openmp_runtime() is None or not _torch_threads.installed():
+        pytest.skip("torch runs on no OpenMP runtime addnorm can share here")
+    gettid = {"x86_64": 186, "aarch64": 178}.get(platform.machine())
+    if gettid is None:
+        pytest.skip("gettid's syscall number is not known here")
+    code = f"""if 1:
+        import ctypes, os, numpy as np, numba, torch
+        from numba import njit, prange
+        torch.set_num_threads(2)
+        x = torch.randn(2048, 1024)
+        (x @ x[:1024]).sum()  # torch's threads started
+        torchs = sorted(int(t) for t in os.listdir("/proc/self/task"))
+        import addnorm.functional as AF
+        y = AF.rms_norm(x, (1024,))  # a parallel kernel (2M elements)
+        syscall = ctypes.CDLL(None).syscall
+        syscall.restype, syscall.argtypes = ctypes.c_long, [ctypes.c_long]
+
+        @njit(parallel=True)
+        def where(out):
+            for i in prange(out.shape[0]):
+                out[i] = syscall({gettid})
+
+        @njit(parallel=True)
+        def total(a):
+            s = 0.0
+            for i in prange(a.shape[0]):
+                s += a[i].sum()
+            return s
+
+        tids = np.zeros(64, np.int64)
+        where(tids)
+        a = np.arange(100_000, dtype=np.float64).reshape(1000, 100)
+        numba.set_num_threads(1)
+        one = (numba.get_num_threads(), total(a))
+        numba.set_num_threads(2)
+        print(sorted(set(tids.tolist())), torchs, numba.threading_layer(), one, numba.get_num_threads(), total(a))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    used, torchs, rest = out.split("] ", 2)
+    used = [int(t) for t in used.strip("[").split(", ")]
+    torchs = [int(t) for t in torchs.strip("[").split(", ")]
+    assert len(used) == 2 and set(used) <= set(torchs), out  # both threads, both torch's
+    assert rest.split() == ["omp", "(1,", "4999950000.0)", "2", "4999950000.0"], out
 
 
 def test_dataloader_fork_workers():
@@ -244,12 +356,13 @@ def test_python_threads_at_once():
     from concurrent.futures import ThreadPoolExecutor
 
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(256, 128, generator=gen) for _ in range(8)]
+    # 32K elements (the calling thread alone) and 256K (each call starts its own team)
+    inputs = [torch.randn(256, 128 if i % 2 else 1024, generator=gen) for i in range(8)]
     with addnorm.backend("numba"):
-        expected = [AF.layer_norm(x, (128,)) for x in inputs]
+        expected = [AF.layer_norm(x, x.shape[-1:]) for x in inputs]
         with ThreadPoolExecutor(4) as pool:
             for _ in range(5):
-                got = list(pool.map(lambda x: AF.layer_norm(x, (128,)), inputs))
+                got = list(pool.map(lambda x: AF.layer_norm(x, x.shape[-1:]), inputs))
                 assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 

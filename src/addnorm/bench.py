@@ -227,7 +227,10 @@ def _threading_layer() -> str:
     import numba
 
     if addnorm.backends()["numba"]:
-        importlib.import_module("addnorm.kernels.cpu")  # where the layer is chosen (TBB)
+        importlib.import_module("addnorm.kernels.cpu")  # where the layer is chosen
+        layer = importlib.import_module("addnorm.kernels._torch_threads")
+        if layer.installed():
+            return layer.NAME
     try:
         return numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet: the one that will start

@@ -53,17 +53,20 @@ from numba.extending import intrinsic, overload
 from .. import _backend
 from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
+from . import _torch_threads
 from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
 
-def _use_tbb() -> None:
-    """Run the parallel kernels on TBB, numba's threading layer that is both fork-safe and
-    thread-safe: a DataLoader worker or a torch.multiprocessing child forked after the
-    kernels ran keeps them, and Python threads may call them at once.  (GNU OpenMP, the
-    default, cannot run in a forked child: numba kills it.)  pip's ``tbb`` wheel puts
-    libtbb in ``<prefix>/lib``, which a virtual environment does not search, so it is
-    loaded from there by path first.  A layer the user chose is kept."""
+def _choose_threading_layer() -> None:
+    """Where the parallel kernels' threads come from (a layer the user chose is kept):
+    torch's own OpenMP threads where torch runs on an OpenMP runtime we find
+    (``_torch_threads``: no second pool spinning beside torch's); else TBB, numba's layer
+    that is both fork-safe and thread-safe (GNU OpenMP of numba's own cannot run in a
+    forked child: numba kills it).  pip's ``tbb`` wheel puts libtbb in ``<prefix>/lib``,
+    which a virtual environment does not search, so it is loaded from there by path."""
     if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+        return
+    if _torch_threads.install():
         return
     for lib in ("libtbb.so.12", "libtbb.12.dylib"):
         path = os.path.join(sys.prefix, "lib", lib)
@@ -79,17 +82,18 @@ def _use_tbb() -> None:
     numba.config.THREADING_LAYER = "tbb"
 
 
-_use_tbb()
+_choose_threading_layer()
 
 
 def _retire_in_forked_child() -> None:
-    """Without TBB, GNU OpenMP cannot run in a child forked after it started (numba kills
-    such a child): the child runs the reference backend, and says so once."""
+    """numba's own GNU OpenMP layer cannot run in a child forked after it started (numba
+    kills such a child): the child runs the reference backend, and says so once.  (On
+    torch's threads, ``_torch_threads``, the child's kernels run on its calling thread.)"""
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran before the fork: the child can start its own
         return
-    if layer == "omp":
+    if layer == "omp" and not _torch_threads.installed():
         why = "the process was forked after numba's GNU OpenMP threads started"
         _backend.retire("numba", why)
         warnings.warn(
