@@ -1,47 +1,43 @@
 """Our kernels beside torch's thread pool: one threading layer for numba per process.
 
 Torch on Linux runs its CPU ops on a GNU OpenMP pool whose idle threads spin for
-milliseconds; numba's threads (TBB by default in addnorm: fork-safe) share the same
-cores.  Here each configuration runs in a process of its own, the two sides in blocks of
-20 calls, alternating: a block of ours starts right after a block of torch's, as in a
-model.  Per block, the median call in µs.
+milliseconds after each op.  numba's own threads (TBB, or numba's OpenMP layer with its
+own libgomp) then share the cores with them; addnorm's default runs numba's loops on
+torch's threads themselves (``addnorm/kernels/_torch_threads.py``).  Here each
+configuration runs in a process of its own, the two sides in blocks of 20 calls,
+alternating: a block of ours starts right after a block of torch's, as in a model.  Per
+block, the median call in µs.
 
-    .venv/bin/python benchmarks/thread_pools.py            # every configuration
-    .venv/bin/python benchmarks/thread_pools.py shared     # one, in this process
+    .venv/bin/python benchmarks/thread_pools.py          # every configuration
+    .venv/bin/python benchmarks/thread_pools.py tbb      # one, in this process
 
-Configurations: ``tbb`` (addnorm's default), ``separate`` (numba's OpenMP layer, its
-own libgomp), ``shared`` (numba's OpenMP layer bound to torch's libgomp, preloaded
-globally first, so both run on one pool).  numba's OpenMP layer cannot run in a forked
-child, which is why the default is TBB.
+Configurations: ``torch`` (addnorm's default: torch's OpenMP threads), ``tbb`` (numba's
+TBB layer, addnorm's fallback), ``separate`` (numba's OpenMP layer, its own libgomp;
+it cannot run in a forked child).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import subprocess
 import sys
 import time
 
-CONFIGS = ("tbb", "shared", "separate")
-SHAPES = ((4096, 256), (1024, 4096))
+CONFIGS = ("torch", "tbb", "separate")
+SHAPES = ((512, 1024), (4096, 256), (1024, 4096))
 
 
 def _setup(config: str) -> None:
     import numba
-    import torch
 
-    if config == "shared":
-        ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1"), mode=ctypes.RTLD_GLOBAL)
-    if config in ("shared", "separate"):
-        numba.config.THREADING_LAYER = "omp"
+    if config != "torch":
+        numba.config.THREADING_LAYER = {"tbb": "tbb", "separate": "omp"}[config]
 
 
 def _measure(config: str) -> str:
     _setup(config)
     import torch
 
-    from addnorm.bench import _row_cases
+    from addnorm.bench import _row_cases, _threading_layer
 
     out = []
     for rows, d in SHAPES:
@@ -63,7 +59,7 @@ def _measure(config: str) -> str:
                     medians[side].append(1e6 * sorted(times)[10])
         out.append(f"{rows}x{d} float32 RMSNorm: " + ", ".join(
             f"{side} " + "/".join(f"{v:.0f}" for v in vs) for side, vs in medians.items()))
-    return f"{config}: " + " | ".join(out)
+    return f"{config} ({_threading_layer()}): " + " | ".join(out)
 
 
 def main() -> None:

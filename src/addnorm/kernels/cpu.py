@@ -58,15 +58,17 @@ from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
 
 def _choose_threading_layer() -> None:
-    """Where the parallel kernels' threads come from (a layer the user chose is kept):
+    """Where the parallel kernels' threads come from, unless the user chose a layer:
     torch's own OpenMP threads where torch runs on an OpenMP runtime we find
     (``_torch_threads``: no second pool spinning beside torch's); else TBB, numba's layer
-    that is both fork-safe and thread-safe (GNU OpenMP of numba's own cannot run in a
-    forked child: numba kills it).  pip's ``tbb`` wheel puts libtbb in ``<prefix>/lib``,
-    which a virtual environment does not search, so it is loaded from there by path."""
-    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+    that is both fork-safe and thread-safe (numba's own GNU OpenMP cannot run in a forked
+    child: numba kills it).  pip's ``tbb`` wheel puts libtbb in ``<prefix>/lib``, which a
+    virtual environment does not search, so it is loaded from there by path, also for a
+    user who chose TBB."""
+    chosen = (os.environ.get("NUMBA_THREADING_LAYER") or str(numba.config.THREADING_LAYER)).lower()
+    if chosen == "default" and _torch_threads.install():
         return
-    if _torch_threads.install():
+    if chosen not in ("default", "tbb", "safe", "threadsafe", "forksafe"):
         return
     for lib in ("libtbb.so.12", "libtbb.12.dylib"):
         path = os.path.join(sys.prefix, "lib", lib)
@@ -75,6 +77,8 @@ def _choose_threading_layer() -> None:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 pass
+    if chosen != "default":
+        return
     try:
         importlib.import_module("numba.np.ufunc.tbbpool")  # fails without a usable libtbb
     except ImportError:
@@ -1195,9 +1199,11 @@ def _token(t: torch.Tensor | None, default: np.ndarray) -> np.ndarray:
 
 
 _thread_count = threading.local()  # numba's thread count is per calling thread, as torch's
-# Work (elements) below which a kernel runs on the calling thread alone: waking the
-# pool's other threads costs more (~8 µs here) than sharing this much work saves.
-_ONE_THREAD_BELOW = 1 << 17
+# Work (elements) below which a kernel runs on the calling thread alone: starting the
+# other threads costs more than sharing this much work saves.  On torch's threads, still
+# spinning from torch's last op, ~2-3 µs a call (two cores: 64K elements of RMSNorm run
+# 1.05-1.4x faster on both, 16K-32K 0.85-1.2x); waking TBB's sleeping pool costs ~8 µs.
+_ONE_THREAD_BELOW = 1 << 16 if _torch_threads.installed() else 1 << 17
 
 
 def _threads(work: int) -> int:
