@@ -4,8 +4,10 @@ numba runs ``prange`` loops on a thread pool of its own (TBB, GNU OpenMP or its
 workqueue).  torch runs its CPU ops on another, OpenMP's, whose threads keep spinning for
 a few milliseconds after each op, waiting for the next.  A kernel of ours that runs right
 after a torch op (a norm after a matmul: every model) then shares each core with a
-spinning torch thread: measured on 2 cores, RMSNorm 512x1024 took 240 µs beside torch's
-threads and 100 µs on them, add+RMSNorm 4096x64 530 µs against 80 µs.
+spinning torch thread, and torch's next op with ours: on 2 cores, right after torch's
+own RMSNorm 512x1024 float32, ours took 92-146 µs on TBB and 48-50 µs on torch's
+threads, and torch's took 136-187 µs beside TBB's threads against 104
+(``benchmarks/thread_pools.py``).
 
 This module is a numba threading layer, in numba's protocol (the functions numba's
 ``parallel._launch_threads`` reads from its layer modules), whose ``parallel_for`` starts
@@ -168,6 +170,14 @@ def _address_array(typingctx, address, count):
     return types.Array(types.int64, 1, "C")(types.int64, types.int64), codegen
 
 
+@intrinsic
+def _voidptr_address(typingctx, p):
+    def codegen(context, builder, sig, a):
+        return builder.ptrtoint(a[0], _I64)
+
+    return types.int64(types.voidptr), codegen
+
+
 @njit(cache=True, nogil=True)
 def _run_share(task, thread, threads):
     """Thread ``thread`` of ``threads``' contiguous share of the loop's outer iterations,
@@ -193,16 +203,9 @@ def _run_share(task, thread, threads):
 
 
 def _worker(task):
+    """What each thread of a team runs (``GOMP_parallel``'s function): its share."""
     thread, threads = _team_place()
     _run_share(_address_array(_voidptr_address(task), 7), thread, threads)
-
-
-@intrinsic
-def _voidptr_address(typingctx, p):
-    def codegen(context, builder, sig, a):
-        return builder.ptrtoint(a[0], _I64)
-
-    return types.int64(types.voidptr), codegen
 
 
 _LOOP = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
@@ -210,6 +213,7 @@ _LOOP = types.void(types.int64, types.int64, types.int64, types.int64, types.int
 
 
 def _parallel_for(fn, args, dims, steps, data, inner_ndim, array_count, threads):
+    """numba's loop launch: ``fn`` over the outer iterations on ``threads`` threads."""
     task = np.empty(7, np.int64)
     task[0], task[1], task[2], task[3], task[4], task[5], task[6] = fn, args, dims, steps, data, inner_ndim, array_count
     if threads <= 1 or _forked():
