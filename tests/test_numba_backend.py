@@ -1,6 +1,8 @@
 """What the numba backend promises beyond parity: threads, determinism, bfloat16 and
 float16 bits."""
 
+import threading
+
 import pytest
 import torch
 
@@ -324,6 +326,23 @@ def test_parallel_kernels_run_on_torchs_threads():
     torchs = [int(t) for t in torchs.strip("[").split(", ")]
     assert len(used) == 2 and set(used) <= set(torchs), out  # both threads, both torch's
     assert rest.split() == ["omp", "(1,", "4999950000.0)", "2", "4999950000.0"], out
+
+
+def test_thread_count_set_by_another_thread_is_not_taken_for_ones_own():
+    """On torch's threads numba's thread count is one for the process: after another
+    Python thread set it to 1 (for small work), a large kernel here sets it back."""
+    import numba
+
+    from addnorm.kernels import _torch_threads, cpu
+
+    if not _torch_threads.installed():
+        pytest.skip("numba's own layers keep a thread count per calling thread")
+    full = cpu._threads(1 << 22)
+    worker = threading.Thread(target=cpu._threads, args=(1,))
+    worker.start()
+    worker.join()
+    assert numba.get_num_threads() == 1
+    assert cpu._threads(1 << 22) == full and numba.get_num_threads() == full
 
 
 def test_dataloader_fork_workers():

@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import warnings
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -1198,7 +1199,9 @@ def _token(t: torch.Tensor | None, default: np.ndarray) -> np.ndarray:
     return default if t is None else _TOKENS[t.dtype]
 
 
-_thread_count = threading.local()  # numba's thread count is per calling thread, as torch's
+# the thread count last given to numba, as numba keeps it: per calling thread in its own
+# layers, as torch's; one for the process on torch's threads (``_torch_threads``)
+_thread_count = SimpleNamespace() if _torch_threads.installed() else threading.local()
 # Work (elements) below which a kernel runs on the calling thread alone: starting the
 # other threads costs more than sharing this much work saves.  On torch's threads, still
 # spinning from torch's last op, ~2-3 µs a call (two cores: 64K elements of RMSNorm run
