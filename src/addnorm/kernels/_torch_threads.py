@@ -73,44 +73,41 @@ def _symbol(name: str) -> str:
 
 # ---------------------------------------------------------------------------
 # The compiled layer.  The runtime's functions, the state and the worker are reached by
-# symbol names that ``_register`` gives llvmlite, not by addresses baked into the code:
+# symbol names that ``_compiled`` gives llvmlite, not by addresses baked into the code:
 # so the compiled functions can be cached on disk and loaded by another process.
 # ---------------------------------------------------------------------------
 
 
 def _state_ptr(builder, index):
+    """Where ``_STATE[index]`` is (``index`` an i64 value)."""
     mod = builder.module
     name = _symbol("layer_state")
     gv = mod.globals.get(name)
     if gv is None:
         gv = ir.GlobalVariable(mod, ir.ArrayType(_I64, 2), name)
         gv.linkage = "external"
-    return builder.gep(gv, [ir.Constant(_I32, 0), ir.Constant(_I32, index)])
+    return builder.gep(gv, [ir.Constant(_I32, 0), index])
 
 
 @intrinsic
-def _threads_set(typingctx, count):
+def _state(typingctx, index):
+    """_STATE[index]"""
+
     def codegen(context, builder, sig, args):
-        builder.store(builder.sext(args[0], _I64), _state_ptr(builder, 0))
+        return builder.load(_state_ptr(builder, args[0]))
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _set_state(typingctx, index, value):
+    """_STATE[index] = value"""
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _state_ptr(builder, args[0]))
         return context.get_dummy_value()
 
-    return types.void(types.int32), codegen
-
-
-@intrinsic
-def _threads_get(typingctx):
-    def codegen(context, builder, sig, args):
-        return builder.trunc(builder.load(_state_ptr(builder, 0)), _I32)
-
-    return types.int32(), codegen
-
-
-@intrinsic
-def _forked(typingctx):
-    def codegen(context, builder, sig, args):
-        return builder.icmp_signed("!=", builder.load(_state_ptr(builder, 1)), ir.Constant(_I64, 0))
-
-    return types.boolean(), codegen
+    return types.void(types.int64, types.int64), codegen
 
 
 @intrinsic
@@ -216,7 +213,7 @@ def _parallel_for(fn, args, dims, steps, data, inner_ndim, array_count, threads)
     """numba's loop launch: ``fn`` over the outer iterations on ``threads`` threads."""
     task = np.empty(7, np.int64)
     task[0], task[1], task[2], task[3], task[4], task[5], task[6] = fn, args, dims, steps, data, inner_ndim, array_count
-    if threads <= 1 or _forked():
+    if threads <= 1 or _state(1) != 0:  # (1: forked)
         _run_share(task, 0, 1)  # the calling thread alone: no team to start
     else:
         _start_team(task.ctypes.data, threads)
@@ -227,11 +224,11 @@ def _add_task(fn, args, dims, steps, data):
 
 
 def _set_num_threads(count):
-    _threads_set(count)
+    _set_state(0, count)
 
 
 def _get_num_threads():
-    return _threads_get()
+    return _state(0)
 
 
 def _get_thread_id():
