@@ -454,6 +454,38 @@ def test_cache_index_and_data_change_together(tmp_path, monkeypatch):
     assert cache.load("without-bias") == "code for without-bias"
 
 
+_CALLEE_THEN_CALLER = """
+import sys, torch
+from addnorm.kernels import cpu
+import addnorm.functional as AF
+torch.manual_seed(0)
+x, w = torch.randn(3, 40, dtype=torch.float64), torch.rand(40, dtype=torch.float64)
+if sys.argv[1] == "callee":  # the parallel kernel alone, as bench's bandwidth check calls it
+    y = torch.empty_like(x)
+    cpu._row_norm_fwd(x.numpy(), None, w.numpy(), None, y.numpy(), None, None, None, 1e-6, 0.0, 0, 0)
+else:  # its caller, serial at this size: the process launches no threading layer itself
+    y = AF.rms_norm(x, (40,), w, eps=1e-6)
+print(float(y.sum()))
+"""
+
+
+def test_a_caller_compiled_over_a_cached_parallel_kernel_runs_from_the_cache(tmp_path):
+    """numba issue #8578 (``_numba_cache``, part 2): a process caches the parallel
+    ``_row_norm_fwd`` alone, a second compiles its caller ``_row_norm_fwd_at`` on top of
+    it, and a third, fresh, runs that caller first from the cache.  Without the caller
+    inheriting the callee's reload hook, the third process died of a segmentation
+    fault (a call to address 0, the unlaunched layer's symbol)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CALLEE_THEN_CALLER, step], env=env, capture_output=True,
+                           text=True, timeout=300) for step in ("callee", "caller", "caller")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert runs[1].stdout == runs[2].stdout
+
 ROW_CASES = {
     "layer_norm": lambda x, r, w, b: AF.layer_norm(x, x.shape[-1:], w, b),
     "add_layer_norm": lambda x, r, w, b: AF.add_layer_norm(x, r, x.shape[-1:], w, b)[0],
