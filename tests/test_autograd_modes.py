@@ -136,3 +136,27 @@ def test_running_stats_take_no_tangent():
     with fwAD.dual_level():
         bn(fwAD.make_dual(X, torch.ones_like(X)))
         assert fwAD.unpack_dual(bn.running_mean).tangent is None
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_transform_over_a_parameter_it_does_not_wrap(backend, name):
+    """Inside torch.func.grad (or vmap), a norm of tensors the transform does not wrap: a
+    model's Parameters, closed over, while the transform differentiates something else.
+    Autograd records them as it would outside (a later backward reaches them), as
+    torch's own norms do; ours raised torch's 'autograd.Function ... must override the
+    setup_context staticmethod'."""
+    ours, theirs, inputs = CASES[name]
+    params = [t.clone().requires_grad_() for t in inputs]
+    scale = torch.randn(X.shape, dtype=D, generator=torch.Generator().manual_seed(2))
+
+    def loss(fn):
+        return lambda s: sum((s * out).sum() for out in _outputs(fn(*params)))
+
+    got, expected = torch.func.grad(loss(ours))(scale), torch.func.grad(loss(theirs))(scale)
+    torch.testing.assert_close(got, expected)
+    batched = vmap(lambda s: sum((s * out).sum() for out in _outputs(ours(*params))))(scale[None])
+    torch.testing.assert_close(batched[0], loss(theirs)(scale))
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)

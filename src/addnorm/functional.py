@@ -163,18 +163,17 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
 
 
 def _transformed(args: tuple) -> bool:
-    """Whether forward-mode AD or a torch.func transform sees any tensor in ``args``; for
-    a caller that has already found torch.compile not tracing (torch.compile traces
-    through neither: there the op is always what it sees)."""
-    # fast exit, the common case: no transform is active and no dual level is open
-    if _functorch_level() is None and forward_ad._current_level < 0:
-        return False
-    tensors = [t for t in args if isinstance(t, Tensor)]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    """Whether a torch.func transform is active, or forward-mode AD sees a tensor in
+    ``args``; for a caller that has already found torch.compile not tracing (torch.compile
+    traces through neither: there the op is always what it sees).  Inside a transform
+    every call runs the reference's torch ops, also on tensors the transform does not
+    wrap (a model's Parameters, closed over): the ops' ``autograd.Function`` has no
+    ``setup_context``, so torch refuses it under any transform."""
+    if _functorch_level() is not None:
         return True
-    return forward_ad._current_level >= 0 and any(
-        forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    )
+    if forward_ad._current_level < 0:  # the common case: no dual level is open
+        return False
+    return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in args)
 
 
 _functorch_level = torch._C._functorch.maybe_current_level

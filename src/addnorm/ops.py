@@ -166,17 +166,27 @@ class _Entry:
         assert not any(is_tensor[self.tensors :]), f"{schema.name}: tensor arguments must lead"
         # the outputs the callers read; the rest (a row norm's statistics) the
         # ``autograd.Function`` keeps as saved intermediates, not outputs: each output costs
-        # autograd ~0.3 µs a call, and the callers get None in their place
-        visible = visible or len(schema.returns)
-        self.hidden = (None,) * (len(schema.returns) - visible)
+        # autograd ~0.4 µs a call, and the callers get None in their place; of two visible
+        # outputs, an absent second one (a row norm's residual sum without a residual) is
+        # left out the same way
+        total = len(schema.returns)
+        visible = visible or total
+        self.hidden = (None,) * (total - visible)
+        self.after_first = (None,) * (total - 1)
+        # backward's gradients for the outputs the ``autograd.Function`` left out: None
+        missing = {n: (None,) * (total - n) for n in range(1, total + 1)}
 
         def forward(ctx, *args):
+            args = args[:-1] + args[-1]  # the tensors, then the rest as one tuple (``__call__``)
             out = self.eager(*args)
             setup(ctx, args, out)
-            return out[:visible] if self.hidden else out  # (a single output is no tuple)
+            if not self.hidden:
+                return out  # (a single output is no tuple)
+            shown = out[:visible]
+            return shown[0] if visible == 2 and shown[1] is None else shown
 
         def function_backward(ctx, *grads):
-            return backward(ctx, *grads, *self.hidden)
+            return backward(ctx, *grads, *missing[len(grads)])[: self.tensors] + (None,)
 
         self.function = type(
             fn.__name__.strip("_"),
@@ -192,12 +202,15 @@ class _Entry:
             tensors = args[: self.tensors]
             for a in tensors:
                 if a is not None and a.requires_grad:
+                    rest = args[self.tensors :]
                     if _transforms_active():
-                        out = self.function.apply(*args)
+                        out = self.function.apply(*tensors, rest)
                     else:
                         unwrapped = [None if t is None else _unwrap_if_dead(t) for t in tensors]
-                        out = self._apply(*unwrapped, *args[self.tensors :])
-                    return out + self.hidden if self.hidden else out
+                        out = self._apply(*unwrapped, rest)
+                    if not self.hidden:
+                        return out
+                    return (out, *self.after_first) if type(out) is Tensor else out + self.hidden
         return self.lean(*args)
 
 

@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 from types import SimpleNamespace
 
 import numba
@@ -1194,11 +1195,6 @@ def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _token(t: torch.Tensor | None, default: np.ndarray) -> np.ndarray:
-    """The dtype token ``at`` builds ``t``'s array with (``default`` where t is absent)."""
-    return default if t is None else _TOKENS[t.dtype]
-
-
 # the thread count last given to numba, as numba keeps it: per calling thread in its own
 # layers, as torch's; one for the process on torch's threads (``_torch_threads``)
 _thread_count = SimpleNamespace() if _torch_threads.installed() else threading.local()
@@ -1245,27 +1241,62 @@ def _torch_lanes(dtype: torch.dtype) -> int:
 _LANES: dict[torch.dtype, int] = {}
 
 
+class _RowTypes(NamedTuple):
+    """What the row-norm kernels' wrappers derive from the argument dtypes and ``cast``:
+    found once per combination (``_row_types``), since a decoding step pays ~0.1 µs for
+    each line of its own."""
+
+    out: torch.dtype  # y's dtype
+    acc: torch.dtype  # the statistics'
+    x: np.ndarray  # the tokens ``at`` builds each array with: x's (and r's, dy's, dx's),
+    weight: np.ndarray  # the weight's, the bias's (x's where absent), y's, the statistics'
+    bias: np.ndarray
+    y: np.ndarray
+    acc_token: np.ndarray
+    rounding: int  # ``cast`` less its summation-order bit
+    lanes: int  # ``_torch_mean_square``'s (0: our own order)
+
+
+def _row_types(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, cast: int) -> _RowTypes:
+    key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast)
+    types = _ROW_TYPES.get(key)
+    if types is None:
+        out, acc, tx = row_norm_out_dtype(x.dtype, weight, cast), acc_dtype(x.dtype), _TOKENS[x.dtype]
+        types = _ROW_TYPES[key] = _RowTypes(
+            out, acc, tx, tx if weight is None else _TOKENS[weight.dtype], tx if bias is None else _TOKENS[bias.dtype],
+            _TOKENS[out], _TOKENS[acc], cast & ROUNDING, _torch_lanes(acc) if cast & TORCH_ORDER else 0,
+        )
+    return types
+
+
+_ROW_TYPES: dict[tuple, _RowTypes] = {}
+
+
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=True):
-    # on every call, a decoding step's too: each line here costs ~0.1 µs (no generators)
+    # on every call, a decoding step's too: each line here costs ~0.1 µs (no generators,
+    # no helper calls where an expression does)
     x = x.contiguous()
-    residual = None if residual is None else residual.contiguous()
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     n, d = x.shape
     serial = n * d < _ONE_THREAD_BELOW
     if not serial:  # (the serial path runs no parallel loop: numba's thread count is moot)
         _threads(n * d)
-    acc = acc_dtype(x.dtype)
-    y = _empty_like(x, row_norm_out_dtype(x.dtype, weight, cast))
+    types = _row_types(x, weight, bias, cast)
+    y = torch.empty_like(x) if serial and types.out is x.dtype else _empty_like(x, types.out)
     r = None if residual is None else _empty_like(x)
-    mean = None if rms else torch.empty(n, dtype=acc)
-    rstd = torch.empty(n, dtype=acc) if stats else None
-    tx = _TOKENS[x.dtype]
-    _row_norm_fwd_at(n, d, x.data_ptr(), tx, _address(residual), _address(weight),
-                     _token(weight, tx), _address(bias), _token(bias, tx), y.data_ptr(),
-                     _TOKENS[y.dtype], _address(r), _address(mean), _address(rstd), _TOKENS[acc],
-                     float(eps), float(offset), cast & ROUNDING,
-                     _torch_lanes(acc) if cast & TORCH_ORDER else 0, serial)
+    mean = None if rms else torch.empty(n, dtype=types.acc)
+    rstd = torch.empty(n, dtype=types.acc) if stats else None
+    _row_norm_fwd_at(n, d, x.data_ptr(), types.x, None if residual is None else residual.data_ptr(),
+                     None if weight is None else weight.data_ptr(), types.weight,
+                     None if bias is None else bias.data_ptr(), types.bias, y.data_ptr(), types.y,
+                     None if r is None else r.data_ptr(), None if mean is None else mean.data_ptr(),
+                     None if rstd is None else rstd.data_ptr(), types.acc_token, float(eps), float(offset),
+                     types.rounding, types.lanes, serial)
     return y, r, mean, rstd
 
 
@@ -1273,15 +1304,14 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
     n, d = r.shape
     threads = _threads(n * d)
-    acc = acc_dtype(r.dtype)
+    types = _row_types(r, weight, None, cast)
     dx = _empty_like(r) if wanted[0] else None
-    dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=acc)
-    db_part = None if bias is None or not wanted[2] else torch.empty(_row_blocks(n), d, dtype=acc)
-    tx = _TOKENS[r.dtype]
+    dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=types.acc)
+    db_part = None if bias is None or not wanted[2] else torch.empty(_row_blocks(n), d, dtype=types.acc)
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
-                     r.data_ptr(), tx, _address(weight), _token(weight, tx), _address(mean),
-                     rstd.data_ptr(), _TOKENS[acc], float(offset), cast & ROUNDING, _address(dx), _address(dw_part),
-                     _address(db_part), threads == 1)
+                     r.data_ptr(), types.x, _address(weight), types.weight, _address(mean),
+                     rstd.data_ptr(), types.acc_token, float(offset), types.rounding, _address(dx),
+                     _address(dw_part), _address(db_part), threads == 1)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
