@@ -221,3 +221,40 @@ def test_small_channel_norms_under_compile_trace_as_torchs(norm):
     assert "addnorm" not in graphs[0]
     ref = F.group_norm(x, 4) if norm == "group_norm" else F.batch_norm(x, torch.zeros(8), torch.ones(8), training=True)
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7), (0, 7)])
+def test_the_common_calls_fused_checks_give_the_general_paths_results(monkeypatch, dtype, shape):
+    """``functional._row_norm`` checks the common call (a one-int tuple normalized_shape,
+    parameters of x's dtype, a float eps or RMSNorm's None) at once; the same call
+    spelled so that it takes the general checks (normalized_shape as a list) gives the
+    very same outputs and gradients, for every row norm, with and without parameters."""
+    g = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    w, b = (torch.randn(7, generator=g).to(dtype) for _ in range(2))
+    calls = {
+        "layer_norm": lambda s, x, r, w, b: AF.layer_norm(x, s, w, b),
+        "rms_norm": lambda s, x, r, w, b: AF.rms_norm(x, s, w, casting_mode="llama"),
+        "rms_norm_default_eps": lambda s, x, r, w, b: AF.rms_norm(x, s, None),
+        "add_layer_norm": lambda s, x, r, w, b: AF.add_layer_norm(x, r, s, None, b, 1e-3),
+        "add_rms_norm": lambda s, x, r, w, b: AF.add_rms_norm(x, r, s, w, 1e-6, offset=1.0),
+    }
+    monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", 0)  # our kernels at every size
+    checked = []  # the general checks start with _check_input
+    real_check = AF._check_input
+    monkeypatch.setattr(AF, "_check_input", lambda *a: checked.append(a) or real_check(*a))
+    for name, call in calls.items():
+        results = []
+        for spelled in ((7,), [7]):
+            leaves = [t.clone().requires_grad_() for t in (x, res, w, b)]
+            checked.clear()
+            out = call(spelled, *leaves)
+            assert bool(checked) == (spelled == [7]), name
+            outs = out if isinstance(out, tuple) else (out,)
+            sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+            results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+        for ours, general in zip(*results):
+            assert (ours is None) == (general is None), name
+            if ours is not None:
+                assert torch.equal(ours, general), name
