@@ -4,9 +4,9 @@ Every function checks its arguments here, once, before any kernel runs, and rais
 error that names the argument and what was expected; nothing is modified when it
 raises.  Then it picks a backend (``addnorm.backend``) and calls the op.
 
-Where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) or another
-``torch.func`` transform (``vmap``, ``grad``, ``jacfwd``) sees the tensors, the custom ops
-cannot follow (they have a backward formula only), so the same math runs from
+Where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) sees the
+tensors, or inside another ``torch.func`` transform (``vmap``, ``grad``, ``jacfwd``), the
+custom ops cannot follow (they have a backward formula only), so the same math runs from
 ``reference`` as plain differentiable torch ops: tangents and batching are torch's own.
 """
 

@@ -151,9 +151,12 @@ class _Entry:
     functorch transform is active it is entered through the C++ ``apply`` underneath,
     after the one thing the Python ``apply`` adds there, unwrapping tensors left over
     from a finished transform (another ~2 µs a call; here only the tensor arguments).
-    Measured at (64, 256) float32, forward recording autograd: 16.9 µs through the
-    generic wrapper with every output, 15.5 with the statistics kept as intermediates
-    and only the tensors unwrapped."""
+    The arguments that are no tensors travel into it as one tuple, and an absent
+    residual output is left out, each ~0.3 µs less of autograd's bookkeeping.
+    (``functional`` calls no op inside a torch.func transform: it runs the reference's
+    torch ops there.)  Measured at (64, 256) float32, forward recording autograd: 16.9 µs
+    through the generic wrapper with every output, 15.5 with the statistics kept as
+    intermediates and only the tensors unwrapped."""
 
     def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None):
         op.register_autograd(backward, setup_context=setup)
