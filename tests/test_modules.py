@@ -183,3 +183,38 @@ def test_weight_norm_is_torchs_parametrization():
     torch.testing.assert_close(lin(x), ref(x))
     g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
     torch.testing.assert_close(lin.weight, g * v / v.norm(dim=1, keepdim=True))
+
+
+def _traceable_cases():
+    for ours_cls, torch_cls, args, kwargs in TWINS:
+        yield ours_cls(*args, **kwargs), (torch.randn(_input_shape(torch_cls, args)),)
+    yield addnorm.AddLayerNorm(16), (torch.randn(3, 5, 16), torch.randn(3, 5, 16))
+    yield addnorm.AddRMSNorm(16, offset=1.0, casting_mode="gemma"), (torch.randn(3, 5, 16), torch.randn(3, 5, 16))
+    yield addnorm.DyT(16), (torch.randn(3, 5, 16),)
+    yield addnorm.ScaleNorm(16), (torch.randn(3, 5, 16),)
+    yield addnorm.RMSNorm(16).double(), (torch.randn(2, 3, 16, dtype=torch.float64),)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("case", range(len(list(_traceable_cases()))))
+def test_jit_trace_records_torch_ops_that_run_and_save_without_addnorm(case, monkeypatch):
+    """torch.jit.trace of a module: the tracer sees only torch ops (a numba kernel's sizes
+    reached it as traced tensors and raised numba's typing error, and what a kernel writes
+    is not recorded), so under the tracer every norm runs the reference's torch ops.  The
+    traced module gives the module's results on inputs it was not traced with, in eval
+    mode, and survives torch.jit.save/load with no addnorm op in its graph."""
+    module, inputs = list(_traceable_cases())[case]
+    _randomize(module)
+    module.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(module, inputs)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        assert "addnorm::" not in str(loaded.graph)  # no custom op (the module's class name stays)
+        fresh = tuple(torch.randn_like(x) * 3 + 1 for x in inputs)
+        expected = module(*fresh)
+        for got in (traced(*fresh), loaded(*fresh)):
+            for g, e in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, expected))):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

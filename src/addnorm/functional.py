@@ -164,13 +164,16 @@ def _check_per_channel(input: Tensor, c: int, **tensors: Tensor | None) -> None:
 
 
 def _transformed(args: tuple) -> bool:
-    """Whether a torch.func transform is active, or forward-mode AD sees a tensor in
-    ``args``; for a caller that has already found torch.compile not tracing (torch.compile
-    traces through neither: there the op is always what it sees).  Inside a transform
-    every call runs the reference's torch ops, also on tensors the transform does not
-    wrap (a model's Parameters, closed over): the ops' ``autograd.Function`` has no
-    ``setup_context``, so torch refuses it under any transform."""
-    if _functorch_level() is not None:
+    """Whether a torch.func transform is active, ``torch.jit.trace`` records, or
+    forward-mode AD sees a tensor in ``args``; for a caller that has already found
+    torch.compile not tracing (torch.compile traces through neither: there the op is
+    always what it sees).  Inside a transform every call runs the reference's torch ops,
+    also on tensors the transform does not wrap (a model's Parameters, closed over): the
+    ops' ``autograd.Function`` has no ``setup_context``, so torch refuses it under any
+    transform.  The JIT tracer sees only torch ops (a kernel's sizes reach it as traced
+    tensors, and nothing a numba kernel writes is recorded), so a traced model holds the
+    reference's plain torch ops and runs, and saves, without addnorm."""
+    if _functorch_level() is not None or _jit_tracing() is not None:
         return True
     if forward_ad._current_level < 0:  # the common case: no dual level is open
         return False
@@ -178,6 +181,7 @@ def _transformed(args: tuple) -> bool:
 
 
 _functorch_level = torch._C._functorch.maybe_current_level
+_jit_tracing = torch._C._get_tracing_state
 
 
 def _forward(op, math, *args):
@@ -572,7 +576,10 @@ def dyt(
     _check_input(input)
     _check_one_element(alpha, "alpha", input)
     given = weight if weight is not None else bias
-    shape = _normalized_shape(tuple(input.shape[-1:] if given is None else given.shape), input)
+    dims = input.shape[-1:] if given is None else given.shape
+    if _jit_tracing() is not None:  # torch.jit.trace gives sizes as tensors: the parameters' are fixed
+        dims = [int(s) for s in dims]
+    shape = _normalized_shape(tuple(dims), input)
     _check_param(weight, "weight", shape, input)
     _check_param(bias, "bias", shape, input)
     d = math.prod(shape)
