@@ -196,6 +196,7 @@ def _traceable_cases():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch's own notice; tracing is what is tested
 @pytest.mark.parametrize("case", range(len(list(_traceable_cases()))))
 def test_jit_trace_records_torch_ops_that_run_and_save_without_addnorm(case, monkeypatch):
     """torch.jit.trace of a module: the tracer sees only torch ops (a numba kernel's sizes
