@@ -90,3 +90,20 @@ def test_compiled_backward_runs_the_backward_op():
     compiled(torch.randn(4, 16, requires_grad=True)).sum().backward()
     targets = {str(n.target) for n in graphs["bw"].graph.nodes if n.op == "call_function"}
     assert "addnorm.row_norm_bwd.default" in targets, targets
+
+
+def test_export_with_an_unbounded_dynamic_batch():
+    """torch.export with a dynamic batch (no maximum): a norm of symbolic size traces as
+    the reference's torch ops rather than comparing its size with the inlining bound,
+    which guarded the graph (export refused the Dim: 'Not all values of b ... satisfy
+    ... <= 65535').  The exported program holds no addnorm op and matches eager at
+    other batch sizes."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    program = export(model, (torch.randn(3, 4, 16),), dynamic_shapes=({0: Dim("batch")},))
+    assert "addnorm" not in program.graph_module.code
+    for batch in (2, 5, 33):
+        x = torch.randn(batch, 4, 16)
+        torch.testing.assert_close(program.module()(x), model(x))

@@ -207,8 +207,14 @@ def _inlined(x: Tensor) -> bool:
     and the call skips the op's dispatch (~14 µs).  Above the bound our kernel's speed
     outweighs the fusion.  The channel norms trace as their torch.nn.functional twin
     there (``_native``'s twins): inductor's own lowering of those keeps channels-last
-    layouts, where the reference's group reshapes would copy."""
-    return torch.compiler.is_compiling() and not _backend.forced() and x.numel() < _NATIVE_BELOW["compiled"]
+    layouts, where the reference's group reshapes would copy.  An input whose size is
+    symbolic (``dynamic=True``, export's ``Dim``) traces as torch ops too: comparing it
+    with the bound would guard the traced graph to one side of it (export refused a
+    dynamic batch without a maximum), and torch ops serve every size."""
+    if not torch.compiler.is_compiling() or _backend.forced():
+        return False
+    n = x.numel()
+    return type(n) is not int or n < _NATIVE_BELOW["compiled"]
 
 
 # Torch's own kernel where it is the faster one.  The rule: in plain eager execution
