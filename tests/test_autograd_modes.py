@@ -160,3 +160,29 @@ def test_transform_over_a_parameter_it_does_not_wrap(backend, name):
 
 def _outputs(out):
     return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_batched_backward_equals_torch(backend, name):
+    """A backward that a vmap batches: ``torch.autograd.functional.jacobian(vectorize=True)``
+    (the legacy vmap) and ``torch.func.vmap`` over ``torch.autograd.grad``.  The
+    gradients reach the backward as batched tensors, which no kernel can read by address
+    ('Cannot access data pointer of Tensor that doesn't have storage'): there the
+    backward runs the reference's torch ops, and equals torch's."""
+    ours, theirs, inputs = CASES[name]
+
+    def first(fn):
+        return lambda *xs: _outputs(fn(*xs))[0]
+
+    for fn in (ours, theirs):
+        assert first(fn)(*inputs).shape == first(theirs)(*inputs).shape
+    got = torch.autograd.functional.jacobian(first(ours), inputs, vectorize=True)
+    expected = torch.autograd.functional.jacobian(first(theirs), inputs, vectorize=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = first(ours)(*leaves)
+    basis = torch.eye(out.numel(), dtype=D)[:5].reshape(5, *out.shape)
+    rows = vmap(lambda v: torch.autograd.grad(out, leaves, v, retain_graph=True))(basis)
+    for r, e in zip(rows, expected):
+        torch.testing.assert_close(r, e.reshape(out.numel(), *e.shape[out.dim():])[:5])

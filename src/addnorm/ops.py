@@ -222,12 +222,16 @@ class _Entry:
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
 _transforms_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def _recording_backward() -> bool:
-    """Whether autograd records this backward (create_graph=True): then it must be made
-    of differentiable ops, not of a custom op without a derivative."""
-    return torch.is_grad_enabled()
+def _differentiable_backward(dy: Tensor) -> bool:
+    """Whether this backward must be made of torch ops rather than of our kernels: where
+    autograd records it (create_graph=True: a custom op has no derivative), or where a
+    vmap batches it (``dy`` is then a batched tensor, which no kernel can read by
+    address: ``torch.func.vmap`` over ``autograd.grad``, the legacy vmap of
+    ``torch.autograd.functional.jacobian(vectorize=True)``)."""
+    return torch.is_grad_enabled() or _transforms_active() or _legacy_batched(dy)
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +334,7 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     wanted = [needs[0] or (has_residual and needs[1]), needs[2], needs[3]]
     dr = dr if has_residual else None
     offset, rms, cast, backend = ctx.args
-    if _recording_backward():
+    if _differentiable_backward(dy):
         _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
         if cast & reference.ROUNDING == reference.CAST_EACH:
             rstd = reference.round_to(rstd, r.dtype)
@@ -415,7 +419,7 @@ def _group_norm_setup(ctx, inputs, output):
 def _group_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
     num_groups, eps, backend = ctx.args
-    if _recording_backward():
+    if _differentiable_backward(dy):
         _, mean, var = reference.group_norm_forward(x, None, None, num_groups, eps)
         dx, dw, db = reference.group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias)
     else:
@@ -487,7 +491,7 @@ def _batch_norm_setup(ctx, inputs, output):
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, backend = ctx.args
-    if _recording_backward():
+    if _differentiable_backward(dy):
         if training:  # batch statistics depend on x; running ones are constants
             _, mean, var = reference.batch_norm_forward(x, None, None, None, None, True, eps)
         dx, dw, db = reference.batch_norm_backward(dy, x, weight, mean, var, training, eps, bias)
@@ -550,7 +554,7 @@ def _dyt_setup(ctx, inputs, output):
 
 def _dyt_backward(ctx, dy):
     x, alpha, weight, bias = ctx.saved_tensors
-    if _recording_backward():
+    if _differentiable_backward(dy):
         dx, dalpha, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias)
     else:
         dx, dalpha, dw, db = _run(dyt_bwd, _dyt_bwd, dy, x, alpha, weight, bias, ctx.backend)
@@ -598,7 +602,7 @@ def _scale_norm_setup(ctx, inputs, output):
 def _scale_norm_backward(ctx, dy, _drnorm):
     x, weight, rnorm = ctx.saved_tensors
     eps, backend = ctx.args
-    if _recording_backward():
+    if _differentiable_backward(dy):
         rnorm = reference.scale_norm_forward(x, weight, eps)[1]
         dx, dw = reference.scale_norm_backward(dy, x, weight, rnorm, eps)
     else:
