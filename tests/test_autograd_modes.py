@@ -76,9 +76,14 @@ def test_forward_ad_dual_tensors(backend, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_gradgradcheck(backend, name):
+    """gradcheck and gradgradcheck with every check torch offers, batched gradients
+    included (gradcheck vmaps the backward over them: on every output, the fused
+    add+norms' residual sum too)."""
     ours, _, inputs = CASES[name]
     inputs = tuple(t.clone().requires_grad_() for t in inputs)
-    assert torch.autograd.gradgradcheck(ours, inputs)
+    assert torch.autograd.gradcheck(ours, inputs, check_batched_grad=True, check_forward_ad=True,
+                                    check_undefined_grad=True)
+    assert torch.autograd.gradgradcheck(ours, inputs, check_batched_grad=True, check_fwd_over_rev=True)
 
 
 def test_gradient_penalty_equals_torch(backend):

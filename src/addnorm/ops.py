@@ -225,13 +225,18 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def _differentiable_backward(dy: Tensor) -> bool:
+def _differentiable_backward(*grads: Tensor | None) -> bool:
     """Whether this backward must be made of torch ops rather than of our kernels: where
     autograd records it (create_graph=True: a custom op has no derivative), or where a
     vmap batches it (``dy`` is then a batched tensor, which no kernel can read by
     address: ``torch.func.vmap`` over ``autograd.grad``, the legacy vmap of
-    ``torch.autograd.functional.jacobian(vectorize=True)``)."""
-    return torch.is_grad_enabled() or _transforms_active() or _legacy_batched(dy)
+    ``torch.autograd.functional.jacobian(vectorize=True)`` and of gradcheck's batched
+    gradients).  ``grads``: the backward's incoming gradients."""
+    return (
+        torch.is_grad_enabled()
+        or _transforms_active()
+        or any(g is not None and _legacy_batched(g) for g in grads)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +339,7 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     wanted = [needs[0] or (has_residual and needs[1]), needs[2], needs[3]]
     dr = dr if has_residual else None
     offset, rms, cast, backend = ctx.args
-    if _differentiable_backward(dy):
+    if _differentiable_backward(dy, dr):
         _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
         if cast & reference.ROUNDING == reference.CAST_EACH:
             rstd = reference.round_to(rstd, r.dtype)
