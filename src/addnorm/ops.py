@@ -228,10 +228,10 @@ _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 def _differentiable_backward(*grads: Tensor | None) -> bool:
     """Whether this backward must be made of torch ops rather than of our kernels: where
     autograd records it (create_graph=True: a custom op has no derivative), or where a
-    vmap batches it (``dy`` is then a batched tensor, which no kernel can read by
-    address: ``torch.func.vmap`` over ``autograd.grad``, the legacy vmap of
-    ``torch.autograd.functional.jacobian(vectorize=True)`` and of gradcheck's batched
-    gradients).  ``grads``: the backward's incoming gradients."""
+    vmap batches it (an incoming gradient in ``grads`` is then a batched tensor, which no
+    kernel can read by address: ``torch.func.vmap`` over ``autograd.grad``, the legacy
+    vmap of ``torch.autograd.functional.jacobian(vectorize=True)`` and of gradcheck's
+    batched gradients)."""
     return (
         torch.is_grad_enabled()
         or _transforms_active()
