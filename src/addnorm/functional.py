@@ -322,14 +322,16 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
     ):
         d, eps = _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms)
         xs, dtype = x.shape, x.dtype
+        weight = None if weight is None else _flat(weight)  # (the common call's are rows already)
+        bias = None if bias is None else _flat(bias)
     rows = len(xs) == 2 and xs[1] == d  # x is rows of d values already
     y, r, _, _ = _forward(
         ops.row_norm,
         reference.row_norm_forward,
         (x if rows else x.reshape(-1, d)).contiguous(),
         None if residual is None else (residual if rows else residual.reshape(-1, d)).contiguous(),
-        weight if weight is None or weight.ndim == 1 else weight.reshape(-1),  # as one row of d values
-        bias if bias is None or bias.ndim == 1 else bias.reshape(-1),
+        weight,
+        bias,
         float(eps),
         float(offset),
         rms,

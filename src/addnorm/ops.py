@@ -147,14 +147,13 @@ class _Entry:
 
     The ``autograd.Function`` has the old-style ``forward(ctx, *args)``: with a separate
     ``setup_context``, ``Function.apply`` binds the arguments through
-    ``inspect.signature`` on every call (~35 µs, twice a small norm's time).  Where no
-    functorch transform is active it is entered through the C++ ``apply`` underneath,
-    after the one thing the Python ``apply`` adds there, unwrapping tensors left over
-    from a finished transform (another ~2 µs a call; here only the tensor arguments).
-    The arguments that are no tensors travel into it as one tuple, and an absent
-    residual output is left out, each ~0.3 µs less of autograd's bookkeeping.
-    (``functional`` calls no op inside a torch.func transform: it runs the reference's
-    torch ops there.)  Measured at (64, 256) float32, forward recording autograd: 16.9 µs
+    ``inspect.signature`` on every call (~35 µs, twice a small norm's time).  It is
+    entered through the C++ ``apply`` underneath, after the one thing the Python
+    ``apply`` adds outside a functorch transform, unwrapping tensors left over from a
+    finished transform (another ~2 µs a call; here only the tensor arguments): inside a
+    transform ``functional`` calls no op (it runs the reference's torch ops there).  The
+    arguments that are no tensors travel into it as one tuple, and an absent residual
+    output is left out, each ~0.3 µs less of autograd's bookkeeping.  Measured at (64, 256) float32, forward recording autograd: 16.9 µs
     through the generic wrapper with every output, 15.5 with the statistics kept as
     intermediates and only the tensors unwrapped."""
 
@@ -174,10 +173,10 @@ class _Entry:
         # left out the same way
         total = len(schema.returns)
         visible = visible or total
-        self.hidden = (None,) * (total - visible)
-        self.after_first = (None,) * (total - 1)
-        # backward's gradients for the outputs the ``autograd.Function`` left out: None
-        missing = {n: (None,) * (total - n) for n in range(1, total + 1)}
+        self.hidden = visible < total
+        # by how many outputs the ``autograd.Function`` gave: the Nones for those it left
+        # out, the callers' outputs and backward's gradients alike
+        self.missing = {n: (None,) * (total - n) for n in range(1, total + 1)}
 
         def forward(ctx, *args):
             args = args[:-1] + args[-1]  # the tensors, then the rest as one tuple (``__call__``)
@@ -189,14 +188,14 @@ class _Entry:
             return shown[0] if visible == 2 and shown[1] is None else shown
 
         def function_backward(ctx, *grads):
-            return backward(ctx, *grads, *missing[len(grads)])[: self.tensors] + (None,)
+            return backward(ctx, *grads, *self.missing[len(grads)])[: self.tensors] + (None,)
 
-        self.function = type(
+        function = type(
             fn.__name__.strip("_"),
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(function_backward)},
         )
-        self._apply = _function_apply.__get__(None, self.function)
+        self._apply = _function_apply.__get__(None, function)
 
     def __call__(self, *args):
         if _traced(args):
@@ -205,20 +204,17 @@ class _Entry:
             tensors = args[: self.tensors]
             for a in tensors:
                 if a is not None and a.requires_grad:
-                    rest = args[self.tensors :]
-                    if _transforms_active():
-                        out = self.function.apply(*tensors, rest)
-                    else:
-                        unwrapped = [None if t is None else _unwrap_if_dead(t) for t in tensors]
-                        out = self._apply(*unwrapped, rest)
+                    unwrapped = [None if t is None else _unwrap_if_dead(t) for t in tensors]
+                    out = self._apply(*unwrapped, args[self.tensors :])
                     if not self.hidden:
                         return out
-                    return (out, *self.after_first) if type(out) is Tensor else out + self.hidden
+                    out = (out,) if type(out) is Tensor else out
+                    return out + self.missing[len(out)]
         return self.lean(*args)
 
 
 # torch.autograd.Function.apply's C++ half, and what the Python half does before it
-# when no functorch transform is active (torch/autograd/function.py, ``apply``)
+# outside a functorch transform (torch/autograd/function.py, ``apply``)
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
 _transforms_active = torch._C._are_functorch_transforms_active
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
