@@ -499,7 +499,7 @@ ROW_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(700, 64), (9, 5000)])
 def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape, monkeypatch):
-    """The forward normalizes rows in chunks (``cpu._NORM_CHUNK`` values), on one thread
+    """The forward normalizes rows in tasks across threads, or all on one thread,
     or many, keeping statistics or not (no_grad): each row's output is the same bits as
     that row normalized alone."""
     from addnorm.kernels import cpu
@@ -515,3 +515,25 @@ def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape,
         monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
         parallel = fn(x, r, w.requires_grad_(), b)  # tasks across threads, statistics kept
     assert torch.equal(serial, alone) and torch.equal(parallel.detach(), alone)
+
+
+@pytest.mark.parametrize("name", ROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_streamed_one_by_one_equal_the_same_rows_in_chunks(name, dtype, monkeypatch):
+    """A call of ``cpu._STREAMED`` values or more with rows of ``cpu._WIDE`` values or
+    more normalizes its rows one by one (``cpu._chunk_rows``), a smaller call in chunks of
+    rows: the same rows give the same bits either way."""
+    from addnorm.kernels import cpu
+
+    d = cpu._WIDE
+    n = cpu._STREAMED // d
+    assert cpu._chunk_rows(n, d) == 1 and cpu._chunk_rows(64, d) > 1
+    monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", 0)  # our kernel for the small call too
+    fn = ROW_CASES[name]
+    g = torch.Generator().manual_seed(2)
+    x, r = (torch.randn(n, d, generator=g).to(dtype) for _ in range(2))
+    w, b = (torch.randn(d, generator=g).to(dtype) for _ in range(2))
+    with addnorm.backend("numba"), torch.no_grad():
+        streamed = fn(x, r, w, b)
+        chunked = fn(x[-64:], r[-64:], w, b)
+    assert torch.equal(streamed[-64:], chunked)
