@@ -3,6 +3,7 @@ float16 bits."""
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -520,14 +521,15 @@ def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape,
 @pytest.mark.parametrize("name", ROW_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_streamed_one_by_one_equal_the_same_rows_in_chunks(name, dtype, monkeypatch):
-    """A call of ``cpu._STREAMED`` values or more with rows of ``cpu._WIDE`` values or
+    """A call of ``cpu._STREAMED_BYTES`` or more with rows of ``cpu._WIDE_BYTES`` or
     more normalizes its rows one by one (``cpu._chunk_rows``), a smaller call in chunks of
     rows: the same rows give the same bits either way."""
     from addnorm.kernels import cpu
 
-    d = cpu._WIDE
-    n = cpu._STREAMED // d
-    assert cpu._chunk_rows(n, d) == 1 and cpu._chunk_rows(64, d) > 1
+    d = cpu._WIDE_BYTES // dtype.itemsize
+    n = cpu._STREAMED_BYTES // cpu._WIDE_BYTES
+    assert cpu._chunk_rows(np.empty((n, d), np.float32 if dtype == torch.float32 else np.uint16)) == 1
+    assert cpu._chunk_rows(np.empty((64, d), np.float32 if dtype == torch.float32 else np.uint16)) > 1
     monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", 0)  # our kernel for the small call too
     fn = ROW_CASES[name]
     g = torch.Generator().manual_seed(2)

@@ -489,18 +489,20 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
 
 
 _NORM_CHUNK = 4096  # values of a chunk of narrow rows: 16 KB of float32, in L1
-_STREAMED = 1 << 23  # values of a call whose rows stream from memory: 32 MB of float32
-_WIDE = 256  # values of a row that streams on its own (see ``_chunk_rows``)
+_STREAMED_BYTES = 32 << 20  # a call whose rows stream from memory (this machine's L3: 32 MB)
+_WIDE_BYTES = 1024  # a row that streams on its own (see ``_chunk_rows``)
 
 
 @njit(inline="always")
-def _chunk_rows(n, d):
-    """Rows per chunk of ``_row_norm_fwd_rows``: 1 where a call's rows stream from memory
-    and are wide enough to pay for a row's own loop set-up; else a chunk of about
-    ``_NORM_CHUNK`` values.  (Two cores, float32, ms: LayerNorm 65536x256 5.2 chunked
-    against 3.8 row by row, torch's 3.5; but 2048x256, in cache, 0.075 chunked against
-    0.090, and 65536x64 1.26 against 1.47.)"""
-    if n * d >= _STREAMED and d >= _WIDE:
+def _chunk_rows(x):
+    """Rows per chunk of ``_row_norm_fwd_rows`` over x (n, d): 1 where x streams from
+    memory and its rows are wide enough to pay for a row's own loop set-up; else a chunk
+    of about ``_NORM_CHUNK`` values.  (Two cores, ms: LayerNorm 65536x256 float32 5.0-5.3
+    chunked against 3.6-3.8 row by row, torch's 3.3-3.8; but in cache 2048x256 0.075
+    chunked against 0.090, and rows of 512 bytes stream better chunked: 65536x64 float32
+    1.26 against 1.47, 65536x256 bfloat16 3.9 against 4.3.)"""
+    n, d = x.shape
+    if n * d * x.itemsize >= _STREAMED_BYTES and d * x.itemsize >= _WIDE_BYTES:
         return 1
     return max(1, _NORM_CHUNK // max(1, d))
 
@@ -522,7 +524,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     # ``_moments``' (runs, groups, length) view of them, made once: made per row, it cost
     # half the time of a LayerNorm row of 256 values
     src3 = src.reshape((1, n, d))
-    per = max(1, min(hi - lo, _chunk_rows(n, d)))
+    per = max(1, min(hi - lo, _chunk_rows(x)))
     stats = scratch(x, (3, per))  # per row of a chunk: mean0, shift, rstd
     for c0 in range(lo, hi, per):
         c1 = min(hi, c0 + per)
