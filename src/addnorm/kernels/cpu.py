@@ -23,7 +23,9 @@ How the kernels are built:
   in every loop, and a normalization group of one value gets a gradient of exactly 0.
 * LayerNorm's mean is corrected by the mean of the residuals (the corrected two-pass
   algorithm, as ``reference.standardize``): rows with mean 1e4 keep float32 precision.
-  A row is read from memory once; the later passes find it in cache.
+  The first pass takes the mean of a row's first block only, the second centres on it
+  (and runs again around the mean where that block lies more than a standard deviation
+  off it).  A row is read from memory once; the later passes find it in cache.
 * Parameter gradients are summed per fixed chunk of rows, then the chunks are added in
   order: the same bits on every run and for every thread count.
 
@@ -313,21 +315,32 @@ def _moments(x, c):
     """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous), by the
     corrected two-pass algorithm: returns (mean0, shift, var), mean = mean0 + shift,
     where shift (the mean of x - mean0) recovers mean0's rounding; centre values as
-    (x - mean0) - shift."""
+    (x - mean0) - shift.  mean0 is the mean of the first ``_BLOCK`` values only (all of
+    them in a row that short), so that the first pass reads one block and not all of
+    them; where it lies more than a standard deviation off the mean (shift^2 > var, which
+    would cost var bits), the second pass runs again around the mean."""
     rows, length = x.shape[0], x.shape[2]
     count = np.float64(max(1, rows * length))
-    zero = acc(x, 0.0)
-    s = 0.0
-    for i in range(rows):
-        s += _run_sums(x[i, c], zero, False)[0]
-    mean0 = acc(x, s / count)
+    first = min(length, _BLOCK) if rows else 0
+    mean0 = acc(x, _run_sums(x[0, c, :first], acc(x, 0.0), False)[0] / first) if first else acc(x, 0.0)
+    shift, var = _centred_moments(x, c, mean0, count)
+    if shift * shift > var:
+        mean0 = acc(x, mean0 + shift)
+        shift, var = _centred_moments(x, c, mean0, count)
+    return mean0, shift, var
+
+
+@njit(inline="always")
+def _centred_moments(x, c, mean0, count):
+    """(mean of x[:, c, :] - mean0, its biased variance), from the sums of x - mean0
+    and of its squares."""
     s1, s2 = 0.0, 0.0
-    for i in range(rows):
+    for i in range(x.shape[0]):
         a, b = _run_sums(x[i, c], mean0, True)
         s1 += a
         s2 += b
     shift = s1 / count
-    return mean0, acc(x, shift), acc(x, max(s2 / count - shift * shift, 0.0))
+    return acc(x, shift), acc(x, max(s2 / count - shift * shift, 0.0))
 
 
 @njit(inline="always")
