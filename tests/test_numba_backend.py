@@ -500,9 +500,9 @@ ROW_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(700, 64), (9, 5000)])
 def test_a_rows_output_does_not_depend_on_the_rows_around_it(name, dtype, shape, monkeypatch):
-    """The forward normalizes rows in tasks across threads, or all on one thread,
-    or many, keeping statistics or not (no_grad): each row's output is the same bits as
-    that row normalized alone."""
+    """The forward normalizes rows in chunks, on one thread or in tasks across many,
+    keeping statistics or not (no_grad): each row's output is the same bits as that row
+    normalized alone."""
     from addnorm.kernels import cpu
 
     fn = ROW_CASES[name]
@@ -528,8 +528,8 @@ def test_rows_streamed_one_by_one_equal_the_same_rows_in_chunks(name, dtype, mon
 
     d = cpu._WIDE_BYTES // dtype.itemsize
     n = cpu._STREAMED_BYTES // cpu._WIDE_BYTES
-    assert cpu._chunk_rows(np.empty((n, d), np.float32 if dtype == torch.float32 else np.uint16)) == 1
-    assert cpu._chunk_rows(np.empty((64, d), np.float32 if dtype == torch.float32 else np.uint16)) > 1
+    as_numpy = cpu._NUMPY_DTYPES[dtype]
+    assert cpu._chunk_rows(np.empty((n, d), as_numpy)) == 1 and cpu._chunk_rows(np.empty((64, d), as_numpy)) > 1
     monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", 0)  # our kernel for the small call too
     fn = ROW_CASES[name]
     g = torch.Generator().manual_seed(2)

@@ -291,11 +291,11 @@ def _twin_off_cpu(op: str, input: Tensor) -> bool:
 
 
 _is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 # torch.backends.cudnn.enabled, read in C (~0.06 µs against ~0.27): the twins' last
 # argument, which torch.nn.functional's wrappers pass (``_native``'s calls skip those
 # wrappers, ~0.6 µs, whose checks ours have made already)
 _cudnn = torch._C._get_cudnn_enabled
-_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _Choice = _backend._Choice
 _len_dispatch_stack, _has_torch_function = ops._len_dispatch_stack, ops._has_torch_function  # ``ops._traced``'s
 # what torch raises for arguments it refuses: then our checks, which run next, say why
@@ -343,6 +343,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         xs, dtype = x.shape, x.dtype
         weight = None if weight is None else _flat(weight)  # (the common call's are rows already)
         bias = None if bias is None else _flat(bias)
+    # ``_rows`` and ``_reshaped`` inline, the test made once for x, residual and outputs
     rows = len(xs) == 2 and xs[1] == d  # x is rows of d values already
     y, r, _, _ = _forward(
         ops.row_norm,

@@ -153,9 +153,10 @@ class _Entry:
     finished transform (another ~2 µs a call; here only the tensor arguments): inside a
     transform ``functional`` calls no op (it runs the reference's torch ops there).  The
     arguments that are no tensors travel into it as one tuple, and an absent residual
-    output is left out, each ~0.3 µs less of autograd's bookkeeping.  Measured at (64, 256) float32, forward recording autograd: 16.9 µs
-    through the generic wrapper with every output, 15.5 with the statistics kept as
-    intermediates and only the tensors unwrapped."""
+    output is left out, each ~0.3 µs less of autograd's bookkeeping.  Measured at
+    (64, 256) float32, forward recording autograd: 16.9 µs through the generic wrapper
+    with every output, 15.5 with the statistics kept as intermediates and only the
+    tensors unwrapped."""
 
     def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None):
         op.register_autograd(backward, setup_context=setup)
