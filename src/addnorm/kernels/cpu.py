@@ -491,8 +491,9 @@ def _row_blocks(n):
 
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes):
-    """y = norm(x [+ res]) per row; mean_out None means RMSNorm, rstd_out None that the
-    statistics are not wanted; ``cast`` as ``reference.row_norm_forward``'s; ``lanes``
+    """y = norm(x [+ res]) per row; mean_out None means RMSNorm, an empty rstd_out that the
+    statistics are not wanted (empty, not None: one compiled kernel serves a forward with
+    and without autograd, where a None would compile another); ``cast`` as ``reference.row_norm_forward``'s; ``lanes``
     as ``_torch_mean_square``'s.  Tasks of up to ``_ROW_BLOCK`` rows across threads."""
     n = x.shape[0]
     per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
@@ -557,7 +558,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
             rstd = acc(x, 1.0) / np.sqrt(var + eps_)
             if cast == 2:
                 rstd = rnd(x, rstd)
-            if rstd_out is not None:
+            if rstd_out.shape[0]:
                 rstd_out[i] = rstd
             stats[0, i - c0], stats[1, i - c0], stats[2, i - c0] = mean0, shift, rstd
         if per == 1:  # a streaming row, as rows and scalars (10-25% faster than a range of 2-D arrays)
@@ -644,7 +645,9 @@ def _row_norm_bwd(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part
     autograd through a ``.to(dtype)`` rounds them (``reference.row_norm_backward``).
     """
     for k in prange(_row_blocks(src.shape[0])):
-        _row_norm_bwd_block(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part, k)
+        # k as int64, the type of the serial loop's k (``_row_norm_bwd_at``): prange's
+        # uint64 compiled the block a second time for every signature
+        _row_norm_bwd_block(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, db_part, np.int64(k))
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -690,9 +693,10 @@ def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rst
                      lanes, serial):
     """``_row_norm_fwd`` on (n, d) rows given by address: x, res, r_out of ``tx``'s
     dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s;
-    ``serial``: all rows on the calling thread, without the parallel loop."""
+    ``serial``: all rows on the calling thread, without the parallel loop.  rstd_out 0:
+    the statistics are not wanted (an empty array, see ``_row_norm_fwd``)."""
     arrays = (at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)), at(y, ty, (n, d)),
-              at(r_out, tx, (n, d)), at(mean_out, ts, (n,)), at(rstd_out, ts, (n,)))
+              at(r_out, tx, (n, d)), at(mean_out, ts, (n,)), at(rstd_out, ts, (n if rstd_out else 0,)))
     if serial:
         _row_norm_fwd_rows(*arrays, eps, offset, cast, lanes, 0, n)
     else:
@@ -1355,7 +1359,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
                      None if weight is None else weight.data_ptr(), types.weight,
                      None if bias is None else bias.data_ptr(), types.bias, y.data_ptr(), types.y,
                      None if r is None else r.data_ptr(), None if mean is None else mean.data_ptr(),
-                     None if rstd is None else rstd.data_ptr(), types.acc_token, float(eps), float(offset),
+                     0 if rstd is None else rstd.data_ptr(), types.acc_token, float(eps), float(offset),
                      types.rounding, types.lanes, serial)
     return y, r, mean, rstd
 
