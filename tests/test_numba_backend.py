@@ -566,3 +566,49 @@ def test_statistics_of_rows_whose_first_block_lies_far_off_the_rest():
     ref_g = torch.nn.functional.group_norm(xg64, 2)
     torch_err_g = (torch.nn.functional.group_norm(xg64.float(), 2).double() - ref_g).abs().max()
     assert (yg.double() - ref_g).abs().max() <= 1.5 * torch_err_g
+
+
+
+def test_the_forward_with_autograd_runs_the_kernel_the_no_grad_forward_compiled(threads):
+    """Compile time is a first use's wait: the statistics output, absent where no
+    gradient is recorded, is an empty array there, not None (which would compile a
+    second forward for every signature)."""
+    from addnorm.kernels import cpu
+
+    torch.set_num_threads(2)
+    x = torch.randn(cpu._ONE_THREAD_BELOW // 64, 64, dtype=torch.float64)  # parallel; x[:2] serial
+    w = torch.randn(64, dtype=torch.float64)
+    with addnorm.backend("numba"):
+        with torch.no_grad():
+            for rows in (x[:2], x):
+                AF.layer_norm(rows, (64,), w)
+        compiled = list(cpu._row_norm_fwd_at.signatures)
+        for rows in (x[:2], x):
+            leaf = rows.clone().requires_grad_()
+            AF.layer_norm(leaf, (64,), w).sum().backward()
+            assert leaf.grad is not None
+    assert cpu._row_norm_fwd_at.signatures == compiled
+
+
+_BACKWARD_BLOCKS = """
+import numpy as np
+from addnorm.kernels import cpu
+src, dy, rstd = np.random.rand(4, 8), np.random.rand(4, 8), np.ones(4)
+cpu._row_norm_bwd(dy, None, src, None, None, rstd, 0.0, 0, np.empty_like(src), None, None)
+print([str(sig[-1]) for sig in cpu._row_norm_bwd_block.signatures])
+"""
+
+
+def test_the_backwards_row_block_compiles_once_for_the_parallel_and_the_serial_loop(tmp_path):
+    """The parallel backward passes its row block the same integer type as the serial
+    loop does, int64 (prange's index is uint64, which compiled each block a second
+    time).  In a fresh process on an empty cache: a block loaded from the cache does not
+    show its signatures."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _BACKWARD_BLOCKS], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "['int64']", out.stdout

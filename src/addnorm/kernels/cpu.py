@@ -491,10 +491,11 @@ def _row_blocks(n):
 
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes):
-    """y = norm(x [+ res]) per row; mean_out None means RMSNorm, an empty rstd_out that the
-    statistics are not wanted (empty, not None: one compiled kernel serves a forward with
-    and without autograd, where a None would compile another); ``cast`` as ``reference.row_norm_forward``'s; ``lanes``
-    as ``_torch_mean_square``'s.  Tasks of up to ``_ROW_BLOCK`` rows across threads."""
+    """y = norm(x [+ res]) per row; mean_out None means RMSNorm, an empty rstd_out that
+    the statistics are not wanted (empty, not None: one compiled kernel serves a forward
+    with and without autograd, where a None would compile another); ``cast`` as
+    ``reference.row_norm_forward``'s; ``lanes`` as ``_torch_mean_square``'s.  Tasks of up
+    to ``_ROW_BLOCK`` rows across threads."""
     n = x.shape[0]
     per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
     for blk in prange((n + per - 1) // per):
