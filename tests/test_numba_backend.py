@@ -568,7 +568,6 @@ def test_statistics_of_rows_whose_first_block_lies_far_off_the_rest():
     assert (yg.double() - ref_g).abs().max() <= 1.5 * torch_err_g
 
 
-
 def test_the_forward_with_autograd_runs_the_kernel_the_no_grad_forward_compiled(threads):
     """Compile time is a first use's wait: the statistics output, absent where no
     gradient is recorded, is an empty array there, not None (which would compile a
