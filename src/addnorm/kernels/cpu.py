@@ -691,14 +691,17 @@ def _row_norm_bwd_block(dy, dr, src, w, mean, rstd, offset, cast, dx, dw_part, d
 
 @njit(cache=True, nogil=True)
 def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rstd_out, ts, eps, offset, cast,
-                     lanes, serial):
+                     lanes, threaded):
     """``_row_norm_fwd`` on (n, d) rows given by address: x, res, r_out of ``tx``'s
-    dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s;
-    ``serial``: all rows on the calling thread, without the parallel loop.  rstd_out 0:
-    the statistics are not wanted (an empty array, see ``_row_norm_fwd``)."""
+    dtype, y of ``ty``'s, w of ``tw``'s, b of ``tb``'s, mean_out and rstd_out of ``ts``'s.
+    rstd_out 0: the statistics are not wanted (an empty array, see ``_row_norm_fwd``).
+    ``threaded`` None: all rows on the calling thread (``_row_norm_fwd_rows``), without
+    the parallel loop; True: in tasks across threads.  None, not False, so that numba
+    compiles only the path a call takes: calls of a few rows (a decoding step, most of
+    the tests) never compile the parallel kernel, which took as long as the rows'."""
     arrays = (at(x, tx, (n, d)), at(res, tx, (n, d)), at(w, tw, (d,)), at(b, tb, (d,)), at(y, ty, (n, d)),
               at(r_out, tx, (n, d)), at(mean_out, ts, (n,)), at(rstd_out, ts, (n if rstd_out else 0,)))
-    if serial:
+    if threaded is None:
         _row_norm_fwd_rows(*arrays, eps, offset, cast, lanes, 0, n)
     else:
         _row_norm_fwd(*arrays, eps, offset, cast, lanes)
@@ -706,15 +709,15 @@ def _row_norm_fwd_at(n, d, x, tx, res, w, tw, b, tb, y, ty, r_out, mean_out, rst
 
 @njit(cache=True, nogil=True)
 def _row_norm_bwd_at(n, d, dy, ty, dr, src, tx, w, tw, mean, rstd, ts, offset, cast, dx, dw_part, db_part,
-                     serial):
+                     threaded):
     """``_row_norm_bwd`` by address: dr, src, dx of ``tx``'s dtype, dy of ``ty``'s, w of
     ``tw``'s, mean, rstd and the partial sums (``_row_blocks(n)``, d) of ``ts``'s;
-    ``serial`` as ``_row_norm_fwd_at``'s."""
+    ``threaded`` as ``_row_norm_fwd_at``'s."""
     blocks = _row_blocks(n)
     arrays = (at(dy, ty, (n, d)), at(dr, tx, (n, d)), at(src, tx, (n, d)), at(w, tw, (d,)), at(mean, ts, (n,)),
               at(rstd, ts, (n,)), offset, cast, at(dx, tx, (n, d)), at(dw_part, ts, (blocks, d)),
               at(db_part, ts, (blocks, d)))
-    if serial:
+    if threaded is None:
         for k in range(blocks):
             _row_norm_bwd_block(*arrays, k)
     else:
@@ -756,11 +759,18 @@ def _sum_chunks(part, out):
 
 
 @njit(inline="always")
+def _channel_param(p, c, absent):
+    """A channel norm's weight for channel c, or ``absent`` where it is empty (the module
+    has none, ``_channel_param_array``)."""
+    return p[c] if p.shape[0] else absent
+
+
+@njit(inline="always")
 def _channel_affine(w, b, c, rstd, mean):
     """y = x * scale + shift for channel c: the affine map folded with the statistics."""
-    scale = rstd if w is None else rstd * ld(w, c)
+    scale = rstd * w[c] if w.shape[0] else rstd
     shift = -mean * scale
-    return scale, shift if b is None else shift + ld(b, c)
+    return scale, shift + b[c] if b.shape[0] else shift
 
 
 @njit(inline="always")
@@ -836,7 +846,7 @@ def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
         a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
         for k in range(cpg):
             c = g * cpg + k
-            wc = acc(x, 1.0) if w is None else ld(w, c)
+            wc = _channel_param(w, c, acc(x, 1.0))
             dyx, dys, xs = _grad_sums(dy[i, g, k], x[i, g, k], m, None, zero)
             a_sum += wc * dyx
             b_sum += wc * dys
@@ -847,7 +857,7 @@ def _group_norm_bwd(dy, x, w, mean, var, eps, dx, dw_part, db_part):
         mean_g = acc(x, b_sum / count)
         for k in range(cpg):
             c = g * cpg + k
-            wc = acc(x, 1.0) if w is None else ld(w, c)
+            wc = _channel_param(w, c, acc(x, 1.0))
             dw_part[i, c] = (dw_part[i, c] - shift * db_part[i, c]) * rstd
             _dx_run(dy[i, g, k], x[i, g, k], dx[i, g, k], m, acc(x, shift), wc, mean_g, rstd, c3)
 
@@ -878,7 +888,7 @@ def _batch_norm_grad_sums(dy, x, w, mean, var, training, eps, coef, dw, db):
     for c in prange(channels):
         m = acc(x, mean[c])
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
-        wc = acc(x, 1.0) if w is None else ld(w, c)
+        wc = _channel_param(w, c, acc(x, 1.0))
         dyx, dys, xs = 0.0, 0.0, 0.0
         for i in range(n):
             a, b, s = _grad_sums(dy[i, c], x[i, c], m, None, zero)
@@ -1042,7 +1052,7 @@ def _batch_norm_cl_bwd(dy, x, w, mean, var, training, eps, dx, part, dw, db):
             dyx += part[k, 1, c]
             xs += part[k, 2, c]
         rstd = acc(x, 1.0) / np.sqrt(acc(x, var[c]) + eps_)
-        wc = acc(x, 1.0) if w is None else ld(w, c)
+        wc = _channel_param(w, c, acc(x, 1.0))
         shift = xs / count if training else 0.0
         dyxs = dyx - shift * dys
         dw[c], db[c] = dyxs * rstd, dys
@@ -1116,7 +1126,7 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_p
             a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
             for k in range(cpg):
                 c = g * cpg + k
-                wc = acc(x, 1.0) if w is None else ld(w, c)
+                wc = _channel_param(w, c, acc(x, 1.0))
                 a_sum += wc * dyx[c]
                 b_sum += wc * dys[c]
                 s_sum += xs[c]
@@ -1125,7 +1135,7 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_p
             c3 = rstd * rstd * rstd * acc(x, (a_sum - sh * b_sum) / count)
             for k in range(cpg):
                 c = g * cpg + k
-                wc = acc(x, 1.0) if w is None else ld(w, c)
+                wc = _channel_param(w, c, acc(x, 1.0))
                 dw_part[i, c], db_part[i, c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
                 coef[i, 1, c] = wc
                 coef[i, 2, c] = b_sum / count
@@ -1207,6 +1217,21 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
 # ---------------------------------------------------------------------------
 # torch <-> numpy, and the functions addnorm.ops calls.
 # ---------------------------------------------------------------------------
+
+
+def _channel_param_array(p: torch.Tensor | None, acc: torch.dtype) -> np.ndarray:
+    """A channel norm's weight or bias as its kernels take it: in the accumulation dtype
+    (exact: a parameter has x's dtype, or float32 beside float16/bfloat16 x), an empty
+    array for None.  The kernels read it once per channel, not per value, so a branch on
+    its length costs nothing, and one compiled kernel serves every parameter dtype and
+    affine flag, where a None and each dtype compiled one of their own (the channel-norm
+    tests compiled 8 GroupNorm forwards, now 4: one per input dtype)."""
+    if p is None:
+        return _NO_CHANNEL_PARAM[acc]
+    return _np(p.detach().to(acc).contiguous())
+
+
+_NO_CHANNEL_PARAM = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 def _np(t: torch.Tensor | None):
@@ -1361,7 +1386,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
                      None if bias is None else bias.data_ptr(), types.bias, y.data_ptr(), types.y,
                      None if r is None else r.data_ptr(), None if mean is None else mean.data_ptr(),
                      0 if rstd is None else rstd.data_ptr(), types.acc_token, float(eps), float(offset),
-                     types.rounding, types.lanes, serial)
+                     types.rounding, types.lanes, None if serial else True)
     return y, r, mean, rstd
 
 
@@ -1376,7 +1401,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
                      r.data_ptr(), types.x, _address(weight), types.weight, _address(mean),
                      rstd.data_ptr(), types.acc_token, float(offset), types.rounding, _address(dx),
-                     _address(dw_part), _address(db_part), threads == 1)
+                     _address(dw_part), _address(db_part), None if threads == 1 else True)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
@@ -1416,9 +1441,9 @@ def _cl_chunks(rows: int, channels: int) -> int:
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
     _threads(x.numel())
-    w, b = _np(weight), _np(bias)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
+    w, b = _channel_param_array(weight, acc), _channel_param_array(bias, acc)
     mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
     if _channels_last(x):
         xl = _channels_last_view(x)
@@ -1436,9 +1461,9 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     _threads(x.numel())
-    w = _np(weight)
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
+    w = _channel_param_array(weight, acc)
     dw_part, db_part = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.float64)
     if _channels_last(x):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
@@ -1478,8 +1503,8 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
     _threads(x.numel())
-    w, b = _np(weight), _np(bias)
     acc = acc_dtype(x.dtype)
+    w, b = _channel_param_array(weight, acc), _channel_param_array(bias, acc)
     c = x.shape[1]
     if training:
         mean, var = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
@@ -1503,8 +1528,8 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
     _threads(x.numel())
-    w = _np(weight)
     acc = acc_dtype(x.dtype)
+    w = _channel_param_array(weight, acc)
     c = x.shape[1]
     dw, db = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     if _channels_last(x):
