@@ -462,11 +462,11 @@ torch.manual_seed(0)
 x, w = torch.randn(3, 40, dtype=torch.float64), torch.rand(40, dtype=torch.float64)
 y = torch.empty_like(x)
 if sys.argv[1] == "callee":  # the parallel kernel alone, as bench's bandwidth check calls it
-    cpu._row_norm_fwd(x.numpy(), None, w.numpy(), None, y.numpy(), None, None, x.numpy()[0, :0], 1e-6, 0.0, 0, 0)
+    cpu._row_norm_fwd(x.numpy(), None, w.numpy(), None, y.numpy(), None, None, x.numpy()[0, :0], 1e-6, 0.0, 0, None)
 else:  # its caller on its parallel path, the process's first kernel: nothing launched the threading layer
     t = cpu._TOKENS[torch.float64]
     cpu._row_norm_fwd_at(3, 40, x.data_ptr(), t, None, w.data_ptr(), t, None, t, y.data_ptr(), t, None, None, 0, t,
-                         1e-6, 0.0, 0, 0, True)
+                         1e-6, 0.0, 0, None, True)
 print(float(y.sum()))
 """
 
@@ -597,7 +597,7 @@ from addnorm.kernels import cpu
 x = torch.rand(4, 8, dtype=torch.float64, requires_grad=True)
 with addnorm.backend("numba"):
     AF.rms_norm(x, (8,)).sum().backward()
-print(len(cpu._row_norm_fwd.signatures), len(cpu._row_norm_bwd.signatures))
+print(len(cpu._row_norm_fwd.signatures), len(cpu._row_norm_bwd.signatures), len(cpu._torch_mean_square.signatures))
 src, dy, rstd = np.random.rand(4, 8), np.random.rand(4, 8), np.ones(4)
 cpu._row_norm_bwd(dy, None, src, None, None, rstd, 0.0, 0, np.empty_like(src), None, None)
 print([str(sig[-1]) for sig in cpu._row_norm_bwd_block.signatures])
@@ -606,7 +606,8 @@ print([str(sig[-1]) for sig in cpu._row_norm_bwd_block.signatures])
 
 def test_a_call_compiles_only_the_kernels_it_runs(tmp_path):
     """Compile time is a first use's wait.  A call small enough for one thread compiles
-    no parallel kernel (``_row_norm_fwd_at``'s ``threaded``), and the parallel backward
+    no parallel kernel (``_row_norm_fwd_at``'s ``threaded``), RMSNorm's default casting
+    mode no sum in torch's order (``lanes`` None), and the parallel backward
     passes its row block the same integer type as the serial loop does, int64 (prange's
     index is uint64, which compiled each block a second time).  In a fresh process on an
     empty cache: a kernel loaded from the cache does not show its signatures."""
@@ -617,4 +618,4 @@ def test_a_call_compiles_only_the_kernels_it_runs(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", _COMPILES], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-3:-1] == ["0 0", "['int64']"], out.stdout
+    assert out.stdout.split("\n")[-3:-1] == ["0 0 0", "['int64']"], out.stdout

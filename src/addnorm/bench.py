@@ -490,8 +490,8 @@ def preallocated(shape=(4096, 4096), dtypes=(torch.float32, torch.bfloat16), rou
         runners = {
             "copy": lambda: dst.copy_(x),
             # (eps, offset, cast, lanes): the default casting mode, the kernel's own sum order
-            "rms_norm": lambda: cpu._row_norm_fwd(a[0], None, a[1], None, a[3], None, None, a[5], 1e-6, 0.0, 0, 0),
-            "layer_norm": lambda: cpu._row_norm_fwd(a[0], None, a[1], a[2], a[3], None, a[4], a[5], 1e-5, 0.0, 0, 0),
+            "rms_norm": lambda: cpu._row_norm_fwd(a[0], None, a[1], None, a[3], None, None, a[5], 1e-6, 0.0, 0, None),
+            "layer_norm": lambda: cpu._row_norm_fwd(a[0], None, a[1], a[2], a[3], None, a[4], a[5], 1e-5, 0.0, 0, None),
         }
         for run_ in runners.values():
             run_()

@@ -494,8 +494,8 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, an empty rstd_out that
     the statistics are not wanted (empty, not None: one compiled kernel serves a forward
     with and without autograd, where a None would compile another); ``cast`` as
-    ``reference.row_norm_forward``'s; ``lanes`` as ``_torch_mean_square``'s.  Tasks of up
-    to ``_ROW_BLOCK`` rows across threads."""
+    ``reference.row_norm_forward``'s; ``lanes`` as ``_torch_mean_square``'s, None for
+    the kernel's own order.  Tasks of up to ``_ROW_BLOCK`` rows across threads."""
     n = x.shape[0]
     per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
     for blk in prange((n + per - 1) // per):
@@ -534,7 +534,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     the next row overlap the writes of this one rather than alternate in 16 KB bursts."""
     n, d = x.shape
     eps_, offset_, zero = acc(x, eps), acc(x, offset), acc(x, 0.0)
-    acc4 = scratch(x, (4, 4 * lanes))  # used by torch-order sums only (``lanes`` > 0)
+    acc4 = scratch(x, (4, 4 * (0 if lanes is None else lanes)))  # used by torch-order sums only
     src = x if res is None else r_out  # the rows normalized: x, or r = x + res
     # ``_moments``' (runs, groups, length) view of them, made once: made per row, it cost
     # half the time of a LayerNorm row of 256 values
@@ -550,8 +550,9 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
         for i in range(c0, c1):
             row = src[i]
             if mean_out is None:
-                # torch's order where asked (a function of its own, no reassoc); else ours
-                var = _torch_mean_square(row, lanes, acc4) if lanes else _mean_square(row)
+                # torch's order where asked (a function of its own, no reassoc); else ours.
+                # lanes None prunes the branch: the default mode compiles no torch-order sum
+                var = _mean_square(row) if lanes is None else _torch_mean_square(row, lanes, acc4)
                 mean0, shift = zero, zero
             else:
                 mean0, shift, var = _moments(src3, i)
@@ -1343,7 +1344,7 @@ class _RowTypes(NamedTuple):
     y: np.ndarray
     acc_token: np.ndarray
     rounding: int  # ``cast`` less its summation-order bit
-    lanes: int  # ``_torch_mean_square``'s (0: our own order)
+    lanes: int | None  # ``_torch_mean_square``'s (None: our own order)
 
 
 def _row_types(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, cast: int) -> _RowTypes:
@@ -1353,7 +1354,7 @@ def _row_types(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         out, acc, tx = row_norm_out_dtype(x.dtype, weight, cast), acc_dtype(x.dtype), _TOKENS[x.dtype]
         types = _ROW_TYPES[key] = _RowTypes(
             out, acc, tx, tx if weight is None else _TOKENS[weight.dtype], tx if bias is None else _TOKENS[bias.dtype],
-            _TOKENS[out], _TOKENS[acc], cast & ROUNDING, _torch_lanes(acc) if cast & TORCH_ORDER else 0,
+            _TOKENS[out], _TOKENS[acc], cast & ROUNDING, (_torch_lanes(acc) if cast & TORCH_ORDER else 0) or None,
         )
     return types
 
