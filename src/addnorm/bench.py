@@ -282,7 +282,7 @@ def _time_calls(runners: dict[str, Callable], rounds: int, round_s: float = 2e-3
     ~1,000 calls of a path run slower than its steady state (RMSNorm 1x64 recording
     autograd, per 100 calls: 18.3, 15.2, 15.9 ... settling at 13.6-14.3 µs), which a
     single warm-up call left in the first cells of a sweep (0.80x for one that runs
-    1.00x in steady state).  A model calls its norms far more often than that."""
+    0.97x-1.01x in steady state).  A model calls its norms far more often than that."""
     number = {}
     for name, run in runners.items():
         calls, t0 = 0, time.perf_counter()

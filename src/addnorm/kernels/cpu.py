@@ -1308,27 +1308,26 @@ def _threads(work: int) -> int:
     return n
 
 
-def _torch_lanes(dtype: torch.dtype) -> int:
+def _torch_lanes(dtype: torch.dtype) -> int | None:
     """How many values of ``dtype`` (float32 or float64) torch's CPU ``sum`` adds per
     vector (``_torch_mean_square``'s ``lanes``): found once, by summing probe rows the way
     a vector of each width would and keeping the width that gives torch's own bits (16
-    float32 with AVX-512, 8 with AVX2); 0, our own order, where none does."""
-    lanes = _LANES.get(dtype)
-    if lanes is None:
+    float32 with AVX-512, 8 with AVX2); None, our own order, where none does."""
+    if dtype not in _LANES:
         g = torch.Generator().manual_seed(0)
         probes = [torch.randn(n, generator=g, dtype=dtype) * 3 for n in (3, 29, 100, 1000, 4133, 20000)]
         expected = [p.pow(2).mean() for p in probes]
-        lanes = 0
+        lanes = None
         for width in (16, 8, 4, 32, 2):
             acc4 = np.empty((4, 4 * width), dtype=_NUMPY_DTYPES[dtype])
             if all(_torch_mean_square(p.numpy(), width, acc4) == e.item() for p, e in zip(probes, expected)):
                 lanes = width
                 break
         _LANES[dtype] = lanes
-    return lanes
+    return _LANES[dtype]
 
 
-_LANES: dict[torch.dtype, int] = {}
+_LANES: dict[torch.dtype, int | None] = {}
 
 
 class _RowTypes(NamedTuple):
@@ -1354,7 +1353,7 @@ def _row_types(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         out, acc, tx = row_norm_out_dtype(x.dtype, weight, cast), acc_dtype(x.dtype), _TOKENS[x.dtype]
         types = _ROW_TYPES[key] = _RowTypes(
             out, acc, tx, tx if weight is None else _TOKENS[weight.dtype], tx if bias is None else _TOKENS[bias.dtype],
-            _TOKENS[out], _TOKENS[acc], cast & ROUNDING, (_torch_lanes(acc) if cast & TORCH_ORDER else 0) or None,
+            _TOKENS[out], _TOKENS[acc], cast & ROUNDING, _torch_lanes(acc) if cast & TORCH_ORDER else None,
         )
     return types
 
