@@ -216,8 +216,8 @@ def _family_forward_impl(module: nn.Module, spec: FamilyNorm, x: Tensor) -> Tens
     eps = getattr(module, spec.eps_name)
     d = x.shape[-1]
     if spec.kind == "rmsnorm":
-        return AF.rms_norm(x, d, module.weight, eps, offset=spec.offset, casting_mode=spec.casting_mode)
-    return AF.layer_norm(x, d, module.weight, getattr(module, "bias", None), eps)
+        return AF.rms_norm(x, d, M._state(module, "weight"), eps, offset=spec.offset, casting_mode=spec.casting_mode)
+    return AF.layer_norm(x, d, M._state(module, "weight"), M._state(module, "bias", None), eps)
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import functional as AF
 from .functional import ArgumentError
-from .modules import LayerNorm, RMSNorm
+from .modules import LayerNorm, RMSNorm, _state
 
 PLACEMENTS = ("post", "pre", "sandwich", "peri", "deepnorm", "subln", "rezero", "layerscale", "lns")
 # placements of the form x + G(norm(x)): their add can wait for the next norm
@@ -34,9 +34,11 @@ def add_norm(norm: nn.Module, x: Tensor, residual: Tensor, mask: Tensor | None =
         r = x + residual
         return normed(norm, r, mask), r
     if isinstance(norm, nn.LayerNorm):
-        return AF.add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return AF.add_layer_norm(
+            x, residual, norm.normalized_shape, _state(norm, "weight"), _state(norm, "bias"), norm.eps
+        )
     offset = getattr(norm, "offset", 0.0)
-    return AF.add_rms_norm(x, residual, norm.normalized_shape, norm.weight, norm.eps, offset=offset)
+    return AF.add_rms_norm(x, residual, norm.normalized_shape, _state(norm, "weight"), norm.eps, offset=offset)
 
 
 def _fusable(norm: nn.Module) -> bool:
