@@ -335,8 +335,8 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         and type(eps) is float
         and eps >= 0
         and x.is_cpu
-        and (weight is None or (type(weight) in _TENSORS and weight.dtype is dtype and weight.shape == xs[-1:] and weight.is_cpu))
-        and (bias is None or (type(bias) in _TENSORS and bias.dtype is dtype and bias.shape == xs[-1:] and bias.is_cpu))
+        and (weight is None or (type(weight) in _TENSORS and weight.dtype is dtype and weight.shape == (d,) and weight.is_cpu))
+        and (bias is None or (type(bias) in _TENSORS and bias.dtype is dtype and bias.shape == (d,) and bias.is_cpu))
         and (residual is None or (type(residual) is Tensor and residual.dtype is dtype and residual.shape == xs and residual.is_cpu))
     ):
         d, eps = _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms)
