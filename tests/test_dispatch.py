@@ -2,6 +2,8 @@
 kernels without the dispatcher in plain eager, and torch's own kernel for small inputs
 where the rule in ``functional`` (``_NATIVE_BELOW``) says torch's is the faster one."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +187,103 @@ def test_small_channel_norms_equal_torch(norm):
         ref = F.instance_norm(x, rm, rv, w, b)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close((ours_rm, ours_rv), (rm, rv))
+
+
+_X = torch.randn(2, 4, 3, 3)
+# The channel norms' calls on torch's kernel, each (ours, torch.nn.functional's twin);
+# running statistics come fresh, as (mean, var)
+_CHANNEL_CALLS = {
+    "batch_norm train": (lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), True, 0.3)),
+    "batch_norm eval": (lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), False)),
+    "batch_norm train, no stats or affine": (lambda m, x, s: m.batch_norm(x, None, None, training=True)),
+    "batch_norm float32 parameters, bfloat16 input":
+        (lambda m, x, s: m.batch_norm(x.bfloat16(), *s, torch.randn(4), None, True)),
+    "batch_norm (N, C)": (lambda m, x, s: m.batch_norm(x[:, :, 0, 0], *s, None, torch.randn(4), True)),
+    "group_norm": (lambda m, x, s: m.group_norm(x, 2, torch.randn(4), torch.randn(4))),
+    "group_norm (N, C)": (lambda m, x, s: m.group_norm(x[:, :, 0, 0], 2)),
+    "instance_norm": (lambda m, x, s: m.instance_norm(x, weight=torch.randn(4), bias=torch.randn(4))),
+    "instance_norm running stats": (lambda m, x, s: m.instance_norm(x, *s, momentum=0.5)),
+}
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("call", _CHANNEL_CALLS)
+def test_channel_norm_twins_run_no_python_checks(monkeypatch, call):
+    """A valid small call goes straight to torch's kernel, which validates in C++: none of
+    our argument checks run before it (they cost more than torch.nn.functional's whole
+    wrapper), and the result, running statistics included, is torch.nn.functional's."""
+    def refused(*args, **kwargs):
+        raise AssertionError("a check ran before torch's kernel")
+
+    for name in ("_check_input", "_check_channels", "_check_per_channel", "_check_param", "_check_eps"):
+        monkeypatch.setattr(AF, name, refused)
+    theirs_stats, ours_stats = (torch.rand(4), torch.rand(4) + 0.5), None
+    ours_stats = tuple(t.clone() for t in theirs_stats)
+    torch.manual_seed(0)
+    ours = _CHANNEL_CALLS[call](AF, _X, ours_stats)
+    torch.manual_seed(0)
+    theirs = _CHANNEL_CALLS[call](F, _X, theirs_stats)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours_stats, theirs_stats, rtol=0, atol=0)
+
+
+# What torch's kernels take and the checks refuse, and what they refuse themselves: the
+# call on a small input, where it would run torch's kernel, must raise what it raises
+# where it runs ours, and change nothing
+_CHANNEL_MISTAKES = {
+    "batch_norm weight (C, 1)": lambda x, s: AF.batch_norm(x, *s, torch.ones(4, 1)),
+    "batch_norm bias (2, 2)": lambda x, s: AF.batch_norm(x, *s, None, torch.ones(2, 2), True),
+    "batch_norm weight a list": lambda x, s: AF.batch_norm(x, *s, [1.0] * 4, None, True),
+    "batch_norm negative eps": lambda x, s: AF.batch_norm(x, *s, eps=-1e-5),
+    "batch_norm NaN eps": lambda x, s: AF.batch_norm(x, *s, training=True, eps=float("nan")),
+    "batch_norm eps 0 training": lambda x, s: AF.batch_norm(x, *s, training=True, eps=0.0),
+    "batch_norm one value per channel": lambda x, s: AF.batch_norm(x[:1, :, :1, :1], *s, training=True),
+    "batch_norm one value per channel (1, C)": lambda x, s: AF.batch_norm(x[:1, :, 0, 0], *s, training=True),
+    "batch_norm 1-D input": lambda x, s: AF.batch_norm(x[0, :, 0, 0], *s, training=True),
+    "batch_norm 0-d input": lambda x, s: AF.batch_norm(x[0, 0, 0, 0], *s, training=True),
+    "batch_norm running_mean only": lambda x, s: AF.batch_norm(x, s[0], None, training=True),
+    "batch_norm eval without stats": lambda x, s: AF.batch_norm(x, None, None),
+    "batch_norm running_var (C, 1)": lambda x, s: AF.batch_norm(x, s[0], s[1].view(4, 1), training=True),
+    "batch_norm running stats float64": lambda x, s: AF.batch_norm(x, s[0].double(), s[1].double(), training=True),
+    "batch_norm weight float64": lambda x, s: AF.batch_norm(x, *s, torch.ones(4, dtype=torch.float64), None, True),
+    "batch_norm weight of 5": lambda x, s: AF.batch_norm(x, *s, torch.ones(5), None, True),
+    "batch_norm integer input": lambda x, s: AF.batch_norm(x.long(), *s, training=True),
+    "batch_norm momentum None": lambda x, s: AF.batch_norm(x, *s, None, None, True, None),
+    "group_norm one value per group": lambda x, s: AF.group_norm(x[:1, :, :1, :1], 4),
+    "group_norm (1, C) one value per group": lambda x, s: AF.group_norm(x[:1, :, 0, 0], 4),
+    "group_norm not dividing": lambda x, s: AF.group_norm(x, 3),
+    "group_norm no groups": lambda x, s: AF.group_norm(x, 0),
+    "group_norm negative groups": lambda x, s: AF.group_norm(x, -2),
+    "group_norm groups a float": lambda x, s: AF.group_norm(x, 2.0),
+    "group_norm negative eps": lambda x, s: AF.group_norm(x, 2, eps=-1.0),
+    "group_norm weight (C, 1)": lambda x, s: AF.group_norm(x, 2, torch.ones(4, 1)),
+    "group_norm bias float64": lambda x, s: AF.group_norm(x, 2, None, torch.ones(4, dtype=torch.float64)),
+    "group_norm 1-D input": lambda x, s: AF.group_norm(x[0, :, 0, 0], 2),
+    "instance_norm one spatial value": lambda x, s: AF.instance_norm(x[:, :, :1, :1], *s),
+    "instance_norm (N, C)": lambda x, s: AF.instance_norm(x[:, :, 0, 0]),
+    "instance_norm negative eps": lambda x, s: AF.instance_norm(x, *s, eps=-1.0),
+    "instance_norm running_mean only": lambda x, s: AF.instance_norm(x, s[0], None),
+    "instance_norm running stats of 8": lambda x, s: AF.instance_norm(x, torch.zeros(8), torch.ones(8)),
+    "instance_norm weight (C, 1)": lambda x, s: AF.instance_norm(x, *s, torch.ones(4, 1)),
+    "instance_norm weight float64": lambda x, s: AF.instance_norm(x, *s, torch.ones(4, dtype=torch.float64)),
+    "instance_norm 1-D input": lambda x, s: AF.instance_norm(x[0, :, 0, 0]),
+    "instance_norm momentum None": lambda x, s: AF.instance_norm(x, *s, momentum=None),
+}
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("mistake", _CHANNEL_MISTAKES)
+def test_channel_norm_twins_refuse_what_our_checks_refuse(mistake):
+    call = _CHANNEL_MISTAKES[mistake]
+    errors = []
+    for backend in (None, "torch"):  # the rule's twin, then no twin (a forced backend)
+        x, stats = _X.clone(), (torch.zeros(4), torch.ones(4))
+        with addnorm.backend(backend) if backend else contextlib.nullcontext():
+            with pytest.raises((AF.ArgumentError, AF.ArgumentTypeError)) as error:
+                call(x, stats)
+        errors.append((type(error.value), str(error.value)))
+        assert torch.equal(x, _X) and torch.equal(stats[0], torch.zeros(4)) and torch.equal(stats[1], torch.ones(4))
+    assert errors[0] == errors[1]
 
 
 @pytest.mark.native_rule

@@ -77,6 +77,13 @@ def _check_eps(eps: float, *, positive: bool = False) -> None:
         raise ArgumentError(f"eps must be {bound}, got {eps}")
 
 
+def _check_momentum(momentum: float) -> None:
+    """A running-statistics momentum: a number, as torch's kernels take it (the modules'
+    ``momentum=None``, a cumulative average, is each module's own business)."""
+    if not isinstance(momentum, (int, float)):
+        raise ArgumentTypeError(f"momentum must be a float, got {type(momentum).__name__}")
+
+
 def _check_param(
     t: Tensor | None, name: str, shape: tuple[int, ...], input: Tensor, why: str = ""
 ) -> None:
@@ -240,7 +247,11 @@ def _inlined(x: Tensor) -> bool:
 # beats our fixed per-call cost (argument conversion, numba dispatch, threads).  The
 # fused add+LayerNorm runs torch's add and LayerNorm there (the same r, rounded in x's
 # dtype, and the same y).  The bounds are crossovers measured with ``addnorm bench
-# --sweep``.
+# --sweep``.  A twin is called before our argument checks, which cost more than torch's
+# whole Python wrapper (~1.9 µs for BatchNorm's four per-channel tensors): torch
+# validates in C++ and changes nothing when it refuses, and a refused call falls
+# through to our checks, which say why.  Only what torch's kernel would take and our
+# checks (or torch.nn.functional's own) refuse is tested before it, in each function.
 #
 # RMSNorm has a twin, ``torch.rms_norm``, but always runs ours: without autograd ours is
 # faster at every size, and with it the two now cost the same forward below 16K elements
@@ -496,6 +507,22 @@ def batch_norm(
 ) -> Tensor:
     """BatchNorm: per channel, batch statistics over (N, *spatial) in training (updating
     the running statistics in place with ``momentum``), the running ones otherwise."""
+    if _native("batch_norm", input, (weight, bias, running_mean, running_var)) and (
+        eps > 0 if training else eps >= 0
+    ):
+        try:
+            # torch's kernel validates the rest in C++ (and changes nothing when it
+            # refuses), but takes two things the checks below refuse: training on one
+            # value per channel (torch.nn.functional's own check) and a weight or bias of
+            # C values in another shape
+            if (
+                not (training and input.numel() == input.shape[1])
+                and (weight is None or (type(weight) in _TENSORS and weight.ndim == 1))
+                and (bias is None or (type(bias) in _TENSORS and bias.ndim == 1))
+            ):
+                return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, _cudnn())
+        except _REFUSED:
+            pass  # our checks, next, say why
     _check_input(input)
     c = _check_channels(input, "batch_norm")
     _check_per_channel(input, c, running_mean, running_var, weight, bias)
@@ -508,8 +535,7 @@ def batch_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps, positive=training)
-    if _native("batch_norm", input, (weight, bias, running_mean, running_var)):
-        return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, _cudnn())
+    _check_momentum(momentum)
     if _inlined(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
@@ -536,6 +562,15 @@ def instance_norm(
     Running statistics, when given, take the mean over the batch of each sample's."""
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if _native("group_norm", input, (weight, bias, running_mean, running_var)) and eps >= 0:
+        try:
+            # torch.nn.functional's own check, which torch's kernel lacks: more than one
+            # value per (sample, channel); the rest torch validates in C++
+            s = input.shape
+            if input.numel() != s[0] * s[1]:
+                return torch.instance_norm(input, weight, bias, running_mean, running_var, True, momentum, eps, _cudnn())
+        except _REFUSED:
+            pass  # our checks, next, say why
     _check_input(input)
     c = _check_channels(input, "instance_norm")
     _check_per_channel(input, c, running_mean, running_var, weight, bias)
@@ -546,8 +581,7 @@ def instance_norm(
             f"{tuple(input.shape)}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, (weight, bias, running_mean, running_var)):
-        return torch.instance_norm(input, weight, bias, running_mean, running_var, True, momentum, eps, _cudnn())
+    _check_momentum(momentum)
     if _inlined(input):
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
@@ -568,6 +602,14 @@ def group_norm(
 ) -> Tensor:
     """GroupNorm: statistics per (sample, group of C / num_groups channels), then a
     per-channel affine map."""
+    if _native("group_norm", input, (weight, bias)) and eps >= 0:
+        try:
+            # torch.nn.functional's own check, which torch's kernel lacks: more than one
+            # value per group in the batch; the rest torch validates in C++
+            if input.numel() != num_groups:
+                return torch.group_norm(input, num_groups, weight, bias, eps, _cudnn())
+        except _REFUSED:
+            pass  # our checks, next, say why
     _check_input(input)
     c = _check_channels(input, "group_norm")
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
@@ -582,8 +624,6 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     _check_eps(eps)
-    if _native("group_norm", input, (weight, bias)):
-        return torch.group_norm(input, num_groups, weight, bias, eps, _cudnn())
     if _inlined(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
