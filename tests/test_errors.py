@@ -93,19 +93,65 @@ def test_float32_parameters_with_reduced_input_are_fine(dtype):
     assert y.dtype == dtype
 
 
+# eps as torch takes it: torch.nn's own tests pass eps=-0.5 to LayerNorm, GroupNorm and
+# RMSNorm; a negative, zero or NaN eps gives torch's result, NaN where var + eps < 0
+_EPS_CALLS = {
+    "layer_norm": lambda m, x, eps: m.layer_norm(x, (8,), eps=eps),
+    "rms_norm": lambda m, x, eps: m.rms_norm(x, (8,), eps=eps),
+    "group_norm": lambda m, x, eps: m.group_norm(x, 2, eps=eps),
+    "instance_norm": lambda m, x, eps: m.instance_norm(x, eps=eps),
+    "add_layer_norm": lambda m, x, eps: (
+        m.add_layer_norm(x, x, (8,), eps=eps)[0] if m is AF else m.layer_norm(x + x, (8,), eps=eps)),
+}
+
+
+@pytest.mark.parametrize("norm", _EPS_CALLS)
+@pytest.mark.parametrize("eps", [-0.5, 0.0, float("nan"), torch.tensor(1e-3)], ids=["-0.5", "0", "nan", "0-dim tensor"])
+def test_eps_is_taken_as_torch_takes_it(backend, norm, eps):
+    import torch.nn.functional as F
+
+    x = torch.cat([torch.randn(2, 6, 8) * 3, torch.zeros(2, 6, 8)])  # constant samples: var 0
+    ours, theirs = _EPS_CALLS[norm](AF, x, eps), _EPS_CALLS[norm](F, x, eps)
+    if norm == "instance_norm" and float(eps) == 0:
+        # the one deliberate difference: 0 / 0 is NaN, as in GroupNorm and LayerNorm, where
+        # torch's instance_norm (its BatchNorm kernel) gives those channels rstd 0
+        assert torch.equal(theirs[2:], torch.zeros(2, 6, 8)) and ours[2:].isnan().all()
+        ours, theirs = ours[:2], theirs[:2]
+    else:
+        assert theirs.isnan().any() == (not float(eps) > 0)  # the case is what it says
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_eps_is_a_number():
+    for call in (lambda eps: AF.layer_norm(X, 8, eps=eps), lambda eps: AF.rms_norm(X, 8, eps=eps),
+                 lambda eps: AF.group_norm(X, 2, eps=eps), lambda eps: AF.instance_norm(X, eps=eps),
+                 lambda eps: AF.scale_norm(X, torch.ones(1), eps=eps),
+                 lambda eps: AF.batch_norm(X, torch.zeros(6), torch.ones(6), eps=eps)):
+        with raises(TypeError, "eps", "float", "str"):
+            call("1e-5")
+        with raises(TypeError, "eps", "float", "(1,)"):
+            call(torch.tensor([1e-5]))
+
+
+@pytest.mark.parametrize("training, eps", [(False, -1e-5), (True, -1e-5), (True, 0.0)])
+def test_batch_norm_eps_bounds_are_torch_nn_functionals(training, eps):
+    """F.batch_norm's own check: eps > 0 in training, >= 0 in eval (NaN passes there too)."""
+    import torch.nn.functional as F
+
+    stats = torch.zeros(6), torch.ones(6)
+    with raises(ValueError, "eps", "> 0" if training else ">= 0"):
+        AF.batch_norm(X, *stats, training=training, eps=eps)
+    with pytest.raises(ValueError):
+        F.batch_norm(X, *stats, training=training, eps=eps)
+    assert torch.equal(stats[0], torch.zeros(6))
+    nan = AF.batch_norm(X, *stats, training=training, eps=float("nan"))
+    torch.testing.assert_close(nan, F.batch_norm(X, *stats, training=training, eps=float("nan")), equal_nan=True)
+
+
 @pytest.mark.parametrize("eps", [-1e-5, float("nan")])
-def test_negative_eps(eps):
-    for call in (lambda: AF.layer_norm(X, 8, eps=eps), lambda: AF.rms_norm(X, 8, eps=eps),
-                 lambda: AF.group_norm(X, 2, eps=eps), lambda: AF.instance_norm(X, eps=eps),
-                 lambda: AF.scale_norm(X, torch.ones(1), eps=eps),
-                 lambda: AF.batch_norm(X, torch.zeros(6), torch.ones(6), eps=eps)):
-        with raises(ValueError, "eps", ">= 0"):
-            call()
-
-
-def test_batch_norm_training_needs_positive_eps():
-    with raises(ValueError, "eps", "> 0"):
-        AF.batch_norm(X, None, None, training=True, eps=0.0)
+def test_scale_norm_eps_is_at_least_0(eps):
+    with raises(ValueError, "eps", ">= 0"):
+        AF.scale_norm(X, torch.ones(1), eps=eps)
 
 
 @pytest.mark.parametrize("groups", [4, 0, -2, 7])

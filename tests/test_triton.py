@@ -276,3 +276,18 @@ def test_no_samples_give_zero_group_norm_parameter_gradients():
     with addnorm.backend("triton"):
         AF.group_norm(x, 2, w, b, 1e-5).sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("eps", [-0.5, 0.0, float("nan")], ids=["-0.5", "0", "nan"])
+def test_eps_as_torch_takes_it(eps):
+    """A negative, zero or NaN eps gives torch's result (NaN where var + eps < 0), not a
+    division error, in the row norms and GroupNorm alike."""
+    import torch.nn.functional as F
+
+    x = torch.cat([torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0)) * 3, torch.zeros(2, 6, 8)])
+    with addnorm.backend("triton"):
+        ours = [AF.layer_norm(*_on([x]), 8, eps=eps), AF.rms_norm(*_on([x]), 8, eps=eps),
+                AF.group_norm(*_on([x]), 2, eps=eps)]
+    theirs = [F.layer_norm(x, (8,), eps=eps), torch.rms_norm(x, (8,), eps=eps), F.group_norm(x, 2, eps=eps)]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.cpu(), b, equal_nan=True)

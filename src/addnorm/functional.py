@@ -13,6 +13,7 @@ custom ops cannot follow (they have a backward formula only), so the same math r
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,7 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
 _ROW_DTYPES = frozenset(_FLOATING)  # (a set: one hash where a tuple compares four)
 _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_check_param``'s fast path takes
+_NUMBERS = (numbers.Real, torch.SymInt, torch.SymFloat)  # what torch takes for a float argument
 
 
 # ---------------------------------------------------------------------------
@@ -70,11 +72,13 @@ def _check_input(t: object, name: str = "input") -> None:
         )
 
 
-def _check_eps(eps: float, *, positive: bool = False) -> None:
-    ok = eps > 0 if positive else eps >= 0  # also False for NaN
-    if not ok:
-        bound = "> 0" if positive else ">= 0"
-        raise ArgumentError(f"eps must be {bound}, got {eps}")
+def _check_eps(eps: float) -> None:
+    """eps as torch's norms take it: any number.  A negative or NaN eps is torch's
+    result too, rstd = 1 / sqrt(var + eps), NaN where var + eps < 0 (torch.nn's own
+    tests pass eps=-0.5), and so is a 0-dim tensor's value."""
+    if not (isinstance(eps, _NUMBERS) or (isinstance(eps, Tensor) and eps.ndim == 0)):
+        got = f"a tensor of shape {tuple(eps.shape)}" if isinstance(eps, Tensor) else type(eps).__name__
+        raise ArgumentTypeError(f"eps must be a float or a 0-dim tensor, got {got}")
 
 
 def _check_momentum(momentum: float) -> None:
@@ -329,7 +333,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
     # The common call, checked at once, inline (a helper's call costs ~0.15 µs, each
     # tensor attribute read ~0.05): a plain CPU tensor normalized over its last dim (a
     # one-int tuple, as torch.nn's modules keep it), parameters and residual of its dtype
-    # and shape, a float eps >= 0 (or RMSNorm's None).  Each condition is one
+    # and shape, a float eps (or RMSNorm's None).  Each condition is one
     # ``_checked_row_call`` accepts, which checks anything else, errors included; a
     # decoding step's RMSNorm spends ~1.3 µs less here than there.
     xs = dtype = None
@@ -344,7 +348,6 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         and xs[-1] == d > 0
         and dtype in _ROW_DTYPES
         and type(eps) is float
-        and eps >= 0
         and x.is_cpu
         and (weight is None or (type(weight) in _TENSORS and weight.dtype is dtype and weight.shape == (d,) and weight.is_cpu))
         and (bias is None or (type(bias) in _TENSORS and bias.dtype is dtype and bias.shape == (d,) and bias.is_cpu))
@@ -411,7 +414,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
-    if _native("layer_norm", input, (weight, bias)) and eps >= 0:
+    if _native("layer_norm", input, (weight, bias)):
         try:
             # normalized_shape as torch takes it, never an int (inline: a call costs ~60 ns)
             shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
@@ -459,7 +462,6 @@ def add_layer_norm(
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
     if (
         _native("layer_norm", x, (residual, weight, bias))
-        and eps >= 0
         # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
         # inlined: x is known a CPU tensor here, and the add refuses another device)
         and type(residual) is Tensor
@@ -507,16 +509,15 @@ def batch_norm(
 ) -> Tensor:
     """BatchNorm: per channel, batch statistics over (N, *spatial) in training (updating
     the running statistics in place with ``momentum``), the running ones otherwise."""
-    if _native("batch_norm", input, (weight, bias, running_mean, running_var)) and (
-        eps > 0 if training else eps >= 0
-    ):
+    if _native("batch_norm", input, (weight, bias, running_mean, running_var)):
         try:
             # torch's kernel validates the rest in C++ (and changes nothing when it
-            # refuses), but takes two things the checks below refuse: training on one
-            # value per channel (torch.nn.functional's own check) and a weight or bias of
-            # C values in another shape
+            # refuses), but takes what torch.nn.functional's own checks refuse (eps <= 0
+            # in training, < 0 otherwise; one value per channel in training) and what
+            # ours do (a weight or bias of C values in another shape)
             if (
-                not (training and input.numel() == input.shape[1])
+                (eps > 0 if training else eps >= 0)
+                and not (training and input.numel() == input.shape[1])
                 and (weight is None or (type(weight) in _TENSORS and weight.ndim == 1))
                 and (bias is None or (type(bias) in _TENSORS and bias.ndim == 1))
             ):
@@ -524,7 +525,9 @@ def batch_norm(
         except _REFUSED:
             pass  # our checks, next, say why
     _check_input(input)
-    c = _check_channels(input, "batch_norm")
+    # an empty 1-D input is a batch of no channels, as torch takes it (torch.nn's own tests pass one)
+    empty_1d = input.ndim == 1 and input.numel() == 0
+    c = 0 if empty_1d else _check_channels(input, "batch_norm")
     _check_per_channel(input, c, running_mean, running_var, weight, bias)
     if not training and running_mean is None:
         raise ArgumentError("running_mean and running_var are required when training=False")
@@ -534,17 +537,20 @@ def batch_norm(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(input.shape)}"
         )
-    _check_eps(eps, positive=training)
+    _check_eps(eps)
+    if eps <= 0 if training else eps < 0:  # torch.nn.functional's bound (NaN passes, as there)
+        raise ArgumentError(f"eps must be {'> 0 in training' if training else '>= 0'}, got {eps}")
     _check_momentum(momentum)
     if _inlined(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
         ops.batch_norm, reference.batch_norm_forward,
-        _channel_layout(input), weight, bias, running_mean, running_var, training, float(eps),
+        input.reshape(0, 0) if empty_1d else _channel_layout(input),
+        weight, bias, running_mean, running_var, training, float(eps),
     )
     if training and running_mean is not None and values_per_channel > 0:
         update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
-    return y
+    return y.reshape(0) if empty_1d else y
 
 
 def instance_norm(
@@ -562,12 +568,14 @@ def instance_norm(
     Running statistics, when given, take the mean over the batch of each sample's."""
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    if _native("group_norm", input, (weight, bias, running_mean, running_var)) and eps >= 0:
+    if _native("group_norm", input, (weight, bias, running_mean, running_var)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
-            # value per (sample, channel); the rest torch validates in C++
+            # value per (sample, channel); the rest torch validates in C++.  And eps 0,
+            # where torch's kernel gives a constant channel rstd 0 and ours 1 / 0
+            # (docs/design.md): the same result at every size
             s = input.shape
-            if input.numel() != s[0] * s[1]:
+            if input.numel() != s[0] * s[1] and eps != 0:
                 return torch.instance_norm(input, weight, bias, running_mean, running_var, True, momentum, eps, _cudnn())
         except _REFUSED:
             pass  # our checks, next, say why
@@ -602,7 +610,7 @@ def group_norm(
 ) -> Tensor:
     """GroupNorm: statistics per (sample, group of C / num_groups channels), then a
     per-channel affine map."""
-    if _native("group_norm", input, (weight, bias)) and eps >= 0:
+    if _native("group_norm", input, (weight, bias)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
             # value per group in the batch; the rest torch validates in C++
@@ -672,6 +680,8 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
         raise ArgumentError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
     _check_one_element(weight, "weight", input)
     _check_eps(eps)
+    if not eps >= 0:  # ScaleNorm's own (torch has none): max(||x||, eps) clamps at eps
+        raise ArgumentError(f"eps must be >= 0, got {eps}")
     y, _ = _forward(
         ops.scale_norm, reference.scale_norm_forward,
         _rows(input, input.shape[-1]).contiguous(), weight, float(eps),

@@ -49,7 +49,7 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from llvmlite import ir
 from numba.extending import intrinsic, overload
@@ -113,6 +113,15 @@ def _retire_in_forked_child() -> None:
 
 
 os.register_at_fork(after_in_child=_retire_in_forked_child)
+
+
+def njit(*args, **options):
+    """numba's ``njit`` with numpy's error model: a float divided by zero is inf or NaN, as
+    in torch (an rstd of 1 / sqrt(0) where var + eps is 0), not Python's
+    ZeroDivisionError, which numba's default model raises (and checks for in every loop)."""
+    options.setdefault("error_model", "numpy")
+    return numba.njit(*args, **options)
+
 
 _FASTMATH = {"reassoc"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True}
