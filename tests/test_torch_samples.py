@@ -1,0 +1,155 @@
+"""torch's own test samples, run against addnorm: the OpInfo samples of
+``torch.nn.functional``'s norms and the ModuleInfo inputs of torch.nn's norm modules (the
+inputs torch's test suite checks its own norms with), and their error inputs.
+
+Each result is held to the suite's rule (``helpers.assert_close``): at most twice
+torch's own error against the float64 result of torch's same call, plus a few ulps.
+Where torch raises, addnorm raises an instance of the same class."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import addnorm
+import addnorm.functional as AF
+from helpers import assert_close
+
+pytest.importorskip("expecttest")  # torch.testing._internal's own dependency
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.testing._internal.common_modules import module_db  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_OURS = {
+    "nn.functional.layer_norm": AF.layer_norm,
+    "nn.functional.rms_norm": AF.rms_norm,
+    "nn.functional.group_norm": AF.group_norm,
+    "nn.functional.batch_norm": AF.batch_norm,
+    "nn.functional.instance_norm": AF.instance_norm,
+}
+OPS = [op for op in op_db if op.name in _OURS]
+MODULES = [m for m in module_db if m.module_cls.__name__ in addnorm.__all__ and "Norm" in m.name]
+
+
+def test_the_samples_are_there():
+    assert {op.name for op in OPS} == set(_OURS)
+    assert len(MODULES) == 9, [m.name for m in MODULES]
+
+
+def _copy(a, dtype=None):
+    """A fresh leaf copy of a tensor argument (``dtype``: float64 for the reference)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    t = a.detach().to(dtype or a.dtype, copy=True)
+    return t.requires_grad_(a.requires_grad)
+
+
+def _run(fn, input, args, kwargs, dtype=None):
+    """(output, the gradients of the tensors that need one, the tensor arguments after
+    the call: running statistics updated in place) of fn on copies of the arguments."""
+    input, args = _copy(input, dtype), [_copy(a, dtype) for a in args]
+    kwargs = {k: _copy(v, dtype) for k, v in kwargs.items()}
+    out = fn(input, *args, **kwargs)
+    leaves = [t for t in (input, *args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, cot.to(out.dtype), allow_unused=True) if leaves and out.requires_grad else ()
+    after = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and not t.requires_grad]
+    return out, grads, after
+
+
+def _grad_scale(y):
+    """``assert_close``'s scale for a gradient: rounding in the backward is amplified by
+    up to ~4 |y| (as ``helpers.rstd_scale``), and an empty output has none."""
+    return 4 * float(y.detach().abs().max()) if y.numel() else None
+
+
+def _same_error(call_ours, call_torch):
+    """Where torch raises, addnorm raises an instance of the same class; returns whether
+    torch raised."""
+    try:
+        call_torch()
+    except Exception as theirs:
+        with pytest.raises(type(theirs) if type(theirs) is not NotImplementedError else RuntimeError):
+            call_ours()
+        return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}-{op.variant_test_name}".strip("-"))
+def test_functional_samples_give_torchs_results(backend, op, dtype):
+    ours = _OURS[op.name]
+    for i, s in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+        what = f"sample {i}: input {tuple(s.input.shape)}, {s.kwargs}"
+        if _same_error(lambda: _run(ours, s.input, s.args, s.kwargs), lambda: _run(op.op, s.input, s.args, s.kwargs)):
+            continue
+        y, g, after = _run(ours, s.input, s.args, s.kwargs)
+        ty, tg, tafter = _run(op.op, s.input, s.args, s.kwargs)
+        ry, rg, rafter = _run(op.op, s.input, s.args, s.kwargs, torch.float64)
+        assert_close(y, ty, ry, dtype, what)
+        for k, (a, b, r) in enumerate(zip(g, tg, rg)):
+            if r is None:
+                assert a is None or not a.any(), f"{what}: gradient {k}"
+            else:
+                assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
+        for a, b, r in zip(after, tafter, rafter):
+            assert_close(a, b, r, a.dtype, f"{what}: running statistics")
+
+
+def test_functional_error_inputs_raise_torchs_classes():
+    for op in OPS:
+        if op.error_inputs_func is None:
+            continue
+        for e in op.error_inputs("cpu"):
+            s = e.sample_input
+            with pytest.raises(e.error_type if e.error_type is not NotImplementedError else RuntimeError):
+                _OURS[op.name](s.input, *s.args, **s.kwargs)
+
+
+def _module_pair(info, ours_cls, inp, dtype, training):
+    args, kwargs = inp.constructor_input.args, inp.constructor_input.kwargs
+    theirs = info.module_cls(*args, **kwargs).to(dtype).train(training)
+    ours = ours_cls(*args, **kwargs).to(dtype).train(training)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info", MODULES, ids=lambda m: m.name)
+def test_module_inputs_give_torchs_results(backend, info, dtype, training):
+    ours_cls = getattr(addnorm, info.module_cls.__name__)
+    for i, inp in enumerate(info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
+                                                      training=training)):
+        ours, theirs = _module_pair(info, ours_cls, inp, dtype, training)
+        reference = copy.deepcopy(theirs).double()
+        what = f"input {i}: {inp.constructor_input.args} {inp.constructor_input.kwargs}"
+        fa, fk = inp.forward_input.args, inp.forward_input.kwargs
+        runs = []
+        for module, to in ((ours, None), (theirs, None), (reference, torch.float64)):
+            xs = [_copy(a, to) for a in fa]
+            y = module(*xs, **fk)
+            cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            leaves = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad] + list(module.parameters())
+            g = torch.autograd.grad(y, leaves, cot.to(y.dtype), allow_unused=True) if y.requires_grad else ()
+            runs.append((y, g, [b for b in module.buffers() if b.is_floating_point()]))
+        (y, g, bufs), (ty, tg, tbufs), (ry, rg, rbufs) = runs
+        assert_close(y, ty, ry, dtype, what)
+        for k, (a, b, r) in enumerate(zip(g, tg, rg)):
+            assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
+        for a, b, r in zip(bufs, tbufs, rbufs):
+            assert_close(a, b, r, a.dtype, f"{what}: buffer")
+
+
+def test_module_error_inputs_raise_torchs_classes():
+    for info in MODULES:
+        if info.module_error_inputs_func is None:
+            continue
+        ours_cls = getattr(addnorm, info.module_cls.__name__)
+        for e in info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False,
+                                               training=True):
+            inp = e.module_error_input
+            with pytest.raises(e.error_type):
+                module = ours_cls(*inp.constructor_input.args, **inp.constructor_input.kwargs)
+                module(*inp.forward_input.args, **inp.forward_input.kwargs)
