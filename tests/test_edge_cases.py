@@ -78,15 +78,27 @@ def test_huge_d(backend, kind, dtype):
     _compare(kind, torch.randn(3, 65_536 + 17).to(dtype), dtype)
 
 
+# rows around mean 0 and std ~1: noise; a sorted ramp, whose first values lie far off the
+# row's mean (the statistics' first pass, over the first of them, is then re-centred);
+# noise with one large value first
+_LARGE_MEAN_ROWS = {
+    "noise": lambda d: torch.randn(16, d, dtype=torch.float64),
+    "ramp": lambda d: torch.linspace(-1.7, 1.7, d, dtype=torch.float64) + 0.01 * torch.randn(16, d, dtype=torch.float64),
+    "outlier first": lambda d: torch.randn(16, d, dtype=torch.float64).index_fill(1, torch.tensor([0]), 30.0),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_mean_keeps_precision(backend, dtype):
-    """Rows of mean 1e4 and std 1.  Here torch's own CPU LayerNorm is off by ~4e-3 in
+@pytest.mark.parametrize("d", [64, 512, 4096])
+@pytest.mark.parametrize("rows", _LARGE_MEAN_ROWS)
+def test_large_mean_keeps_precision(backend, dtype, d, rows):
+    """Rows of mean 1e4 and std ~1.  Here torch's own CPU LayerNorm is off by ~4e-3 in
     float32, so the relative rule would be lax: ours must be within a few ulps."""
-    x = (torch.randn(16, 512, dtype=torch.float64) + 1e4).to(dtype)
-    w, b = torch.randn(512).to(dtype), torch.randn(512).to(dtype)
+    x = (_LARGE_MEAN_ROWS[rows](d) + 1e4).to(dtype)
+    w, b = torch.randn(d).to(dtype), torch.randn(d).to(dtype)
     ins = [leaf(t) for t in (x, w, b)]
     rins = [leaf(t.double()) for t in (x, w, b)]
-    y, ref = AF.layer_norm(ins[0], (512,), *ins[1:]), R.layer_norm(rins[0], (512,), *rins[1:])
+    y, ref = AF.layer_norm(ins[0], (d,), *ins[1:]), R.layer_norm(rins[0], (d,), *rins[1:])
     eps = torch.finfo(dtype).eps
     scale = float(ref.detach().abs().max())
     assert max_err(y, ref) <= 4 * eps * scale

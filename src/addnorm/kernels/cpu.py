@@ -320,17 +320,17 @@ def _run_sums(row, m, squares):
 
 
 @njit(inline="always")
-def _moments(x, c):
+def _moments(x, c, first=_BLOCK):
     """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous), by the
     corrected two-pass algorithm: returns (mean0, shift, var), mean = mean0 + shift,
     where shift (the mean of x - mean0) recovers mean0's rounding; centre values as
-    (x - mean0) - shift.  mean0 is the mean of the first ``_BLOCK`` values only (all of
-    them in a row that short), so that the first pass reads one block and not all of
-    them; where it lies more than a standard deviation off the mean (shift^2 > var, which
-    would cost var bits), the second pass runs again around the mean."""
+    (x - mean0) - shift.  mean0 is the mean of the ``first`` values only (all of them in
+    a row that short), so that the first pass reads a part of them and not all; where it
+    lies more than a standard deviation off the mean (shift^2 > var, which would cost var
+    bits), the second pass runs again around the mean."""
     rows, length = x.shape[0], x.shape[2]
     count = np.float64(max(1, rows * length))
-    first = min(length, _BLOCK) if rows else 0
+    first = min(length, first) if rows else 0
     mean0 = acc(x, _run_sums(x[0, c, :first], acc(x, 0.0), False)[0] / first) if first else acc(x, 0.0)
     shift, var = _centred_moments(x, c, mean0, count)
     if shift * shift > var:
@@ -513,21 +513,26 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
 
 
 _NORM_CHUNK = 4096  # values of a chunk of narrow rows: 16 KB of float32, in L1
+_STREAMED_CHUNK_BYTES = 8192  # a chunk of narrow rows streaming from memory: it and its output in L1
 _STREAMED_BYTES = 32 << 20  # a call whose rows stream from memory (this machine's L3: 32 MB)
 _WIDE_BYTES = 1024  # a row that streams on its own (see ``_chunk_rows``)
 
 
 @njit(inline="always")
 def _chunk_rows(x):
-    """Rows per chunk of ``_row_norm_fwd_rows`` over x (n, d): 1 where x streams from
-    memory and its rows are wide enough to pay for a row's own loop set-up; else a chunk
-    of about ``_NORM_CHUNK`` values.  (Two cores, ms: LayerNorm 65536x256 float32 5.0-5.3
-    chunked against 3.6-3.8 row by row, torch's 3.3-3.8; but in cache 2048x256 0.075
-    chunked against 0.090, and rows of 512 bytes stream better chunked: 65536x64 float32
-    1.26 against 1.47, 65536x256 bfloat16 3.9 against 4.3.)"""
+    """Rows per chunk of ``_row_norm_fwd_rows`` over x (n, d).  Where x streams from
+    memory: 1 where its rows are wide enough to pay for a row's own loop set-up, else a
+    chunk of ``_STREAMED_CHUNK_BYTES``, so that the chunk read and the output written
+    stay in L1 together.  In cache: a chunk of about ``_NORM_CHUNK`` values.  (Two cores,
+    ms: LayerNorm 65536x256 float32 5.0-5.3 chunked against 3.6-3.8 row by row, torch's
+    3.3-3.8; but in cache 2048x256 0.075 chunked against 0.090, and rows of 512 bytes
+    stream better chunked: 65536x64 float32 1.26 against 1.47, 65536x256 bfloat16 3.9
+    against 4.3; LayerNorm 65536x128 float32 in chunks of 16 KB 2.40-3.34, of 8 KB
+    2.08-2.79, torch's 2.33-2.51, RMSNorm 4096x128 in cache 60 against 64 µs.)"""
     n, d = x.shape
-    if n * d * x.itemsize >= _STREAMED_BYTES and d * x.itemsize >= _WIDE_BYTES:
-        return 1
+    row_bytes = d * x.itemsize
+    if n * row_bytes >= _STREAMED_BYTES:
+        return 1 if row_bytes >= _WIDE_BYTES else max(1, _STREAMED_CHUNK_BYTES // max(1, row_bytes))
     return max(1, _NORM_CHUNK // max(1, d))
 
 
@@ -548,6 +553,13 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     # ``_moments``' (runs, groups, length) view of them, made once: made per row, it cost
     # half the time of a LayerNorm row of 256 values
     src3 = src.reshape((1, n, d))
+    # the mean's first pass over an eighth of a row (at least 16 values, at most a block),
+    # as over a long row's first block: the mean of any eighth of the values lies within
+    # sqrt(7) standard deviations of the row's (and a random eighth's well within one, so
+    # the second pass seldom runs again).  Over the whole of a short row, LayerNorm's
+    # statistics cost two full passes (LayerNorm 65536x256 float32, one thread: 3.3-3.4
+    # ms, 2.9-3.1 so)
+    first = min(_BLOCK, max(16, d // 8))
     per = max(1, min(hi - lo, _chunk_rows(x)))
     stats = scratch(x, (3, per))  # per row of a chunk: mean0, shift, rstd
     for c0 in range(lo, hi, per):
@@ -564,7 +576,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
                 var = _mean_square(row) if lanes is None else _torch_mean_square(row, lanes, acc4)
                 mean0, shift = zero, zero
             else:
-                mean0, shift, var = _moments(src3, i)
+                mean0, shift, var = _moments(src3, i, first)
                 mean_out[i] = mean0 + shift
             rstd = acc(x, 1.0) / np.sqrt(var + eps_)
             if cast == 2:
