@@ -557,7 +557,7 @@ def _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, 
     # as over a long row's first block: the mean of any eighth of the values lies within
     # sqrt(7) standard deviations of the row's (and a random eighth's well within one, so
     # the second pass seldom runs again).  Over the whole of a short row, LayerNorm's
-    # statistics cost two full passes (LayerNorm 65536x256 float32, one thread: 3.3-3.4
+    # statistics cost two full passes (LayerNorm 32768x256 float32, one thread: 3.3-3.4
     # ms, 2.9-3.1 so)
     first = min(_BLOCK, max(16, d // 8))
     per = max(1, min(hi - lo, _chunk_rows(x)))
