@@ -108,6 +108,22 @@ def test_large_mean_keeps_precision(backend, dtype, d, rows):
         assert max_err(a, r) <= 8 * eps * max(1.0, float(r.abs().max())) * (1 if name == "dx" else 16), name
 
 
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_layer_norm_values_near_the_mean_keep_their_bits(backend, d):
+    """Float32 outputs off the float64 result by more than 2 ulps of their own size: at
+    most 3/4 as many as torch's own (ours: ~0.65 as many).  The outputs near 0 (values
+    near the row's mean) are where centring on a rough mean costs bits: centring on the
+    mean of a row's first 16 values left 0.74-0.87 as many as torch's."""
+    x = torch.randn(4000, d, generator=torch.Generator().manual_seed(d)) * 2 + 0.5
+    ref = torch.nn.functional.layer_norm(x.double(), (d,))
+    ulp = (ref.abs() * 2.0**-23).clamp_min(2.0**-126)
+
+    def off(y):
+        return float(((y.double() - ref).abs() > 2 * ulp).double().mean())
+
+    assert off(AF.layer_norm(x, (d,))) <= 0.75 * off(torch.nn.functional.layer_norm(x, (d,)))
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_large_mean_in_channel_norms(backend, layout):
     """Channels of mean 1e4 and std 1 keep float32 precision too, in both layouts."""
