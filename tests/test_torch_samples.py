@@ -81,6 +81,21 @@ def _grad_scale(y):
     return 4 * float(y.detach().abs().max()) if y.numel() else None
 
 
+def _assert_like_torch(what, dtype, ours, theirs, reference):
+    """ours, theirs, reference: (output, gradients, state after the call: running
+    statistics) of addnorm, of torch, and of torch in float64, each held to
+    ``assert_close``'s rule."""
+    (y, g, state), (ty, tg, tstate), (ry, rg, rstate) = ours, theirs, reference
+    assert_close(y, ty, ry, dtype, what)
+    for k, (a, b, r) in enumerate(zip(g, tg, rg)):
+        if r is None:  # an argument torch's result does not depend on
+            assert a is None or not a.any(), f"{what}: gradient {k}"
+        else:
+            assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
+    for a, b, r in zip(state, tstate, rstate):
+        assert_close(a, b, r, a.dtype, f"{what}: state")
+
+
 def _same_error(call_ours, call_torch):
     """Where torch raises, addnorm raises an instance of the same class; returns whether
     torch raised."""
@@ -101,17 +116,8 @@ def test_functional_samples_give_torchs_results(backend, name, dtype):
         what = f"{op.name} {op.variant_test_name} sample {i}: input {tuple(s.input.shape)}, {s.kwargs}"
         if _same_error(lambda: _run(ours, s.input, s.args, s.kwargs), lambda: _run(op.op, s.input, s.args, s.kwargs)):
             continue
-        y, g, after = _run(ours, s.input, s.args, s.kwargs)
-        ty, tg, tafter = _run(op.op, s.input, s.args, s.kwargs)
-        ry, rg, rafter = _run(op.op, s.input, s.args, s.kwargs, torch.float64)
-        assert_close(y, ty, ry, dtype, what)
-        for k, (a, b, r) in enumerate(zip(g, tg, rg)):
-            if r is None:
-                assert a is None or not a.any(), f"{what}: gradient {k}"
-            else:
-                assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
-        for a, b, r in zip(after, tafter, rafter):
-            assert_close(a, b, r, a.dtype, f"{what}: running statistics")
+        _assert_like_torch(what, dtype, _run(ours, s.input, s.args, s.kwargs), _run(op.op, s.input, s.args, s.kwargs),
+                           _run(op.op, s.input, s.args, s.kwargs, torch.float64))
 
 
 def test_functional_error_inputs_raise_torchs_classes():
@@ -152,12 +158,7 @@ def test_module_inputs_give_torchs_results(backend, name, dtype, training):
             leaves = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad] + list(module.parameters())
             g = torch.autograd.grad(y, leaves, cot.to(y.dtype), allow_unused=True) if y.requires_grad else ()
             runs.append((y, g, [b for b in module.buffers() if b.is_floating_point()]))
-        (y, g, bufs), (ty, tg, tbufs), (ry, rg, rbufs) = runs
-        assert_close(y, ty, ry, dtype, what)
-        for k, (a, b, r) in enumerate(zip(g, tg, rg)):
-            assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
-        for a, b, r in zip(bufs, tbufs, rbufs):
-            assert_close(a, b, r, a.dtype, f"{what}: buffer")
+        _assert_like_torch(what, dtype, *runs)
 
 
 def test_module_error_inputs_raise_torchs_classes():
