@@ -190,19 +190,19 @@ def test_small_channel_norms_equal_torch(norm):
 
 
 _X = torch.randn(2, 4, 3, 3)
-# The channel norms' calls on torch's kernel, each (ours, torch.nn.functional's twin);
-# running statistics come fresh, as (mean, var)
+# The channel norms' calls on torch's kernel, each given the functional module (ours or
+# torch.nn.functional), the input and the running statistics (mean, var)
 _CHANNEL_CALLS = {
-    "batch_norm train": (lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), True, 0.3)),
-    "batch_norm eval": (lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), False)),
-    "batch_norm train, no stats or affine": (lambda m, x, s: m.batch_norm(x, None, None, training=True)),
+    "batch_norm train": lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), True, 0.3),
+    "batch_norm eval": lambda m, x, s: m.batch_norm(x, *s, torch.randn(4), torch.randn(4), False),
+    "batch_norm train, no stats or affine": lambda m, x, s: m.batch_norm(x, None, None, training=True),
     "batch_norm float32 parameters, bfloat16 input":
-        (lambda m, x, s: m.batch_norm(x.bfloat16(), *s, torch.randn(4), None, True)),
-    "batch_norm (N, C)": (lambda m, x, s: m.batch_norm(x[:, :, 0, 0], *s, None, torch.randn(4), True)),
-    "group_norm": (lambda m, x, s: m.group_norm(x, 2, torch.randn(4), torch.randn(4))),
-    "group_norm (N, C)": (lambda m, x, s: m.group_norm(x[:, :, 0, 0], 2)),
-    "instance_norm": (lambda m, x, s: m.instance_norm(x, weight=torch.randn(4), bias=torch.randn(4))),
-    "instance_norm running stats": (lambda m, x, s: m.instance_norm(x, *s, momentum=0.5)),
+        lambda m, x, s: m.batch_norm(x.bfloat16(), *s, torch.randn(4), None, True),
+    "batch_norm (N, C)": lambda m, x, s: m.batch_norm(x[:, :, 0, 0], *s, None, torch.randn(4), True),
+    "group_norm": lambda m, x, s: m.group_norm(x, 2, torch.randn(4), torch.randn(4)),
+    "group_norm (N, C)": lambda m, x, s: m.group_norm(x[:, :, 0, 0], 2),
+    "instance_norm": lambda m, x, s: m.instance_norm(x, weight=torch.randn(4), bias=torch.randn(4)),
+    "instance_norm running stats": lambda m, x, s: m.instance_norm(x, *s, momentum=0.5),
 }
 
 
@@ -215,9 +215,9 @@ def test_channel_norm_twins_run_no_python_checks(monkeypatch, call):
     def refused(*args, **kwargs):
         raise AssertionError("a check ran before torch's kernel")
 
-    for name in ("_check_input", "_check_channels", "_check_per_channel", "_check_param", "_check_eps"):
+    for name in ("_check_input", "_check_channels", "_check_per_channel", "_check_param", "_check_float"):
         monkeypatch.setattr(AF, name, refused)
-    theirs_stats, ours_stats = (torch.rand(4), torch.rand(4) + 0.5), None
+    theirs_stats = (torch.rand(4), torch.rand(4) + 0.5)
     ours_stats = tuple(t.clone() for t in theirs_stats)
     torch.manual_seed(0)
     ours = _CHANNEL_CALLS[call](AF, _X, ours_stats)

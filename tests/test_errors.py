@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -131,6 +132,20 @@ def test_eps_is_a_number():
             call("1e-5")
         with raises(TypeError, "eps", "float", "(1,)"):
             call(torch.tensor([1e-5]))
+
+
+@pytest.mark.parametrize("momentum", [np.float32(0.3), torch.tensor(0.3), 1], ids=["numpy float32", "0-dim tensor", "int"])
+def test_momentum_is_any_float_torch_takes(backend, momentum):
+    """momentum as eps: what torch's kernels take for a float (the rule's twin takes it at
+    small sizes, so ours must at every size); None is an error naming it, as in torch."""
+    import torch.nn.functional as F
+
+    ours, theirs = (torch.zeros(6), torch.ones(6)), (torch.zeros(6), torch.ones(6))
+    y = AF.batch_norm(X, *ours, training=True, momentum=momentum)
+    torch.testing.assert_close(y, F.batch_norm(X, *theirs, training=True, momentum=momentum))
+    torch.testing.assert_close(ours, theirs)
+    with raises(TypeError, "momentum", "NoneType"):
+        AF.batch_norm(X, *ours, training=True, momentum=None)
 
 
 @pytest.mark.parametrize("training, eps", [(False, -1e-5), (True, -1e-5), (True, 0.0)])

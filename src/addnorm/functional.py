@@ -43,7 +43,7 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
 _ROW_DTYPES = frozenset(_FLOATING)  # (a set: one hash where a tuple compares four)
 _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_check_param``'s fast path takes
-_NUMBERS = (numbers.Real, torch.SymInt, torch.SymFloat)  # what torch takes for a float argument
+_NUMBERS = (float, numbers.Real, torch.SymInt, torch.SymFloat)  # a float argument as torch takes it (float first: the common one, no ABC check)
 
 
 # ---------------------------------------------------------------------------
@@ -72,20 +72,14 @@ def _check_input(t: object, name: str = "input") -> None:
         )
 
 
-def _check_eps(eps: float) -> None:
-    """eps as torch's norms take it: any number.  A negative or NaN eps is torch's
-    result too, rstd = 1 / sqrt(var + eps), NaN where var + eps < 0 (torch.nn's own
-    tests pass eps=-0.5), and so is a 0-dim tensor's value."""
-    if not (isinstance(eps, _NUMBERS) or (isinstance(eps, Tensor) and eps.ndim == 0)):
-        got = f"a tensor of shape {tuple(eps.shape)}" if isinstance(eps, Tensor) else type(eps).__name__
-        raise ArgumentTypeError(f"eps must be a float or a 0-dim tensor, got {got}")
-
-
-def _check_momentum(momentum: float) -> None:
-    """A running-statistics momentum: a number, as torch's kernels take it (the modules'
-    ``momentum=None``, a cumulative average, is each module's own business)."""
-    if not isinstance(momentum, (int, float)):
-        raise ArgumentTypeError(f"momentum must be a float, got {type(momentum).__name__}")
+def _check_float(value: float, name: str) -> None:
+    """A float argument (eps, momentum) as torch's kernels take one: any number, or a
+    0-dim tensor's value.  eps may be negative or NaN there too: rstd = 1 / sqrt(var +
+    eps) is NaN where var + eps < 0 (torch.nn's own tests pass eps=-0.5).  The modules'
+    ``momentum=None``, a cumulative average, is each module's own business."""
+    if not (isinstance(value, _NUMBERS) or (isinstance(value, Tensor) and value.ndim == 0)):
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ArgumentTypeError(f"{name} must be a float or a 0-dim tensor, got {got}")
 
 
 def _check_param(
@@ -387,7 +381,7 @@ def _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms) -> 
     _check_param(bias, "bias", shape, x, " (normalized_shape)")
     if rms:
         eps = rms_eps(eps, x.dtype)
-    _check_eps(eps)
+    _check_float(eps, "eps")
     return math.prod(shape), eps
 
 
@@ -537,10 +531,10 @@ def batch_norm(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(input.shape)}"
         )
-    _check_eps(eps)
+    _check_float(eps, "eps")
     if eps <= 0 if training else eps < 0:  # torch.nn.functional's bound (NaN passes, as there)
         raise ArgumentError(f"eps must be {'> 0 in training' if training else '>= 0'}, got {eps}")
-    _check_momentum(momentum)
+    _check_float(momentum, "momentum")
     if _inlined(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
@@ -588,8 +582,8 @@ def instance_norm(
             f"Expected more than 1 spatial element when training, got input size "
             f"{tuple(input.shape)}"
         )
-    _check_eps(eps)
-    _check_momentum(momentum)
+    _check_float(eps, "eps")
+    _check_float(momentum, "momentum")
     if _inlined(input):
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
@@ -631,7 +625,7 @@ def group_norm(
             f"Expected more than 1 value per group, got input size {tuple(input.shape)} "
             f"with num_groups={num_groups}"
         )
-    _check_eps(eps)
+    _check_float(eps, "eps")
     if _inlined(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     y, _, _ = _forward(
@@ -679,7 +673,7 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     if input.ndim == 0:
         raise ArgumentError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
     _check_one_element(weight, "weight", input)
-    _check_eps(eps)
+    _check_float(eps, "eps")
     if not eps >= 0:  # ScaleNorm's own (torch has none): max(||x||, eps) clamps at eps
         raise ArgumentError(f"eps must be >= 0, got {eps}")
     y, _ = _forward(
