@@ -542,6 +542,25 @@ def test_rows_streamed_one_by_one_equal_the_same_rows_in_chunks(name, dtype, mon
     assert torch.equal(streamed[-64:], chunked)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 3), (3, 1000), (40, 257), (300, 700), (70, 1024)])
+def test_partial_sums_are_added_in_order_in_float64(dtype, shape):
+    """``cpu._sum_chunks`` (the parameters' gradients from per-block partial sums) gives
+    each column's chunks added in order in float64, rounded once: on the calling thread
+    below ``cpu._SUM_SERIAL_BELOW`` values, in column tiles across threads above (300x700
+    and 70x1024 here), with a last tile that is not full."""
+    from addnorm.kernels import cpu
+
+    part = (np.random.default_rng(0).standard_normal(shape) * 1e3).astype(dtype)
+    expected = np.zeros(shape[1], np.float64)
+    for row in part:
+        expected += row
+    out = np.full(shape[1], np.nan, dtype)
+    cpu._threads(1 << 30)  # as many threads as torch's
+    cpu._sum_chunks(part, out)
+    np.testing.assert_array_equal(out, expected.astype(dtype))
+
+
 def test_statistics_of_rows_whose_first_block_lies_far_off_the_rest():
     """The moments centre on the mean of a row's first block (``cpu._moments``); where
     that lies more than a standard deviation off the row's mean they centre again on the
