@@ -332,7 +332,11 @@ def _moments(x, c):
     an eighth of a short row saved ~10% of LayerNorm's time where rows stream from
     memory, but centring on a mean0 that far off rounds the values near the mean
     coarser: float32 LayerNorm 20000x64 went from 2.4 to 4.6 ulps off float64 on average,
-    torch's 2.6.)"""
+    torch's 2.6.  One pass summing x in float64 lanes and x^2 in float32 blocks, its
+    var = mean(x^2) - mean^2 where mean^2 <= var, gave a mean exact enough that float32
+    outputs more than 2 ulps off float64 fell from ~0.65x torch's count to ~0.01x, and
+    rows of 64-128 values streamed 1.1-1.37x faster; but the conversions to float64 cost
+    rows of 1024 values 15-20% of their speed in cache: not taken.)"""
     rows, length = x.shape[0], x.shape[2]
     count = np.float64(max(1, rows * length))
     first = min(length, _BLOCK) if rows else 0
