@@ -108,20 +108,27 @@ def test_large_mean_keeps_precision(backend, dtype, d, rows):
         assert max_err(a, r) <= 8 * eps * max(1.0, float(r.abs().max())) * (1 if name == "dx" else 16), name
 
 
-@pytest.mark.parametrize("d", [32, 64, 128])
-def test_layer_norm_values_near_the_mean_keep_their_bits(backend, d):
+@pytest.mark.parametrize("mean", [0.5, 1.8])
+@pytest.mark.parametrize("d", [32, 64, 128, 512, 513])
+def test_layer_norm_values_near_the_mean_keep_their_bits(backend, d, mean):
     """Float32 outputs off the float64 result by more than 2 ulps of their own size: at
-    most 3/4 as many as torch's own (ours: ~0.65 as many).  The outputs near 0 (values
-    near the row's mean) are where centring on a rough mean costs bits: centring on the
-    mean of a row's first 16 values left 0.74-0.87 as many as torch's."""
-    x = torch.randn(4000, d, generator=torch.Generator().manual_seed(d)) * 2 + 0.5
+    most 3/4 as many as torch's own (the reference's two passes: ~0.6 as many).  The
+    outputs near 0 (values near the row's mean) are where a rough mean costs bits:
+    centring on the mean of a row's first 16 values left 0.74-0.87 as many as torch's.
+    The numba kernel sums rows of up to ``_BLOCK`` values in float64 lanes
+    (``cpu._moments``), a mean exact to float32's last bit: ~0.001 as many as torch's at
+    mean 0.5, 0.03-0.08 at 1.8 (std 2: near the bound of that one pass, mean^2 <= var,
+    whose cancellation costs var a bit); its two passes, at all lengths before, left
+    0.16-0.65 as many."""
+    x = torch.randn(4000, d, generator=torch.Generator().manual_seed(d)) * 2 + mean
     ref = torch.nn.functional.layer_norm(x.double(), (d,))
     ulp = (ref.abs() * 2.0**-23).clamp_min(2.0**-126)
 
     def off(y):
         return float(((y.double() - ref).abs() > 2 * ulp).double().mean())
 
-    assert off(AF.layer_norm(x, (d,))) <= 0.75 * off(torch.nn.functional.layer_norm(x, (d,)))
+    ours, torchs = off(AF.layer_norm(x, (d,))), off(torch.nn.functional.layer_norm(x, (d,)))
+    assert ours <= (0.1 if backend == "numba" and d <= 512 else 0.75) * torchs
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -321,26 +321,59 @@ def _run_sums(row, m, squares):
 
 
 @njit(inline="always")
+def _short_sums(run):
+    """(sum(run), sum(run^2)) of a run of at most ``_BLOCK`` values, in float64: the
+    values added in float64 lanes (the mean's bits), their squares in the accumulation
+    type's."""
+    s1, s2 = 0.0, acc(run, 0.0)
+    for j in range(run.shape[0]):
+        v = ld(run, j)
+        s1 += np.float64(v)
+        s2 += v * v
+    return s1, np.float64(s2)
+
+
+@njit(inline="always")
 def _moments(x, c):
-    """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous), by the
-    corrected two-pass algorithm: returns (mean0, shift, var), mean = mean0 + shift,
-    where shift (the mean of x - mean0) recovers mean0's rounding; centre values as
-    (x - mean0) - shift.  mean0 is the mean of the first ``_BLOCK`` values only (all of
-    them in a row that short), so that the first pass reads one block and not all of
-    them; where it lies more than a standard deviation off the mean (shift^2 > var, which
-    would cost var bits), the second pass runs again around the mean.  (A first pass over
-    an eighth of a short row saved ~10% of LayerNorm's time where rows stream from
-    memory, but centring on a mean0 that far off rounds the values near the mean
-    coarser: float32 LayerNorm 20000x64 went from 2.4 to 4.6 ulps off float64 on average,
-    torch's 2.6.  One pass summing x in float64 lanes and x^2 in float32 blocks, its
-    var = mean(x^2) - mean^2 where mean^2 <= var, gave a mean exact enough that float32
-    outputs more than 2 ulps off float64 fell from ~0.65x torch's count to ~0.01x, and
-    rows of 64-128 values streamed 1.1-1.37x faster; but the conversions to float64 cost
-    rows of 1024 values 15-20% of their speed in cache: not taken.)"""
+    """Mean and biased variance of x[:, c, :] (x 3D, rows x[i, c] contiguous): returns
+    (mean0, shift, var), mean = mean0 + shift, where shift recovers mean0's rounding to
+    the accumulation type; centre values as (x - mean0) - shift.
+
+    Up to ``_BLOCK`` values in all (a row norm's row, an InstanceNorm's channel, a
+    GroupNorm's group of that size): one pass sums x in float64 lanes and x^2 in float32
+    ones; where the mean lies within a standard deviation of 0 (mean^2 <= var: most
+    activations), var = mean(x^2) - mean^2 loses at most a bit to cancellation and that
+    pass is all.  More values, and those whose mean lies further out: the corrected
+    two-pass algorithm around mean0, the mean of the first ``_BLOCK`` values (or of the
+    one pass) -- the second pass sums x - mean0 and its squares, and runs again around
+    the mean where mean0 lies more than a standard deviation off (shift^2 > var, which
+    would cost var bits).  The one pass against the two (2 cores, numba's kernel):
+    LayerNorm rows of 64 values 1.25x-1.35x faster, of 128 1.1x-1.2x, of 256 ~1.03x,
+    InstanceNorm 32x256x14x14 1.17x-1.29x; the mean's error 0.001-0.009 ulp(1) against
+    0.05-0.06, and float32 outputs more than 2 ulps off float64 at mean 0-0.5 ~8x fewer
+    (~0.001 as many as torch's kernel leaves, where the two passes left 0.6).  Over more
+    values the conversions to float64 cost 6-20% in cache (all of a bfloat16 BatchNorm
+    8x512x64x64's channel: 20%), so those keep the two passes, whose first reads one
+    block.  (A first pass over an eighth of a short row saved ~10% of LayerNorm's time
+    where rows stream from memory, but centring on a mean0 that far off rounds the
+    values near the mean coarser: float32 LayerNorm 20000x64 went from 2.4 to 4.6 ulps
+    off float64 on average, torch's 2.6.)"""
     rows, length = x.shape[0], x.shape[2]
     count = np.float64(max(1, rows * length))
-    first = min(length, _BLOCK) if rows else 0
-    mean0 = acc(x, _run_sums(x[0, c, :first], acc(x, 0.0), False)[0] / first) if first else acc(x, 0.0)
+    if rows * length <= _BLOCK:
+        s1, s2 = 0.0, 0.0
+        for i in range(rows):
+            a, b = _short_sums(x[i, c])
+            s1 += a
+            s2 += b
+        mean = s1 / count
+        var = s2 / count - mean * mean
+        mean0 = acc(x, mean)
+        if mean * mean <= var:  # (False for NaN and Inf: the passes below carry them)
+            return mean0, acc(x, mean - np.float64(mean0)), acc(x, var)
+    else:  # (rows >= 1 here)
+        first = min(length, _BLOCK)
+        mean0 = acc(x, _run_sums(x[0, c, :first], acc(x, 0.0), False)[0] / first)
     shift, var = _centred_moments(x, c, mean0, count)
     if shift * shift > var:
         mean0 = acc(x, mean0 + shift)
