@@ -6,6 +6,11 @@ Each case reduces over many values (a long LayerNorm row, a large GroupNorm grou
 BatchNorm channel's gradient sums), where a single float32 accumulator loses digits as the
 count grows.  Prints the largest absolute error of each output against the float64
 result, for addnorm's default CPU backend and for torch.
+
+Then the outputs near 0 (values near their row's mean), where the mean's last bits
+decide the output's: the share of float32 LayerNorm outputs more than 2 ulps of their
+own size off the float64 result, for numba's kernel (``addnorm.backend("numba")``: by
+default inputs this small run torch's kernel) and for torch's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import addnorm
 import addnorm.functional as AF
 
 
@@ -52,12 +58,33 @@ def cases():
     yield "BatchNorm3d channels-last (8, 16, 4, 5, 5): dbias (800 terms)", x, (), bn
 
 
+def _off_by_more_than_2_ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ulp = (ref.abs() * 2.0**-23).clamp_min(2.0**-126)
+    return float(((y.double() - ref).abs() > 2 * ulp).double().mean())
+
+
+def near_mean() -> None:
+    print(f"\n{'float32 LayerNorm, 20000 rows of N(mean, 2): outputs > 2 ulps off':66} {'numba':>10} {'torch':>10}")
+    g = torch.Generator().manual_seed(0)
+    for d in (64, 256, 1024):
+        for mean in (0.0, 0.5, 3.0):
+            x = torch.randn(20000, d, generator=g) * 2 + mean
+            ref = F.layer_norm(x.double(), (d,))
+            with addnorm.backend("numba"):
+                ours = AF.layer_norm(x, (d,))
+            theirs = F.layer_norm(x, (d,))
+            name = f"rows of {d}, mean {mean}"
+            print(f"{name:66} {_off_by_more_than_2_ulps(ours, ref):10.2%} "
+                  f"{_off_by_more_than_2_ulps(theirs, ref):10.2%}", flush=True)
+
+
 def main() -> None:
     print(f"{'case':66} {'addnorm':>10} {'torch':>10}")
     for name, _x, _p, run in cases():
         ours, ref = run(True)
         theirs, _ = run(False)
         print(f"{name:66} {_err(ours, ref):10.2e} {_err(theirs, ref):10.2e}", flush=True)
+    near_mean()
 
 
 if __name__ == "__main__":
