@@ -160,6 +160,41 @@ def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypat
 
 
 @pytest.mark.native_rule
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatch, dtype):
+    """InstanceNorm runs ours from 2^17 elements (2^20 for contiguous float16/bfloat16);
+    BatchNorm in training on a contiguous float32/float64 input from 2^19; every other
+    BatchNorm runs torch's kernel at every size (``_NATIVE_BELOW``)."""
+    gn, bn = _ours("group_norm", monkeypatch), _ours("batch_norm", monkeypatch)
+    half = dtype in (torch.float16, torch.bfloat16)
+
+    def ran(fn, shape, layout=torch.contiguous_format):
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+        before = len(gn) + len(bn)
+        fn(x)
+        return len(gn) + len(bn) > before
+
+    def inorm(x):
+        return AF.instance_norm(x)
+
+    def train(x):
+        return AF.batch_norm(x, torch.zeros(x.shape[1]).to(dtype), torch.ones(x.shape[1]).to(dtype), training=True)
+
+    def eval_(x):
+        return AF.batch_norm(x, torch.zeros(x.shape[1]).to(dtype), torch.ones(x.shape[1]).to(dtype))
+
+    cl = torch.channels_last
+    assert not ran(inorm, (2, 64, 31, 32))  # 126,976 elements: below 2^17
+    assert ran(inorm, (2, 64, 32, 32)) is not half  # 2^17
+    assert ran(inorm, (2, 64, 32, 32), cl)
+    assert ran(inorm, (8, 64, 64, 32))  # 2^20
+    assert not ran(train, (8, 64, 31, 32))
+    assert ran(train, (8, 64, 32, 32)) is not half  # 2^19
+    assert not ran(train, (8, 64, 32, 32), cl)
+    assert not ran(eval_, (8, 64, 32, 32))
+
+
+@pytest.mark.native_rule
 def test_the_rule_keeps_our_errors():
     x = torch.randn(4, 8)
     with pytest.raises(AF.ArgumentError, match="weight must have shape"):

@@ -256,10 +256,25 @@ def _inlined(x: Tensor) -> bool:
 # (our autograd.Function against torch's C++ nodes) while our backward is 1.3-1.6x
 # faster; the rule's checks on top of torch's kernel made that path 0.9x.  DyT and
 # ScaleNorm have no twin.
+#
+# The channel norms' bounds depend on where torch's CPU kernel is slow (2 cores, the
+# CNN and UNet shapes and 12.8M-element ones, each pass, against our kernel forced):
+# InstanceNorm (torch's runs its BatchNorm kernel on an (1, N*C, *) view) is 2-10x faster
+# on ours from 128K elements in float32/float64 and channels-last float16/bfloat16, and
+# from 1M elements in contiguous float16/bfloat16 (1.1x-1.6x); BatchNorm in training on
+# a contiguous float32/float64 input is 1.4x-5.8x faster on ours from 512K elements (torch's
+# kernel: 6.3 ms at 32x64x56x56 float32, where its bfloat16 one takes 1.2); every other
+# BatchNorm (eval; channels-last; float16/bfloat16) runs torch's faster at every size
+# measured (ours 0.4x-0.95x; 12.8M elements included).  The keys are picked in
+# batch_norm and instance_norm.
+_EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
-    "batch_norm": 1 << 23,
+    "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
+    "instance_norm_half": 1 << 20,  # contiguous float16/bfloat16
+    "batch_norm_train": 1 << 19,  # training, contiguous float32/float64
+    "batch_norm": _EVERY_SIZE,  # every other BatchNorm
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 # Off the CPU the twin runs at every size where the device's default backend has no
@@ -267,8 +282,8 @@ _NATIVE_BELOW = {
 # ops: BatchNorm beside the triton backend (the twin is cuDNN's on CUDA), and every norm
 # where the default is the reference (a GPU without Triton, any other device).
 _TWIN_OFF_CPU = {
-    "triton": ("batch_norm",),
-    "torch": ("layer_norm", "group_norm", "batch_norm"),
+    "triton": ("batch_norm", "batch_norm_train"),
+    "torch": ("layer_norm", "group_norm", "instance_norm", "instance_norm_half", "batch_norm", "batch_norm_train"),
 }
 
 
@@ -503,7 +518,11 @@ def batch_norm(
 ) -> Tensor:
     """BatchNorm: per channel, batch statistics over (N, *spatial) in training (updating
     the running statistics in place with ``momentum``), the running ones otherwise."""
-    if _native("batch_norm", input, (weight, bias, running_mean, running_var)):
+    # ``_NATIVE_BELOW``'s key by mode, dtype and layout, inline (a helper's call costs
+    # ~0.1 µs, on every call); anything but a tensor gets the plain key, which ``_native``
+    # turns down
+    wide = training and type(input) is Tensor and input.dtype not in _REDUCED and input.is_contiguous()
+    if _native("batch_norm_train" if wide else "batch_norm", input, (weight, bias, running_mean, running_var)):
         try:
             # torch's kernel validates the rest in C++ (and changes nothing when it
             # refuses), but takes what torch.nn.functional's own checks refuse (eps <= 0
@@ -562,7 +581,9 @@ def instance_norm(
     Running statistics, when given, take the mean over the batch of each sample's."""
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    if _native("group_norm", input, (weight, bias, running_mean, running_var)):
+    # ``_NATIVE_BELOW``'s key by dtype and layout, inline (as batch_norm's)
+    half = type(input) is Tensor and input.dtype in _REDUCED and input.is_contiguous()
+    if _native("instance_norm_half" if half else "instance_norm", input, (weight, bias, running_mean, running_var)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
             # value per (sample, channel); the rest torch validates in C++.  And eps 0,
