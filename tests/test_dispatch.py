@@ -163,8 +163,9 @@ def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatch, dtype):
     """InstanceNorm runs ours from 2^17 elements (2^20 for contiguous float16/bfloat16);
-    BatchNorm in training on a contiguous float32/float64 input from 2^19; every other
-    BatchNorm runs torch's kernel at every size (``_NATIVE_BELOW``)."""
+    BatchNorm in training on a contiguous float32/float64 input from 2^19; both only with
+    48 values or more per (sample, channel); every other BatchNorm and InstanceNorm runs
+    torch's kernel at every size (``_NATIVE_BELOW``)."""
     gn, bn = _ours("group_norm", monkeypatch), _ours("batch_norm", monkeypatch)
     half = dtype in (torch.float16, torch.bfloat16)
 
@@ -192,6 +193,11 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
     assert ran(train, (8, 64, 32, 32)) is not half  # 2^19
     assert not ran(train, (8, 64, 32, 32), cl)
     assert not ran(eval_, (8, 64, 32, 32))
+    assert ran(train, (128, 64, 64)) is not half  # BatchNorm1d's (N, C, L), 64 values per run
+    assert not ran(train, (8192, 64))  # BatchNorm1d's (N, C): one value per (sample, channel)
+    assert not ran(train, (4096, 64, 2))
+    assert not ran(inorm, (4096, 8, 47))  # 47 values per (sample, channel)
+    assert ran(inorm, (4096, 8, 48))
 
 
 @pytest.mark.native_rule

@@ -258,33 +258,55 @@ def _inlined(x: Tensor) -> bool:
 # ScaleNorm have no twin.
 #
 # The channel norms' bounds depend on where torch's CPU kernel is slow (2 cores, the
-# CNN and UNet shapes and 12.8M-element ones, each pass, against our kernel forced):
-# InstanceNorm (torch's runs its BatchNorm kernel on an (1, N*C, *) view) is 2-10x faster
-# on ours from 128K elements in float32/float64 and channels-last float16/bfloat16, and
-# from 1M elements in contiguous float16/bfloat16 (1.1x-1.6x); BatchNorm in training on
-# a contiguous float32/float64 input is 1.4x-5.8x faster on ours from 512K elements (torch's
-# kernel: 6.3 ms at 32x64x56x56 float32, where its bfloat16 one takes 1.2); every other
-# BatchNorm (eval; channels-last; float16/bfloat16) runs torch's faster at every size
-# measured (ours 0.4x-0.95x; 12.8M elements included).  The keys are picked in
-# batch_norm and instance_norm.
+# CNN and UNet shapes and 12.8M-element ones, each pass, against our kernel forced;
+# ``_channel_rule`` picks the key): InstanceNorm (torch's runs its BatchNorm kernel on an
+# (1, N*C, *) view) is 2-10x faster on ours from 128K elements in float32/float64 and
+# channels-last float16/bfloat16, and from 1M elements in contiguous float16/bfloat16
+# (1.1x-1.6x); BatchNorm in training on a contiguous float32/float64 input is 1.4x-5.8x
+# faster on ours from 512K elements (torch's kernel: 6.3 ms at 32x64x56x56 float32, where
+# its bfloat16 one takes 1.2).  Both only where each (sample, channel) has 48 values or
+# more (a ResNet's last 7x7 and up): over fewer ours falls behind (BatchNorm1d's (N, C),
+# one value each, 0.05x-0.12x; 8 values each, 0.8x fwd+bwd).  Every other BatchNorm
+# (eval; channels-last; float16/bfloat16) and InstanceNorm runs torch's kernel at every
+# size measured (ours 0.4x-0.95x; 12.8M elements included).
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
     "instance_norm_half": 1 << 20,  # contiguous float16/bfloat16
+    "instance_norm_short": _EVERY_SIZE,  # fewer than 48 values per (sample, channel)
     "batch_norm_train": 1 << 19,  # training, contiguous float32/float64
     "batch_norm": _EVERY_SIZE,  # every other BatchNorm
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
+_SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and InstanceNorm keep torch's kernel
 # Off the CPU the twin runs at every size where the device's default backend has no
 # kernel of its own for the norm, so that ours would be the reference's chain of torch
 # ops: BatchNorm beside the triton backend (the twin is cuDNN's on CUDA), and every norm
 # where the default is the reference (a GPU without Triton, any other device).
 _TWIN_OFF_CPU = {
     "triton": ("batch_norm", "batch_norm_train"),
-    "torch": ("layer_norm", "group_norm", "instance_norm", "instance_norm_half", "batch_norm", "batch_norm_train"),
+    "torch": ("layer_norm", "group_norm", "instance_norm", "instance_norm_half", "instance_norm_short",
+              "batch_norm", "batch_norm_train"),
 }
+
+
+def _channel_rule(input: Tensor, instance: bool) -> str:
+    """``_NATIVE_BELOW``'s key for an InstanceNorm (``instance``) or a training BatchNorm
+    call, by dtype, layout and values per (sample, channel) (the comment above it); an
+    eval BatchNorm's is "batch_norm".  Anything but a tensor of 3 or more dims gets a key
+    of every size: ``_native`` turns down what is no tensor, and torch's kernel takes or
+    refuses the rest."""
+    if type(input) is not Tensor or input.ndim < 3:
+        return "instance_norm_short" if instance else "batch_norm"
+    s = input.shape
+    if input.numel() < _SHORT_RUNS * s[0] * s[1]:
+        return "instance_norm_short" if instance else "batch_norm"
+    half, contiguous = input.dtype in _REDUCED, input.is_contiguous()
+    if instance:
+        return "instance_norm_half" if half and contiguous else "instance_norm"
+    return "batch_norm_train" if contiguous and not half else "batch_norm"
 
 
 def _native(op: str, input: Tensor, params: tuple) -> bool:
@@ -518,11 +540,8 @@ def batch_norm(
 ) -> Tensor:
     """BatchNorm: per channel, batch statistics over (N, *spatial) in training (updating
     the running statistics in place with ``momentum``), the running ones otherwise."""
-    # ``_NATIVE_BELOW``'s key by mode, dtype and layout, inline (a helper's call costs
-    # ~0.1 µs, on every call); anything but a tensor gets the plain key, which ``_native``
-    # turns down
-    wide = training and type(input) is Tensor and input.dtype not in _REDUCED and input.is_contiguous()
-    if _native("batch_norm_train" if wide else "batch_norm", input, (weight, bias, running_mean, running_var)):
+    rule = _channel_rule(input, False) if training else "batch_norm"  # (eval: no call to pay)
+    if _native(rule, input, (weight, bias, running_mean, running_var)):
         try:
             # torch's kernel validates the rest in C++ (and changes nothing when it
             # refuses), but takes what torch.nn.functional's own checks refuse (eps <= 0
@@ -581,9 +600,7 @@ def instance_norm(
     Running statistics, when given, take the mean over the batch of each sample's."""
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    # ``_NATIVE_BELOW``'s key by dtype and layout, inline (as batch_norm's)
-    half = type(input) is Tensor and input.dtype in _REDUCED and input.is_contiguous()
-    if _native("instance_norm_half" if half else "instance_norm", input, (weight, bias, running_mean, running_var)):
+    if _native(_channel_rule(input, True), input, (weight, bias, running_mean, running_var)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
             # value per (sample, channel); the rest torch validates in C++.  And eps 0,
