@@ -201,6 +201,31 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
 
 
 @pytest.mark.native_rule
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_group_norm_runs_ours_where_torchs_backward_is_slow(monkeypatch, dtype):
+    """GroupNorm on a float16/bfloat16 channels-last input whose graph autograd records
+    runs ours from 2^13 elements (torch's backward there takes 2-17x ours); without a
+    graph, contiguous, or in float32 it runs torch's kernel below 8M (``_NATIVE_BELOW``)."""
+    calls = _ours("group_norm", monkeypatch)
+    half = dtype is not torch.float32
+
+    def ran(shape, layout=torch.channels_last, grad=True, param_grad=False):
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout).requires_grad_(grad)
+        w = torch.randn(shape[1]).to(dtype).requires_grad_(param_grad)
+        before = len(calls)
+        AF.group_norm(x, 8, w)
+        return len(calls) > before
+
+    assert ran((2, 32, 16, 16)) is half  # 2^14 elements
+    assert ran((1, 32, 16, 16), grad=False, param_grad=True) is half  # the weight's gradient alone
+    assert not ran((2, 32, 8, 8))  # 2^12
+    assert not ran((2, 32, 16, 16), grad=False)
+    assert not ran((2, 32, 16, 16), torch.contiguous_format)
+    with torch.no_grad():
+        assert not ran((2, 32, 16, 16))
+
+
+@pytest.mark.native_rule
 def test_the_rule_keeps_our_errors():
     x = torch.randn(4, 8)
     with pytest.raises(AF.ArgumentError, match="weight must have shape"):

@@ -91,7 +91,14 @@ def _assert_like_torch(what, dtype, ours, theirs, reference):
         if r is None:  # an argument torch's result does not depend on
             assert a is None or not a.any(), f"{what}: gradient {k}"
         else:
-            assert_close(a, b, r, dtype, f"{what}: gradient {k}", scale=_grad_scale(ry))
+            # a parameter's gradient sums the output's elements it scales (an
+            # InstanceNorm1d weight's, 60 here): the rounding of a float32 sum grows as
+            # the square root of its terms, and the order of the sum (ours or torch's)
+            # decides which inputs land near the bound (2 ulps left one weight gradient
+            # of 60 terms at 2.9 ulps against torch's 0.3, under one random state)
+            terms = max(1, ry.numel() // max(1, a.numel()))
+            assert_close(a, b, r, dtype, f"{what}: gradient {k}", floor_ulps=2.0 * terms**0.5,
+                         scale=_grad_scale(ry))
     for a, b, r in zip(state, tstate, rstate):
         assert_close(a, b, r, a.dtype, f"{what}: state")
 

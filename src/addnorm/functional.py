@@ -268,11 +268,15 @@ def _inlined(x: Tensor) -> bool:
 # more (a ResNet's last 7x7 and up): over fewer ours falls behind (BatchNorm1d's (N, C),
 # one value each, 0.05x-0.12x; 8 values each, 0.8x fwd+bwd).  Every other BatchNorm
 # (eval; channels-last; float16/bfloat16) and InstanceNorm runs torch's kernel at every
-# size measured (ours 0.4x-0.95x; 12.8M elements included).
+# size measured (ours 0.4x-0.95x; 12.8M elements included).  GroupNorm on a float16/
+# bfloat16 channels-last input whose graph autograd records runs ours from 8K elements:
+# torch's backward there takes 2-17x ours (62.6 ms at 32x64x56x56 bfloat16, ours 3.5),
+# while without a graph the two forwards trade places (ours 0.6x-10.9x).
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
+    "group_norm_recorded": 1 << 13,  # float16/bfloat16 channels-last, autograd recording
     "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
     "instance_norm_half": 1 << 20,  # contiguous float16/bfloat16
     "instance_norm_short": _EVERY_SIZE,  # fewer than 48 values per (sample, channel)
@@ -287,8 +291,8 @@ _SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and Insta
 # where the default is the reference (a GPU without Triton, any other device).
 _TWIN_OFF_CPU = {
     "triton": ("batch_norm", "batch_norm_train"),
-    "torch": ("layer_norm", "group_norm", "instance_norm", "instance_norm_half", "instance_norm_short",
-              "batch_norm", "batch_norm_train"),
+    "torch": ("layer_norm", "group_norm", "group_norm_recorded", "instance_norm", "instance_norm_half",
+              "instance_norm_short", "batch_norm", "batch_norm_train"),
 }
 
 
@@ -307,6 +311,19 @@ def _channel_rule(input: Tensor, instance: bool) -> str:
     if instance:
         return "instance_norm_half" if half and contiguous else "instance_norm"
     return "batch_norm_train" if contiguous and not half else "batch_norm"
+
+
+def _group_norm_rule(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> str:
+    """``_NATIVE_BELOW``'s key for a GroupNorm call on a float16/bfloat16 input: whether
+    it is channels-last and autograd records its graph (the comment above it)."""
+    recorded = torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if recorded and not input.is_contiguous() and ops.memory_format(input) is not torch.contiguous_format:
+        return "group_norm_recorded"
+    return "group_norm"
 
 
 def _native(op: str, input: Tensor, params: tuple) -> bool:
@@ -642,7 +659,8 @@ def group_norm(
 ) -> Tensor:
     """GroupNorm: statistics per (sample, group of C / num_groups channels), then a
     per-channel affine map."""
-    if _native("group_norm", input, (weight, bias)):
+    half = type(input) is Tensor and input.dtype in _REDUCED  # (a float32 call pays only this)
+    if _native(_group_norm_rule(input, weight, bias) if half else "group_norm", input, (weight, bias)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
             # value per group in the batch; the rest torch validates in C++
