@@ -291,8 +291,7 @@ _SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and Insta
 # where the default is the reference (a GPU without Triton, any other device).
 _TWIN_OFF_CPU = {
     "triton": ("batch_norm", "batch_norm_train"),
-    "torch": ("layer_norm", "group_norm", "group_norm_recorded", "instance_norm", "instance_norm_half",
-              "instance_norm_short", "batch_norm", "batch_norm_train"),
+    "torch": tuple(op for op in _NATIVE_BELOW if op != "compiled"),
 }
 
 
@@ -321,7 +320,7 @@ def _group_norm_rule(input: Tensor, weight: Tensor | None, bias: Tensor | None) 
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if recorded and not input.is_contiguous() and ops.memory_format(input) is not torch.contiguous_format:
+    if recorded and ops.memory_format(input) is not torch.contiguous_format:
         return "group_norm_recorded"
     return "group_norm"
 
