@@ -202,27 +202,100 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
 
 @pytest.mark.native_rule
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_group_norm_runs_ours_where_torchs_backward_is_slow(monkeypatch, dtype):
-    """GroupNorm on a float16/bfloat16 channels-last input whose graph autograd records
-    runs ours from 2^13 elements (torch's backward there takes 2-17x ours); without a
-    graph, contiguous, or in float32 it runs torch's kernel below 8M (``_NATIVE_BELOW``)."""
-    calls = _ours("group_norm", monkeypatch)
+def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypatch, dtype):
+    """Channels-last GroupNorm (``_group_norm_rule``), G = 32: where torch's kernel's vector
+    loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8), from 2^13 (sample,
+    group, position)s (float32 recording a graph: 2^15), both passes run ours below 1024
+    spatial positions; at 1024 and more torch's forward runs, with our backward where
+    autograd records the graph.  Everything else runs torch's kernel."""
+    ours = _ours("group_norm", monkeypatch)
+    hybrid = _ours("group_norm_aten_forward", monkeypatch)
     half = dtype is not torch.float32
 
-    def ran(shape, layout=torch.channels_last, grad=True, param_grad=False):
+    def ran(shape, grad=True, param_grad=False, layout=torch.channels_last):
         x = torch.randn(shape).to(dtype).contiguous(memory_format=layout).requires_grad_(grad)
         w = torch.randn(shape[1]).to(dtype).requires_grad_(param_grad)
-        before = len(calls)
-        AF.group_norm(x, 8, w)
-        return len(calls) > before
+        before = len(ours), len(hybrid)
+        y = AF.group_norm(x, 32, w)
+        if y.requires_grad:
+            y.sum().backward()
+        return {(1, 0): "ours", (0, 1): "torch forward, our backward", (0, 0): "torch"}[
+            len(ours) - before[0], len(hybrid) - before[1]
+        ]
 
-    assert ran((2, 32, 16, 16)) is half  # 2^14 elements
-    assert ran((1, 32, 16, 16), grad=False, param_grad=True) is half  # the weight's gradient alone
-    assert not ran((2, 32, 8, 8))  # 2^12
-    assert not ran((2, 32, 16, 16), grad=False)
-    assert not ran((2, 32, 16, 16), torch.contiguous_format)
+    assert ran((2, 64, 16, 16), grad=False) == "ours"  # D = 2, 2^14 positions
+    assert ran((2, 64, 16, 16)) == ("ours" if half else "torch")  # float32's backward: 2^15
+    assert ran((4, 64, 16, 16)) == "ours"
+    assert ran((4, 64, 16, 16), grad=False, param_grad=True) == "ours"  # the weight's gradient alone
+    assert ran((4, 64, 32, 32)) == "torch forward, our backward"  # 1024 positions
+    assert ran((4, 64, 32, 32), grad=False) == "torch"
+    assert ran((2, 64, 8, 8)) == "torch"  # 2^12 positions
+    assert ran((4, 64, 16, 16), layout=torch.contiguous_format) == "torch"
+    assert ran((2, 64, 4, 8, 8), layout=torch.channels_last_3d) == ("ours" if half else "torch")
+    assert ran((2, 320, 16, 16)) == ("ours" if half else "torch")  # D = 10
+    assert ran((2, 512, 16, 16)) == "torch"  # D = 16: torch's vector loops cover it
+    assert ran((2, 1280, 16, 16)) == ("ours" if half else "torch")  # D = 40
+    assert ran((1, 1280, 16, 16)) == "torch"  # one sample: one thread in ours
     with torch.no_grad():
-        assert not ran((2, 32, 16, 16))
+        assert ran((4, 64, 32, 32)) == "torch"
+    with addnorm.backend("numba"):  # a forced backend runs ours everywhere
+        assert ran((4, 64, 32, 32)) == "ours"
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])  # a bias alone runs ours
+@pytest.mark.parametrize("shape", [(3, 64, 32, 32), (2, 64, 2, 25, 25)])
+def test_group_norm_on_torchs_forward_and_our_backward_is_right(dtype, affine, shape):
+    """Where torch's forward runs with our backward: y is torch's, bit for bit (float16:
+    its kernel, given float32 parameters, rounds a few values the other way: within an
+    ulp, and as close to float64); the gradients are as close to float64 as torch's own."""
+    x64 = torch.randn(shape, dtype=torch.float64) * 3 + 1.5
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    w64 = torch.randn(shape[1], dtype=torch.float64) if affine in ("both", "weight") else None
+    b64 = torch.randn(shape[1], dtype=torch.float64) if affine in ("both", "bias") else None
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() if t is not None else None for t in (x64, w64, b64)]
+        leaves[0] = leaves[0].detach().contiguous(memory_format=fmt).requires_grad_()
+        y = fn(*leaves[:1], 32, *leaves[1:])
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(dt))
+        return y, grads
+
+    assert AF._group_norm_rule(x64.to(dtype).contiguous(memory_format=fmt).requires_grad_(), 32, None, None) == (
+        "group_norm_torch_forward"
+    )
+    y, grads = run(AF.group_norm, dtype)
+    ty, tgrads = run(F.group_norm, dtype)
+    ry, rgrads = run(F.group_norm, torch.float64)
+    if dtype is torch.float16:
+        ulp = torch.finfo(dtype).eps * ry.abs().max().item()
+        assert (y.double() - ty.double()).abs().max().item() <= ulp
+        assert (y.double() - ry).abs().max() <= (ty.double() - ry).abs().max()
+    else:
+        assert torch.equal(y, ty)
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    for g, t, r in zip(grads, tgrads, rgrads):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        ulp = torch.finfo(g.dtype).eps * r.abs().max().item()
+        ours, theirs = (g.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert ours <= 1.5 * theirs + 4 * ulp, (ours, theirs)
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_gives_a_bias_gradient_without_a_weight(layout):
+    """torch's CPU GroupNorm backward fails for the bias's gradient when there is no
+    weight (torch 2.13); addnorm's runs its own kernel there and gives it."""
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=layout).requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    dy = torch.randn(2, 8, 4, 4)
+    with pytest.raises(RuntimeError):  # (if torch fixes it, this test says so)
+        torch.autograd.grad(F.group_norm(x, 4, None, b), (x, b), dy)
+    dx, db = torch.autograd.grad(AF.group_norm(x, 4, None, b), (x, b), dy)
+    rdx, rdb = torch.autograd.grad(F.group_norm(x, 4, torch.ones(8), b), (x, b), dy)
+    torch.testing.assert_close((dx, db), (rdx, rdb))
 
 
 @pytest.mark.native_rule

@@ -41,6 +41,7 @@ __all__ = [
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
+_GN_RULED = (torch.float32, *_REDUCED)  # the dtypes ``_group_norm_rule`` decides for
 _ROW_DTYPES = frozenset(_FLOATING)  # (a set: one hash where a tuple compares four)
 _TENSORS = (Tensor, torch.nn.Parameter)  # the types ``_check_param``'s fast path takes
 _NUMBERS = (float, numbers.Real, torch.SymInt, torch.SymFloat)  # a float argument as torch takes it (float first: the common one, no ABC check)
@@ -268,15 +269,29 @@ def _inlined(x: Tensor) -> bool:
 # more (a ResNet's last 7x7 and up): over fewer ours falls behind (BatchNorm1d's (N, C),
 # one value each, 0.05x-0.12x; 8 values each, 0.8x fwd+bwd).  Every other BatchNorm
 # (eval; channels-last; float16/bfloat16) and InstanceNorm runs torch's kernel at every
-# size measured (ours 0.4x-0.95x; 12.8M elements included).  GroupNorm on a float16/
-# bfloat16 channels-last input whose graph autograd records runs ours from 8K elements:
-# torch's backward there takes 2-17x ours (62.6 ms at 32x64x56x56 bfloat16, ours 3.5),
-# while without a graph the two forwards trade places (ours 0.6x-10.9x).
+# size measured (ours 0.4x-0.95x; 12.8M elements included).
+#
+# GroupNorm on a channels-last input (``_group_norm_rule``): torch's CPU kernel loops over
+# the D = C / G channels of a group in one spatial position with vector loads, and where
+# they do not cover D (float16/bfloat16: D not a multiple of 16; float32: D < 8), it pays
+# ~15 ns per (sample, group, position), against our ~0.2-0.4 ns per value.  Its forward
+# does so below 1024 spatial positions (above, it splits the work by position and is
+# 1.4x-3x faster than ours); its backward at every spatial size.  Measured against each
+# other per pass (bfloat16, G = 32): forward 2x1280x16x16 (D = 40) ours 1.8x, 32x64x14x14
+# (D = 2) 23x; backward 2x320x64x64 (D = 10) 6.2x, 32x64x64x64 26x; at D = 16 torch's is
+# 1.1x-5x faster.  So where D is one of those, from 2^13 positions (float32: 2^15 for the
+# backward, which it runs faster below), ours runs both passes below 1024 spatial
+# positions ("group_norm_ours"); above, torch's forward with our backward where autograd
+# records the graph ("group_norm_torch_forward"), and torch's kernel where it does not.
+# One sample runs on one thread in ours (it splits work by sample): there torch's
+# backward keeps up from D = 32 (1x1280x64x64 0.78x), so those keep torch's kernel.
+# Everything else below 8M elements (contiguous inputs, float64) runs torch's kernel.
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
-    "group_norm_recorded": 1 << 13,  # float16/bfloat16 channels-last, autograd recording
+    "group_norm_ours": 0,  # channels-last, where torch's kernel is slow: ``_group_norm_rule``
+    "group_norm_torch_forward": 0,  # the same, with torch's forward where only its backward is
     "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
     "instance_norm_half": 1 << 20,  # contiguous float16/bfloat16
     "instance_norm_short": _EVERY_SIZE,  # fewer than 48 values per (sample, channel)
@@ -285,6 +300,7 @@ _NATIVE_BELOW = {
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
 _SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and InstanceNorm keep torch's kernel
+_TORCH_GN_SPLIT = 1024  # spatial size from which torch's channels-last GroupNorm forward is the fast one
 # Off the CPU the twin runs at every size where the device's default backend has no
 # kernel of its own for the norm, so that ours would be the reference's chain of torch
 # ops: BatchNorm beside the triton backend (the twin is cuDNN's on CUDA), and every norm
@@ -312,16 +328,34 @@ def _channel_rule(input: Tensor, instance: bool) -> str:
     return "batch_norm_train" if contiguous and not half else "batch_norm"
 
 
-def _group_norm_rule(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> str:
-    """``_NATIVE_BELOW``'s key for a GroupNorm call on a float16/bfloat16 input: whether
-    it is channels-last and autograd records its graph (the comment above it)."""
+def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> str:
+    """``_NATIVE_BELOW``'s key for a channels-last float32/float16/bfloat16 GroupNorm
+    call: where torch's CPU kernel is slow, by the values per group in one spatial
+    position (D = C / num_groups), the spatial size, the positions (sample, group,
+    spatial) and whether autograd records the graph (the comment above ``_EVERY_SIZE``).
+    What torch's kernel would refuse gets "group_norm": the twin (or our checks) says why."""
+    s = input.shape
+    if len(s) < 3 or type(num_groups) is not int or num_groups <= 0 or s[1] % num_groups:
+        return "group_norm"
+    n, d = s[0], s[1] // num_groups
+    numel = input.numel()
+    if numel >= _NATIVE_BELOW["group_norm"] or numel == 0:
+        return "group_norm"
+    half = input.dtype in _REDUCED
+    # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
+    if not (d % 16 and (n > 1 or d < 32) if half else d < 8):
+        return "group_norm"
+    spatial = numel // s[1] // n
+    positions = n * num_groups * spatial
     recorded = torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if recorded and ops.memory_format(input) is not torch.contiguous_format:
-        return "group_norm_recorded"
+    if recorded and positions >= (1 << 13 if half else 1 << 15):
+        return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
+    if not recorded and positions >= 1 << 13 and spatial < _TORCH_GN_SPLIT:
+        return "group_norm_ours"
     return "group_norm"
 
 
@@ -658,8 +692,16 @@ def group_norm(
 ) -> Tensor:
     """GroupNorm: statistics per (sample, group of C / num_groups channels), then a
     per-channel affine map."""
-    half = type(input) is Tensor and input.dtype in _REDUCED  # (a float32 call pays only this)
-    if _native(_group_norm_rule(input, weight, bias) if half else "group_norm", input, (weight, bias)):
+    # channels-last float32/float16/bfloat16 asks the rule (a contiguous call pays only this)
+    rule = type(input) is Tensor and input.dtype in _GN_RULED and not input.is_contiguous()
+    key = _group_norm_rule(input, num_groups, weight, bias) if rule else "group_norm"
+    if weight is None and bias is not None and (bias.requires_grad or key == "group_norm_torch_forward"):
+        # torch's CPU backward fails for a bias's gradient without a weight (torch 2.13:
+        # "tensor does not have a device"), ours gives it; and torch's forward rounds a
+        # half input with a bias alone unlike the float32-parameter call that
+        # ``ops.group_norm_aten_forward`` makes of it: ours runs both
+        key = "group_norm_ours"
+    if _native(key, input, (weight, bias)):
         try:
             # torch.nn.functional's own check, which torch's kernel lacks: more than one
             # value per group in the batch; the rest torch validates in C++
@@ -683,8 +725,11 @@ def group_norm(
     _check_float(eps, "eps")
     if _inlined(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
+    # torch's forward kernel with our backward where the rule says so, unless a backend is
+    # forced (our kernels everywhere) or anything traces (the op: our kernels)
+    hybrid = key == "group_norm_torch_forward" and _Choice.forced is None and input.is_cpu
     y, _, _ = _forward(
-        ops.group_norm, reference.group_norm_forward,
+        ops.group_norm_aten_forward if hybrid else ops.group_norm, reference.group_norm_forward,
         _channel_layout(input), weight, bias, num_groups, float(eps),
     )
     return y

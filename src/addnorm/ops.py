@@ -158,8 +158,12 @@ class _Entry:
     with every output, 15.5 with the statistics kept as intermediates and only the
     tensors unwrapped."""
 
+    registered: set = set()
+
     def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None):
-        op.register_autograd(backward, setup_context=setup)
+        if op not in _Entry.registered:  # an op can serve two entries (other eager kernels)
+            op.register_autograd(backward, setup_context=setup)
+            _Entry.registered.add(op)
         self.op, self.eager = op, eager or fn
         self.lean = lean or self.eager
         schema = op._opoverload._schema
@@ -430,6 +434,32 @@ def _group_norm_backward(ctx, dy, _dmean, _dvar):
 
 
 group_norm = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward)
+
+
+def _group_norm_fwd_aten(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_group_norm_fwd``'s outputs from torch's CPU kernel (``native_group_norm``): where
+    ``functional``'s rule finds torch's forward the faster and its backward the slower.
+    The parameters go in in the accumulation type (of a half input: ones for an absent
+    weight), so that torch's statistics come out in it, not rounded to a half type; y is the same (in
+    float16 a few values a rounding apart: torch's half-parameter path rounds them the
+    other way, no closer to float64).  var
+    from torch's rstd: our backward reads only var + eps, which this gives to an ulp
+    (its rstd, 1 / sqrt(var + eps), is torch's to an ulp; a var near 0 may come out a
+    rounding below it)."""
+    n, c = x.shape[:2]
+    acc = acc_dtype(x.dtype)
+    w = weight.to(acc) if weight is not None else None if acc is x.dtype else x.new_ones(c, dtype=acc)
+    b = None if bias is None else bias.to(acc)
+    y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x.numel() // (n * c), num_groups, eps)
+    return y, mean, rstd.pow(-2).sub_(eps)
+
+
+# torch's forward kernel, our backward: the same op where anything traces
+group_norm_aten_forward = _Entry(
+    group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward, eager=_group_norm_fwd_aten
+)
 
 
 def _batch_norm_fwd(
