@@ -423,8 +423,10 @@ def _group_norm_setup(ctx, inputs, output):
 
 
 def _group_norm_backward(ctx, dy, _dmean, _dvar):
-    x, weight, bias, mean, var = ctx.saved_tensors
-    num_groups, eps, backend = ctx.args
+    return _group_norm_grads(dy, *ctx.saved_tensors, *ctx.args)
+
+
+def _group_norm_grads(dy, x, weight, bias, mean, var, num_groups, eps, backend):
     if _differentiable_backward(dy):
         _, mean, var = reference.group_norm_forward(x, None, None, num_groups, eps)
         dx, dw, db = reference.group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias)
@@ -439,26 +441,33 @@ group_norm = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_n
 def _group_norm_fwd_aten(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``_group_norm_fwd``'s outputs from torch's CPU kernel (``native_group_norm``): where
+    """-> (y, mean, rstd) from torch's CPU kernel (``native_group_norm``), where
     ``functional``'s rule finds torch's forward the faster and its backward the slower.
     The parameters go in in the accumulation type (of a half input: ones for an absent
-    weight), so that torch's statistics come out in it, not rounded to a half type; y is the same (in
-    float16 a few values a rounding apart: torch's half-parameter path rounds them the
-    other way, no closer to float64).  var
-    from torch's rstd: our backward reads only var + eps, which this gives to an ulp
-    (its rstd, 1 / sqrt(var + eps), is torch's to an ulp; a var near 0 may come out a
-    rounding below it)."""
+    weight), so that torch's statistics come out in it, not rounded to a half type.  y is
+    torch's (in float16 a few values a rounding apart from its half-parameter call, no
+    further from float64)."""
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     w = weight.to(acc) if weight is not None else None if acc is x.dtype else x.new_ones(c, dtype=acc)
     b = None if bias is None else bias.to(acc)
-    y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x.numel() // (n * c), num_groups, eps)
-    return y, mean, rstd.pow(-2).sub_(eps)
+    return torch.native_group_norm(x, w, b, n, c, x.numel() // (n * c), num_groups, eps)
 
 
-# torch's forward kernel, our backward: the same op where anything traces
+def _group_norm_aten_backward(ctx, dy, _dmean, _drstd):
+    """Our backward from torch's rstd: var = rstd^-2 - eps here, not in the forward (on 2
+    cores each small op after torch's parallel kernel costs ~15-35 µs); our kernel reads
+    only var + eps, which this gives to an ulp (its rstd is torch's to an ulp)."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    num_groups, eps, backend = ctx.args
+    return _group_norm_grads(dy, x, weight, bias, mean, rstd.pow(-2).sub_(eps), num_groups, eps, backend)
+
+
+# torch's forward kernel, our backward (the same op where anything traces); its
+# statistics (torch's rstd, not var) stay inside: callers get y alone
 group_norm_aten_forward = _Entry(
-    group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward, eager=_group_norm_fwd_aten
+    group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_aten_backward,
+    eager=_group_norm_fwd_aten, lean=lambda *args: (_group_norm_fwd_aten(*args)[0], None, None), visible=1,
 )
 
 
