@@ -38,10 +38,13 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def kernels_at_every_size(request, monkeypatch):
     """The suite tests addnorm's kernels, so the rule that hands small inputs to torch's
-    own kernel (``functional._NATIVE_BELOW``, and ``_TWIN_OFF_CPU`` off the CPU) is off,
+    own kernel (``functional._NATIVE_BELOW``, ``_group_norm_rule``, and ``_TWIN_OFF_CPU``
+    off the CPU) is off,
     except in tests marked ``native_rule``, which test the rule itself."""
     if request.node.get_closest_marker("native_rule") is None:
         from addnorm import functional
 
         monkeypatch.setattr(functional, "_NATIVE_BELOW", dict.fromkeys(functional._NATIVE_BELOW, 0))
+        # and GroupNorm's rule, which can pick torch's forward kernel at any size
+        monkeypatch.setattr(functional, "_group_norm_rule", lambda *args: "group_norm")
         monkeypatch.setattr(functional, "_TWIN_OFF_CPU", {})

@@ -207,7 +207,8 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8), from 2^13 (sample,
     group, position)s (float32 recording a graph: 2^15), both passes run ours below 1024
     spatial positions; at 1024 and more torch's forward runs, with our backward where
-    autograd records the graph.  Everything else runs torch's kernel."""
+    autograd records the graph.  From 8M elements ours runs, but for one sample (one
+    thread in ours).  Everything else runs torch's kernel."""
     ours = _ours("group_norm", monkeypatch)
     hybrid = _ours("group_norm_aten_forward", monkeypatch)
     half = dtype is not torch.float32
@@ -240,6 +241,12 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
         assert ran((4, 64, 32, 32)) == "torch"
     with addnorm.backend("numba"):  # a forced backend runs ours everywhere
         assert ran((4, 64, 32, 32)) == "ours"
+    # from 8M elements (here 2^14) ours runs, but one sample keeps torch's forward
+    monkeypatch.setitem(AF._NATIVE_BELOW, "group_norm", 1 << 14)
+    assert ran((2, 512, 4, 4)) == "ours"
+    assert ran((1, 64, 16, 16)) == ("torch forward, our backward" if half else "torch")
+    assert ran((1, 64, 16, 16), grad=False) == "torch"
+    assert ran((1, 512, 8, 4)) == "torch"  # D = 16
 
 
 @pytest.mark.native_rule

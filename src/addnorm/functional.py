@@ -284,14 +284,17 @@ def _inlined(x: Tensor) -> bool:
 # positions ("group_norm_ours"); above, torch's forward with our backward where autograd
 # records the graph ("group_norm_torch_forward"), and torch's kernel where it does not.
 # One sample runs on one thread in ours (it splits work by sample): there torch's
-# backward keeps up from D = 32 (1x1280x64x64 0.78x), so those keep torch's kernel.
-# Everything else below 8M elements (contiguous inputs, float64) runs torch's kernel.
+# backward keeps up from D = 32 (1x1280x64x64 0.78x), so those keep torch's kernel, and
+# from 8M elements (a VAE decoder's 1x128x512x512) one sample keeps torch's forward, and
+# its backward too but where it is slow as above ("group_norm_torch").  Everything else
+# below 8M elements (contiguous inputs, float64) runs torch's kernel.
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
     "group_norm": 1 << 23,
     "group_norm_ours": 0,  # channels-last, where torch's kernel is slow: ``_group_norm_rule``
     "group_norm_torch_forward": 0,  # the same, with torch's forward where only its backward is
+    "group_norm_torch": _EVERY_SIZE,  # channels-last, one sample, 8M elements and more
     "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
     "instance_norm_half": 1 << 20,  # contiguous float16/bfloat16
     "instance_norm_short": _EVERY_SIZE,  # fewer than 48 values per (sample, channel)
@@ -339,19 +342,25 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
         return "group_norm"
     n, d = s[0], s[1] // num_groups
     numel = input.numel()
-    if numel >= _NATIVE_BELOW["group_norm"] or numel == 0:
+    if numel == 0:
         return "group_norm"
     half = input.dtype in _REDUCED
-    # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
-    if not (d % 16 and (n > 1 or d < 32) if half else d < 8):
-        return "group_norm"
-    spatial = numel // s[1] // n
-    positions = n * num_groups * spatial
     recorded = torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
+    if numel >= _NATIVE_BELOW["group_norm"]:
+        if n > 1:
+            return "group_norm"
+        # one sample runs on one thread in ours: torch's forward (ours 0.37x-1.0x at
+        # 1x128x256x256 .. 1x512x256x256), our backward where torch's is slow
+        return "group_norm_torch_forward" if recorded and half and d % 16 else "group_norm_torch"
+    # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
+    if not (d % 16 and (n > 1 or d < 32) if half else d < 8):
+        return "group_norm"
+    spatial = numel // s[1] // n
+    positions = n * num_groups * spatial
     if recorded and positions >= (1 << 13 if half else 1 << 15):
         return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
     if not recorded and positions >= 1 << 13 and spatial < _TORCH_GN_SPLIT:
