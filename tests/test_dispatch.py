@@ -232,6 +232,9 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     assert ran((4, 64, 32, 32), grad=False) == "torch"
     assert ran((2, 64, 8, 8)) == "torch"  # 2^12 positions
     assert ran((4, 64, 16, 16), layout=torch.contiguous_format) == "torch"
+    before = len(ours), len(hybrid)  # strided, neither contiguous nor channels-last: as contiguous
+    AF.group_norm(torch.randn(4, 64, 16, 16).to(dtype).transpose(2, 3).requires_grad_(), 32).sum().backward()
+    assert (len(ours), len(hybrid)) == before
     assert ran((2, 64, 4, 8, 8), layout=torch.channels_last_3d) == ("ours" if half else "torch")
     assert ran((2, 320, 16, 16)) == ("ours" if half else "torch")  # D = 10
     assert ran((2, 512, 16, 16)) == "torch"  # D = 16: torch's vector loops cover it

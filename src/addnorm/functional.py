@@ -340,6 +340,8 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     s = input.shape
     if len(s) < 3 or type(num_groups) is not int or num_groups <= 0 or s[1] % num_groups:
         return "group_norm"
+    if ops.memory_format(input) is torch.contiguous_format:  # other strides: both copy to it
+        return "group_norm"
     n, d = s[0], s[1] // num_groups
     numel = input.numel()
     if numel == 0:
