@@ -338,36 +338,36 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     spatial) and whether autograd records the graph (the comment above ``_EVERY_SIZE``).
     What torch's kernel would refuse gets "group_norm": the twin (or our checks) says why."""
     s = input.shape
-    if len(s) < 3 or type(num_groups) is not int or num_groups <= 0 or s[1] % num_groups:
+    if len(s) < 3 or type(num_groups) is not int or num_groups <= 0 or s[1] % num_groups or not s[1]:
+        return "group_norm"
+    n, d = s[0], s[1] // num_groups
+    half = input.dtype in _REDUCED
+    numel = input.numel()
+    positions = numel // d  # (sample, group, spatial position)s
+    # the cheap exits first: a small call pays only these (~0.4 µs)
+    if numel < _NATIVE_BELOW["group_norm"]:
+        # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
+        if positions < 1 << 13 or not (d % 16 and (n > 1 or d < 32) if half else d < 8):
+            return "group_norm"
+    elif n > 1:
         return "group_norm"
     if ops.memory_format(input) is torch.contiguous_format:  # other strides: both copy to it
         return "group_norm"
-    n, d = s[0], s[1] // num_groups
-    numel = input.numel()
-    if numel == 0:
-        return "group_norm"
-    half = input.dtype in _REDUCED
     recorded = torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
     if numel >= _NATIVE_BELOW["group_norm"]:
-        if n > 1:
-            return "group_norm"
         # one sample runs on one thread in ours: torch's forward (ours 0.37x-1.0x at
         # 1x128x256x256 .. 1x512x256x256), our backward where torch's is slow
         return "group_norm_torch_forward" if recorded and half and d % 16 else "group_norm_torch"
-    # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
-    if not (d % 16 and (n > 1 or d < 32) if half else d < 8):
+    spatial = positions // num_groups // n
+    if recorded:
+        if half or positions >= 1 << 15:
+            return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
         return "group_norm"
-    spatial = numel // s[1] // n
-    positions = n * num_groups * spatial
-    if recorded and positions >= (1 << 13 if half else 1 << 15):
-        return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
-    if not recorded and positions >= 1 << 13 and spatial < _TORCH_GN_SPLIT:
-        return "group_norm_ours"
-    return "group_norm"
+    return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm"
 
 
 def _native(op: str, input: Tensor, params: tuple) -> bool:
