@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import addnorm
 import addnorm.functional as AF
 from addnorm.ops import memory_format
 from conftest import DTYPES
@@ -83,6 +84,23 @@ def test_group_norm(backend, case):
     _check(case, lambda x, w, b: AF.group_norm(x, G, w, b), lambda x, w, b: F.group_norm(x, G, w, b),
            lambda x, w, b: R.group_norm(x, G, w, b), x, w, b,
            stat_view=lambda x: x.reshape(x.shape[0], G, -1))
+
+
+@fixture_ok
+@given(case=channel_cases(), threads=st.integers(2, 5))
+def test_group_norm_split_over_threads(monkeypatch, case, threads):
+    """numba's channels-last GroupNorm with fewer samples than threads splits each
+    sample's rows into chunks, one per thread (``cpu._CL_SPLIT_FROM``, down to every size
+    here; chunks without rows where a sample has fewer rows than threads): the same
+    checks as ``test_group_norm``."""
+    from addnorm.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_CL_SPLIT_FROM", 0)
+    monkeypatch.setattr(cpu, "_threads", lambda work: threads)
+    assume(case["shape"][0] < threads and len(case["shape"]) in (4, 5))
+    case = dict(case, layout="channels_last")
+    with addnorm.backend("numba"):
+        test_group_norm.hypothesis.inner_test(None, case)
 
 
 @fixture_ok

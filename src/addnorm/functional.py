@@ -283,11 +283,10 @@ def _inlined(x: Tensor) -> bool:
 # backward, which it runs faster below), ours runs both passes below 1024 spatial
 # positions ("group_norm_ours"); above, torch's forward with our backward where autograd
 # records the graph ("group_norm_torch_forward"), and torch's kernel where it does not.
-# One sample runs on one thread in ours (it splits work by sample): there torch's
-# backward keeps up from D = 32 (1x1280x64x64 0.78x), so those keep torch's kernel, and
-# from 8M elements (a VAE decoder's 1x128x512x512) one sample keeps torch's forward, and
-# its backward too but where it is slow as above ("group_norm_torch").  Everything else
-# below 8M elements (contiguous inputs, float64) runs torch's kernel.
+# From 8M elements ours runs, but one sample (a VAE decoder's 1x128x512x512) keeps torch's
+# forward, where ours runs 0.6x-1.0x, and torch's backward but where it is slow as above
+# ("group_norm_torch").  Everything else below 8M elements (contiguous inputs, float64)
+# runs torch's kernel.
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 23,
@@ -346,8 +345,8 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     positions = numel // d  # (sample, group, spatial position)s
     # the cheap exits first: a small call pays only these (~0.4 µs)
     if numel < _NATIVE_BELOW["group_norm"]:
-        # where torch's vector loops do not cover D (one sample: ours runs it on one thread)
-        if positions < 1 << 13 or not (d % 16 and (n > 1 or d < 32) if half else d < 8):
+        # where torch's vector loops do not cover D
+        if positions < 1 << 13 or not (d % 16 if half else d < 8):
             return "group_norm"
     elif n > 1:
         return "group_norm"
@@ -359,8 +358,8 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
         or (bias is not None and bias.requires_grad)
     )
     if numel >= _NATIVE_BELOW["group_norm"]:
-        # one sample runs on one thread in ours: torch's forward (ours 0.37x-1.0x at
-        # 1x128x256x256 .. 1x512x256x256), our backward where torch's is slow
+        # one sample: torch's forward (ours 0.6x-1.0x at 1x128x256x256 .. 1x512x256x256),
+        # our backward where torch's is slow
         return "group_norm_torch_forward" if recorded and half and d % 16 else "group_norm_torch"
     spatial = positions // num_groups // n
     if recorded:

@@ -1150,39 +1150,123 @@ def _dx_row_cl(dyr, xr, dxr, centre, coef):
         st(dxr, c, (ld(dyr, c) * coef[0, c] - coef[1, c]) * coef[4, c] - xs * coef[3, c])
 
 
+@njit(inline="always")
+def _cl_group_centres(s, centre, groups, count):
+    """centre[c] = the mean of c's group, from per-channel sums s (float64)."""
+    cpg = centre.shape[0] // groups
+    for g in range(groups):
+        t = 0.0
+        for k in range(cpg):
+            t += s[g * cpg + k]
+        for k in range(cpg):
+            centre[g * cpg + k] = t / count
+
+
+@njit(inline="always")
+def _cl_group_affine(x, s1, s2, centre, w, b, mean_out, var_out, scale, bias, groups, count, eps_):
+    """One sample's group statistics from per-channel sums of x - centre (s1) and of its
+    square (s2), float64; per channel the affine map y = (x - centre) * scale + bias."""
+    cpg = centre.shape[0] // groups
+    for g in range(groups):
+        t1, t2 = 0.0, 0.0
+        for k in range(cpg):
+            t1 += s1[g * cpg + k]
+            t2 += s2[g * cpg + k]
+        sh = t1 / count
+        v = acc(x, max(t2 / count - sh * sh, 0.0))
+        mean_out[g], var_out[g] = centre[g * cpg] + sh, v
+        rstd = acc(x, 1.0) / np.sqrt(v + eps_)
+        for k in range(cpg):
+            scale[g * cpg + k], bias[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, acc(x, sh))
+
+
 @njit(**_JIT)
 def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
     """x, y: (N, L, C), one sample per parallel step: statistics per group of C/G
     channels from per-channel sums along L, folded into coef[n] = (centre, scale, bias)
     per channel, then the sample's output while its block is in cache."""
     n, length, channels = x.shape
-    cpg = channels // groups
-    count = np.float64(max(1, cpg * length))
+    count = np.float64(max(1, channels // groups * length))
     eps_ = acc(x, eps)
     for i in prange(n):
         s, _ = _column_sums(x[i], 0, length, np.zeros(channels, dtype=mean_out.dtype), False)
-        centre = coef[i, 0]
-        for g in range(groups):
-            t = 0.0
-            for k in range(cpg):
-                t += s[g * cpg + k]
-            for k in range(cpg):
-                centre[g * cpg + k] = t / count
-        s1, s2 = _column_sums(x[i], 0, length, centre)
-        for g in range(groups):
-            t1, t2 = 0.0, 0.0
-            for k in range(cpg):
-                t1 += s1[g * cpg + k]
-                t2 += s2[g * cpg + k]
-            sh = t1 / count
-            v = acc(x, max(t2 / count - sh * sh, 0.0))
-            mean_out[i, g], var_out[i, g] = centre[g * cpg] + sh, v
-            rstd = acc(x, 1.0) / np.sqrt(v + eps_)
-            for k in range(cpg):
-                coef[i, 1, g * cpg + k], coef[i, 2, g * cpg + k] = _channel_affine(
-                    w, b, g * cpg + k, rstd, acc(x, sh))
+        _cl_group_centres(s, coef[i, 0], groups, count)
+        s1, s2 = _column_sums(x[i], 0, length, coef[i, 0])
+        _cl_group_affine(x, s1, s2, coef[i, 0], w, b, mean_out[i], var_out[i], coef[i, 1], coef[i, 2],
+                         groups, count, eps_)
         for l in range(length):  # the sample's block is still in cache
             _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
+
+
+@njit(**_JIT)
+def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, eps):
+    """``_group_norm_cl_fwd`` for fewer samples than threads: each sample's rows in
+    part.shape[1] chunks, one parallel step each; part[n, k] holds chunk k's per-channel
+    float64 sums, added in chunk order."""
+    n, length, channels = x.shape
+    chunks = part.shape[1]
+    count = np.float64(max(1, channels // groups * length))
+    eps_ = acc(x, eps)
+    zero = np.zeros(channels, dtype=mean_out.dtype)
+    for t in prange(n * chunks):
+        i, k = t // chunks, t % chunks
+        part[i, k, 0], _ = _column_sums(x[i], k * length // chunks, (k + 1) * length // chunks, zero, False)
+    for i in range(n):
+        _cl_group_centres(_chunk_total(part[i], 0), coef[i, 0], groups, count)
+    for t in prange(n * chunks):
+        i, k = t // chunks, t % chunks
+        part[i, k, 1], part[i, k, 2] = _column_sums(x[i], k * length // chunks, (k + 1) * length // chunks, coef[i, 0])
+    for i in range(n):
+        _cl_group_affine(x, _chunk_total(part[i], 1), _chunk_total(part[i], 2), coef[i, 0], w, b,
+                         mean_out[i], var_out[i], coef[i, 1], coef[i, 2], groups, count, eps_)
+    for t in prange(n * chunks):
+        i, k = t // chunks, t % chunks
+        for l in range(k * length // chunks, (k + 1) * length // chunks):
+            _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
+
+
+@njit(inline="always")
+def _chunk_total(part, j):
+    """Per channel, the sum over chunks k of part[k, j] (float64), in chunk order."""
+    total = np.zeros(part.shape[2], dtype=np.float64)
+    for k in range(part.shape[0]):
+        for c in range(part.shape[2]):
+            total[c] += part[k, j, c]
+    return total
+
+
+@njit(inline="always")
+def _cl_group_grads(x, dys, dyx, xs, w, var, coef, dw_part, db_part, groups, count, eps_):
+    """One sample's backward coefficients (coef[1:], as ``_dx_row_cl`` reads them) and
+    per-channel weight and bias gradient sums, from per-channel float64 sums of dy,
+    dy * (x - centre) and x - centre."""
+    cpg = dys.shape[0] // groups
+    for g in range(groups):
+        a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
+        for k in range(cpg):
+            c = g * cpg + k
+            wc = _channel_param(w, c, acc(x, 1.0))
+            a_sum += wc * dyx[c]
+            b_sum += wc * dys[c]
+            s_sum += xs[c]
+        rstd = acc(x, 1.0) / np.sqrt(var[g] + eps_)
+        sh = s_sum / count
+        c3 = rstd * rstd * rstd * acc(x, (a_sum - sh * b_sum) / count)
+        for k in range(cpg):
+            c = g * cpg + k
+            dw_part[c], db_part[c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
+            coef[1, c] = _channel_param(w, c, acc(x, 1.0))
+            coef[2, c] = b_sum / count
+            coef[3, c] = sh
+            coef[4, c] = c3
+            coef[5, c] = rstd
+
+
+@njit(inline="always")
+def _cl_group_mean_centres(mean, centre, groups):
+    cpg = centre.shape[0] // groups
+    for c in range(centre.shape[0]):
+        centre[c] = mean[c // cpg]
 
 
 @njit(**_JIT)
@@ -1190,35 +1274,37 @@ def _group_norm_cl_bwd(dy, x, w, mean, var, groups, eps, dx, coef, dw_part, db_p
     """x, dy, dx: (N, L, C); per-sample float64 partial sums dw_part[n, c], db_part[n, c];
     coef[n] = (centre, then ``_dx_row_cl``'s w, mean(g), shift, c3, rstd) per channel."""
     n, length, channels = x.shape
-    cpg = channels // groups
-    count = np.float64(max(1, cpg * length))
+    count = np.float64(max(1, channels // groups * length))
     eps_ = acc(x, eps)
     for i in prange(n):
-        centre = coef[i, 0]
-        for c in range(channels):
-            centre[c] = mean[i, c // cpg]
-        dys, dyx, xs = _column_grad_sums(dy[i], x[i], 0, length, centre)
-        for g in range(groups):
-            a_sum, b_sum, s_sum = 0.0, 0.0, 0.0
-            for k in range(cpg):
-                c = g * cpg + k
-                wc = _channel_param(w, c, acc(x, 1.0))
-                a_sum += wc * dyx[c]
-                b_sum += wc * dys[c]
-                s_sum += xs[c]
-            rstd = acc(x, 1.0) / np.sqrt(var[i, g] + eps_)
-            sh = s_sum / count
-            c3 = rstd * rstd * rstd * acc(x, (a_sum - sh * b_sum) / count)
-            for k in range(cpg):
-                c = g * cpg + k
-                wc = _channel_param(w, c, acc(x, 1.0))
-                dw_part[i, c], db_part[i, c] = (dyx[c] - sh * dys[c]) * rstd, dys[c]
-                coef[i, 1, c] = wc
-                coef[i, 2, c] = b_sum / count
-                coef[i, 3, c] = sh
-                coef[i, 4, c] = c3
-                coef[i, 5, c] = rstd
+        _cl_group_mean_centres(mean[i], coef[i, 0], groups)
+        dys, dyx, xs = _column_grad_sums(dy[i], x[i], 0, length, coef[i, 0])
+        _cl_group_grads(x, dys, dyx, xs, w, var[i], coef[i], dw_part[i], db_part[i], groups, count, eps_)
         for l in range(length):  # the sample's blocks are still in cache
+            _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
+
+
+@njit(**_JIT)
+def _group_norm_cl_bwd_split(dy, x, w, mean, var, groups, eps, dx, coef, part, dw_part, db_part):
+    """``_group_norm_cl_bwd`` for fewer samples than threads: each sample's rows in
+    part.shape[1] chunks, one parallel step each; part[n, k] holds chunk k's sums of dy,
+    dy * (x - centre) and x - centre, added in chunk order."""
+    n, length, channels = x.shape
+    chunks = part.shape[1]
+    count = np.float64(max(1, channels // groups * length))
+    eps_ = acc(x, eps)
+    for i in range(n):
+        _cl_group_mean_centres(mean[i], coef[i, 0], groups)
+    for t in prange(n * chunks):
+        i, k = t // chunks, t % chunks
+        part[i, k, 0], part[i, k, 1], part[i, k, 2] = _column_grad_sums(
+            dy[i], x[i], k * length // chunks, (k + 1) * length // chunks, coef[i, 0])
+    for i in range(n):
+        _cl_group_grads(x, _chunk_total(part[i], 0), _chunk_total(part[i], 1), _chunk_total(part[i], 2),
+                        w, var[i], coef[i], dw_part[i], db_part[i], groups, count, eps_)
+    for t in prange(n * chunks):
+        i, k = t // chunks, t % chunks
+        for l in range(k * length // chunks, (k + 1) * length // chunks):
             _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
 
 
@@ -1481,6 +1567,10 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
 
 
 _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of float32, in L2
+# channels-last GroupNorm splits each sample's rows over the threads where there are fewer
+# samples than threads, from this many values a sample (2x faster at 1x1280x64x64; at 82K
+# values it breaks even, at 16K the two more parallel regions cost ~4 µs)
+_CL_SPLIT_FROM = 1 << 17
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -1515,7 +1605,7 @@ def _cl_chunks(rows: int, channels: int) -> int:
 
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
-    _threads(x.numel())
+    threads = _threads(x.numel())
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     w, b = _channel_param_array(weight, acc), _channel_param_array(bias, acc)
@@ -1524,8 +1614,13 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
         xl = _channels_last_view(x)
         y = _empty_like(xl)
         coef = torch.empty(n, 3, c, dtype=acc)
-        _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), num_groups,
-                           float(eps))
+        if n < threads and x.numel() >= _CL_SPLIT_FROM * n:  # each sample's rows in chunks, for every thread
+            part = torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
+            _group_norm_cl_fwd_split(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), _np(part),
+                                     num_groups, float(eps))
+        else:
+            _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), num_groups,
+                               float(eps))
         return _from_channels_last(y, x), mean, var
     x3 = _channels_first(x)
     y = _empty_like(x3)
@@ -1535,7 +1630,7 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
 
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
-    _threads(x.numel())
+    threads = _threads(x.numel())
     n, c = x.shape[:2]
     acc = acc_dtype(x.dtype)
     w = _channel_param_array(weight, acc)
@@ -1544,8 +1639,13 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         dx = _empty_like(xl)
         coef = torch.empty(n, 6, c, dtype=acc)
-        _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
-                           _np(dx), _np(coef), _np(dw_part), _np(db_part))
+        if n < threads and x.numel() >= _CL_SPLIT_FROM * n:  # each sample's rows in chunks, for every thread
+            part = torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
+            _group_norm_cl_bwd_split(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
+                                     _np(dx), _np(coef), _np(part), _np(dw_part), _np(db_part))
+        else:
+            _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
+                               _np(dx), _np(coef), _np(dw_part), _np(db_part))
         dx = _from_channels_last(dx, x)
     else:
         x3, dy3 = _channels_first(x), _channels_first(dy)
