@@ -1198,6 +1198,23 @@ def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
             _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
 
 
+@njit(inline="always")
+def _sample_chunk(t, chunks, length):
+    """The split kernels' parallel step t: (sample, chunk, its first row, past its last)."""
+    i, k = t // chunks, t % chunks
+    return i, k, k * length // chunks, (k + 1) * length // chunks
+
+
+@njit(inline="always")
+def _chunk_total(part, j):
+    """Per channel, the sum over chunks k of part[k, j] (float64), in chunk order."""
+    total = np.zeros(part.shape[2], dtype=np.float64)
+    for k in range(part.shape[0]):
+        for c in range(part.shape[2]):
+            total[c] += part[k, j, c]
+    return total
+
+
 @njit(**_JIT)
 def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, eps):
     """``_group_norm_cl_fwd`` for fewer samples than threads: each sample's rows in
@@ -1209,30 +1226,20 @@ def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, 
     eps_ = acc(x, eps)
     zero = np.zeros(channels, dtype=mean_out.dtype)
     for t in prange(n * chunks):
-        i, k = t // chunks, t % chunks
-        part[i, k, 0], _ = _column_sums(x[i], k * length // chunks, (k + 1) * length // chunks, zero, False)
+        i, k, lo, hi = _sample_chunk(t, chunks, length)
+        part[i, k, 0], _ = _column_sums(x[i], lo, hi, zero, False)
     for i in range(n):
         _cl_group_centres(_chunk_total(part[i], 0), coef[i, 0], groups, count)
     for t in prange(n * chunks):
-        i, k = t // chunks, t % chunks
-        part[i, k, 1], part[i, k, 2] = _column_sums(x[i], k * length // chunks, (k + 1) * length // chunks, coef[i, 0])
+        i, k, lo, hi = _sample_chunk(t, chunks, length)
+        part[i, k, 1], part[i, k, 2] = _column_sums(x[i], lo, hi, coef[i, 0])
     for i in range(n):
         _cl_group_affine(x, _chunk_total(part[i], 1), _chunk_total(part[i], 2), coef[i, 0], w, b,
                          mean_out[i], var_out[i], coef[i, 1], coef[i, 2], groups, count, eps_)
     for t in prange(n * chunks):
-        i, k = t // chunks, t % chunks
-        for l in range(k * length // chunks, (k + 1) * length // chunks):
+        i, _, lo, hi = _sample_chunk(t, chunks, length)
+        for l in range(lo, hi):
             _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
-
-
-@njit(inline="always")
-def _chunk_total(part, j):
-    """Per channel, the sum over chunks k of part[k, j] (float64), in chunk order."""
-    total = np.zeros(part.shape[2], dtype=np.float64)
-    for k in range(part.shape[0]):
-        for c in range(part.shape[2]):
-            total[c] += part[k, j, c]
-    return total
 
 
 @njit(inline="always")
@@ -1264,6 +1271,7 @@ def _cl_group_grads(x, dys, dyx, xs, w, var, coef, dw_part, db_part, groups, cou
 
 @njit(inline="always")
 def _cl_group_mean_centres(mean, centre, groups):
+    """centre[c] = the mean of c's group, from the group means (the backward's centre)."""
     cpg = centre.shape[0] // groups
     for c in range(centre.shape[0]):
         centre[c] = mean[c // cpg]
@@ -1296,15 +1304,14 @@ def _group_norm_cl_bwd_split(dy, x, w, mean, var, groups, eps, dx, coef, part, d
     for i in range(n):
         _cl_group_mean_centres(mean[i], coef[i, 0], groups)
     for t in prange(n * chunks):
-        i, k = t // chunks, t % chunks
-        part[i, k, 0], part[i, k, 1], part[i, k, 2] = _column_grad_sums(
-            dy[i], x[i], k * length // chunks, (k + 1) * length // chunks, coef[i, 0])
+        i, k, lo, hi = _sample_chunk(t, chunks, length)
+        part[i, k, 0], part[i, k, 1], part[i, k, 2] = _column_grad_sums(dy[i], x[i], lo, hi, coef[i, 0])
     for i in range(n):
         _cl_group_grads(x, _chunk_total(part[i], 0), _chunk_total(part[i], 1), _chunk_total(part[i], 2),
                         w, var[i], coef[i], dw_part[i], db_part[i], groups, count, eps_)
     for t in prange(n * chunks):
-        i, k = t // chunks, t % chunks
-        for l in range(k * length // chunks, (k + 1) * length // chunks):
+        i, _, lo, hi = _sample_chunk(t, chunks, length)
+        for l in range(lo, hi):
             _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
 
 
@@ -1568,8 +1575,9 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
 
 _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of float32, in L2
 # channels-last GroupNorm splits each sample's rows over the threads where there are fewer
-# samples than threads, from this many values a sample (2x faster at 1x1280x64x64; at 82K
-# values it breaks even, at 16K the two more parallel regions cost ~4 µs)
+# samples than threads (``_cl_sample_chunks``), from this many values a sample (2x faster
+# at 1x1280x64x64; at 82K values it breaks even, at 16K the two more parallel regions
+# cost ~4 µs)
 _CL_SPLIT_FROM = 1 << 17
 
 
@@ -1614,8 +1622,8 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
         xl = _channels_last_view(x)
         y = _empty_like(xl)
         coef = torch.empty(n, 3, c, dtype=acc)
-        if n < threads and x.numel() >= _CL_SPLIT_FROM * n:  # each sample's rows in chunks, for every thread
-            part = torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
+        part = _cl_sample_chunks(x, threads)
+        if part is not None:
             _group_norm_cl_fwd_split(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), _np(part),
                                      num_groups, float(eps))
         else:
@@ -1639,8 +1647,8 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
         xl, dyl = _channels_last_view(x), _channels_last_view(dy)
         dx = _empty_like(xl)
         coef = torch.empty(n, 6, c, dtype=acc)
-        if n < threads and x.numel() >= _CL_SPLIT_FROM * n:  # each sample's rows in chunks, for every thread
-            part = torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
+        part = _cl_sample_chunks(x, threads)
+        if part is not None:
             _group_norm_cl_bwd_split(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
                                      _np(dx), _np(coef), _np(part), _np(dw_part), _np(db_part))
         else:
@@ -1655,6 +1663,17 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
                         float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
         dx = _like_input(dx, x)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
+
+
+def _cl_sample_chunks(x: torch.Tensor, threads: int) -> torch.Tensor | None:
+    """For a channels-last GroupNorm with fewer samples than ``threads`` and samples of
+    ``_CL_SPLIT_FROM`` values or more, the split kernels' per-chunk sums buffer
+    (N, chunks, 3, C), each sample's rows in enough chunks for every thread; else None:
+    one sample a thread."""
+    n, c = x.shape[:2]
+    if n >= threads or x.numel() < _CL_SPLIT_FROM * n:
+        return None
+    return torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
 
 
 def _group_shape(x3: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
