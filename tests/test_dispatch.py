@@ -154,9 +154,45 @@ def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypat
     graph = make_fx(lambda t: AF.layer_norm(t, (64,)))(x)
     assert "addnorm.row_norm_fwd" in str(graph.code)
     monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm", x.numel())
+    monkeypatch.setitem(AF._NATIVE_BELOW, "layer_norm_float", x.numel())
     calls.clear()
     AF.layer_norm(x, (64,))
     assert calls
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_layer_norm_runs_ours_from_its_dtypes_bound(monkeypatch, dtype):
+    """LayerNorm runs ours from 2^20 elements in float16/bfloat16 and add+LayerNorm from
+    2^19; in float32/float64 both from 2^23 (``_NATIVE_BELOW``); the result is torch's
+    either side of the bound."""
+    calls = _ours("row_norm", monkeypatch)
+    half = dtype in (torch.float16, torch.bfloat16)
+
+    def ran(rows, d, add):
+        x = torch.randn(rows, d, dtype=dtype)
+        w, b = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
+        before = len(calls)
+        if add:
+            res = torch.randn(rows, d, dtype=dtype)
+            y, r = AF.add_layer_norm(x, res, (d,), w, b)
+            torch.testing.assert_close(r, x + res, rtol=0, atol=0)
+            torch.testing.assert_close(y, F.layer_norm(x + res, (d,), w, b))
+        else:
+            torch.testing.assert_close(AF.layer_norm(x, (d,), w, b), F.layer_norm(x, (d,), w, b))
+        return len(calls) > before
+
+    assert not ran(1023, 1024, add=False)  # below 2^20
+    assert ran(1024, 1024, add=False) is half
+    assert ran(64, 16384, add=False) is half
+    assert not ran(1023, 512, add=True)  # below 2^19
+    assert ran(1024, 512, add=True) is half
+    assert ran(1024, 1024, add=True) is half
+    assert ran(8191, 1024, add=False) is half  # below 2^23
+    assert ran(8192, 1024, add=False)
+    assert ran(8192, 1024, add=True)
+    with torch.no_grad():  # the same with autograd off
+        assert ran(1024, 1024, add=False) is half
 
 
 @pytest.mark.native_rule

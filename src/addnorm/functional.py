@@ -252,6 +252,13 @@ def _inlined(x: Tensor) -> bool:
 # through to our checks, which say why.  Only what torch's kernel would take and our
 # checks (or torch.nn.functional's own) refuse is tested before it, in each function.
 #
+# LayerNorm's bound is by dtype: in float16/bfloat16 ours runs from 1M elements (1.0x-1.6x
+# torch's in every pass at 1M-8M; at 512K 0.9x-1.15x) and the fused add+LayerNorm from
+# 512K (one pass less than torch's add then LayerNorm: 1.0x-1.3x at 512K, 0.87x-1.1x at
+# 256K); in float32/float64 both from 8M (between, torch's float32 kernel and ours are
+# even, 0.5x-1.3x by cell).  ``_float_twin`` reads the dtype only for inputs
+# at or above the first bound, so a small call pays nothing for it.
+#
 # RMSNorm has a twin, ``torch.rms_norm``, but always runs ours: without autograd ours is
 # faster at every size, and with it the two now cost the same forward below 16K elements
 # (our autograd.Function against torch's C++ nodes) while our backward is 1.3-1.6x
@@ -289,7 +296,10 @@ def _inlined(x: Tensor) -> bool:
 # runs torch's kernel.
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
-    "layer_norm": 1 << 23,
+    "layer_norm": 1 << 20,  # every dtype; float32/float64 up to "layer_norm_float"
+    "layer_norm_float": 1 << 23,
+    "add_layer_norm": 1 << 19,  # the same for add+LayerNorm
+    "add_layer_norm_float": 1 << 23,
     "group_norm": 1 << 23,
     "group_norm_ours": 0,  # channels-last, where torch's kernel is slow: ``_group_norm_rule``
     "group_norm_torch_forward": 0,  # the same, with torch's forward where only its backward is
@@ -381,13 +391,28 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
     return (
         not _is_dynamo_compiling()  # first: dynamo folds it and traces none of the rest
         and type(input) is Tensor
-        and (0 < input.numel() < _NATIVE_BELOW[op] if input.is_cpu else _twin_off_cpu(op, input))
+        and (
+            0 < input.numel() < _NATIVE_BELOW[op] or _float_twin(op, input)
+            if input.is_cpu
+            else _twin_off_cpu(op, input)
+        )
         and _Choice.forced is None  # the backend is left to addnorm
         # is_compiling is checked above; input is a plain Tensor: params and modes are left
         # (``ops._traced``, inlined)
         and not _len_dispatch_stack()
         and not _has_torch_function(params)
     )
+
+
+def _float_twin(op: str, input: Tensor) -> bool:
+    """``_native``'s bound for a CPU input that ``op``'s own bound turned down: a
+    float32/float64 LayerNorm (or add+LayerNorm) keeps torch's kernel up to its
+    "_float" bound."""
+    key = _FLOAT_BOUND.get(op)
+    return key is not None and input.dtype not in _REDUCED and 0 < input.numel() < _NATIVE_BELOW[key]
+
+
+_FLOAT_BOUND = {"layer_norm": "layer_norm_float", "add_layer_norm": "add_layer_norm_float"}
 
 
 def _twin_off_cpu(op: str, input: Tensor) -> bool:
@@ -552,7 +577,7 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
     if (
-        _native("layer_norm", x, (residual, weight, bias))
+        _native("add_layer_norm", x, (residual, weight, bias))
         # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
         # inlined: x is known a CPU tensor here, and the add refuses another device)
         and type(residual) is Tensor
