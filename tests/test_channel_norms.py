@@ -166,3 +166,45 @@ def test_group_and_instance_norm_gradcheck(backend, groups):
     assert torch.autograd.gradcheck(lambda x, w, b: AF.group_norm(x, groups, w, b), (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: AF.instance_norm(x, None, None, w, b), (x, w, b))
     assert torch.autograd.gradcheck(lambda x: AF.group_norm(x, groups), (x,))
+
+
+def _hard_statistics(pattern: str, n: int) -> torch.Tensor:
+    """float32 (n, 64, 32, 32) channels-last data whose variance float32 sums get wrong
+    unless they are taken around a shift near each run's mean."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 64, 32, 32, generator=g)
+    if pattern == "offset":  # mean 1e4, std 1: E[x^2] - E[x]^2 in float32 loses every digit
+        x += 1e4
+    elif pattern == "block_outliers":  # every 64th position (a channels-last block's first row)
+        x.view(n, 64, -1)[:, :, ::64] += 1e3
+    elif pattern == "one_outlier":  # the very first value of every channel
+        x[:, :, 0, 0] = 1e6
+    elif pattern == "bimodal":
+        x += 1e4 * (torch.rand(x.shape, generator=g) > 0.5)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not addnorm.backends()["numba"], reason="numba not installed")
+@pytest.mark.parametrize("pattern", ["offset", "block_outliers", "one_outlier", "bimodal"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_channels_last_statistics_survive_offsets_and_outliers(monkeypatch, pattern, n):
+    """numba's channels-last statistics (GroupNorm, InstanceNorm, BatchNorm in training;
+    one sample split over threads) stay within a few float32 ulps of float64 on data
+    where torch's own channels-last GroupNorm (E[x^2] - E[x]^2) is off by 100x its output
+    and a shift taken from a block's first value lost ~40 ulps."""
+    from addnorm.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_CL_SPLIT_FROM", 0)  # one sample: split over the threads
+    x = _hard_statistics(pattern, n)
+    w, b = torch.randn(64), torch.randn(64)
+    x64, w64, b64 = as64(x, w, b)
+    cases = [
+        (lambda x, w, b: AF.group_norm(x, 32, w, b), lambda x, w, b: F.group_norm(x, 32, w, b)),
+        (lambda x, w, b: AF.instance_norm(x, None, None, w, b), lambda x, w, b: F.instance_norm(x, None, None, w, b)),
+        (lambda x, w, b: AF.batch_norm(x, None, None, w, b, True), lambda x, w, b: F.batch_norm(x, None, None, w, b, True)),
+    ]
+    with addnorm.backend("numba"), torch.no_grad():
+        for ours, reference in cases:
+            ref = reference(x64, w64, b64)
+            err = ((ours(x, w, b).double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-6, (pattern, err)

@@ -992,44 +992,79 @@ def _affine_row_cl(xr, yr, centre, scale, bias):
 
 
 @njit(inline="always")
-def _column_sums(x, lo, hi, centre, squares=True):
-    """Per channel over rows lo..hi of x (rows, C), in float64: sum(x - centre),
-    sum((x - centre)^2) (left at zero unless ``squares``).  Blocks of ``_CL_BLOCK`` rows
-    are summed in the accumulation type, four rows a step, so the block accumulators
-    (arrays: they cannot live in registers) are loaded and stored once per four values."""
+def _merge_moments(mean, m2, na, mean_b, m2_b, nb):
+    """(mean, m2) of na rows += (mean_b, m2_b) of the next nb, per channel, float64 (Chan
+    et al.'s pairwise update): the statistics of na + nb rows."""
+    n = na + nb
+    if nb == 0:
+        return
+    f1 = nb / n
+    f2 = na * f1
+    for c in range(mean.shape[0]):
+        delta = mean_b[c] - mean[c]
+        mean[c] += delta * f1
+        m2[c] += m2_b[c] + delta * delta * f2
+
+
+@njit(inline="always")
+def _column_moments(x, lo, hi, mean, m2):
+    """Per channel over rows lo..hi of x (rows, C), in one pass: the mean and the sum of
+    squared deviations (m2), float64.  Each block of ``_CL_BLOCK`` rows is summed in the
+    accumulation type, four rows a step, around a shift near its mean: the first block
+    around its own mean (a first pass over it, in cache), each later one around the mean
+    of the rows before it; then merged block by block (``_merge_moments``).  A block's
+    float32 sums then lose at most a few ulps of the spread the merge adds (a shift
+    taken from one of its values lost ~40 ulps of the result where that value was an
+    outlier)."""
     channels = x.shape[1]
-    s1 = np.zeros(channels, dtype=np.float64)
-    s2 = np.zeros(channels, dtype=np.float64)
-    b1 = np.zeros(channels, dtype=centre.dtype)
-    b2 = np.zeros(channels, dtype=centre.dtype)
+    shift, b1, b2 = scratch(x, channels), scratch(x, channels), scratch(x, channels)
+    mean_b, m2_b = np.empty(channels, dtype=np.float64), np.empty(channels, dtype=np.float64)
+    mean[:] = 0.0
+    m2[:] = 0.0
     for blo in range(lo, hi, _CL_BLOCK):
         bhi = min(blo + _CL_BLOCK, hi)
+        nb = bhi - blo
+        if blo == lo:
+            b1[:] = 0.0
+            for r in range(blo, bhi):
+                xr = x[r]
+                for c in range(channels):
+                    b1[c] += ld(xr, c)
+            for c in range(channels):
+                shift[c] = b1[c] / nb
+        else:
+            for c in range(channels):
+                shift[c] = mean[c]
+        b1[:] = 0.0
+        b2[:] = 0.0
         r = blo
         while r + 4 <= bhi:
             x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
             for c in range(channels):
-                m = centre[c]
-                d0, d1, d2, d3 = ld(x0, c) - m, ld(x1, c) - m, ld(x2, c) - m, ld(x3, c) - m
+                k = shift[c]
+                d0, d1, d2, d3 = ld(x0, c) - k, ld(x1, c) - k, ld(x2, c) - k, ld(x3, c) - k
                 b1[c] += (d0 + d1) + (d2 + d3)
-                if squares:
-                    b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+                b2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             r += 4
         for rr in range(r, bhi):
             xr = x[rr]
             for c in range(channels):
-                dv = ld(xr, c) - centre[c]
+                dv = ld(xr, c) - shift[c]
                 b1[c] += dv
-                if squares:
-                    b2[c] += dv * dv
-        _flush(b1, s1)
-        _flush(b2, s2)
-    return s1, s2
+                b2[c] += dv * dv
+        for c in range(channels):
+            s1 = np.float64(b1[c])
+            mean_b[c] = shift[c] + s1 / nb
+            m2_b[c] = b2[c] - s1 * s1 / nb
+        _merge_moments(mean, m2, blo - lo, mean_b, m2_b, nb)
 
 
 @njit(inline="always")
 def _column_grad_sums(dy, x, lo, hi, centre):
     """Per channel over rows lo..hi of dy, x (rows, C), in float64: sum(dy),
-    sum(dy * (x - centre)), sum(x - centre); blocked as ``_column_sums``, two rows a step."""
+    sum(dy * (x - centre)), sum(x - centre).  Blocks of ``_CL_BLOCK`` rows are summed in
+    the accumulation type, two rows a step, so the block accumulators (arrays: they cannot
+    live in registers) are loaded and stored once per two values."""
     channels = x.shape[1]
     dys = np.zeros(channels, dtype=np.float64)
     dyx = np.zeros(channels, dtype=np.float64)
@@ -1065,37 +1100,23 @@ def _column_grad_sums(dy, x, lo, hi, centre):
 
 @njit(**_JIT)
 def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
-    """x, y: (rows, C).  Statistics per chunk of rows (part[k] = local mean, sum of
-    x - local mean, of its square, row count; each chunk read while in cache), merged in
-    chunk order around the first chunk's mean (Chan et al.): deterministic."""
+    """x, y: (rows, C).  Statistics per chunk of rows (part[k] = per-channel mean and m2,
+    ``_column_moments``), merged in chunk order: deterministic."""
     rows, channels = x.shape
     chunks = part.shape[0]
     centre = np.zeros(channels, dtype=mean.dtype)
     offset = np.zeros(channels, dtype=mean.dtype)
     if training:
         for k in prange(chunks):
+            _column_moments(x, k * rows // chunks, (k + 1) * rows // chunks, part[k, 0], part[k, 1])
+        m, m2 = part[0, 0].copy(), part[0, 1].copy()
+        for k in range(1, chunks):
             lo, hi = k * rows // chunks, (k + 1) * rows // chunks
-            total, _ = _column_sums(x, lo, hi, np.zeros(channels, dtype=mean.dtype), False)
-            local = np.empty(channels, dtype=mean.dtype)
-            for c in range(channels):
-                local[c] = total[c] / max(1, hi - lo)
-            s1, s2 = _column_sums(x, lo, hi, local)
-            part[k, 0], part[k, 1], part[k, 2] = local, s1, s2
-            part[k, 3] = hi - lo
-        for c in prange(channels):
-            base = part[0, 0, c]
-            t = 0.0
-            for k in range(chunks):
-                t += part[k, 3, c] * (part[k, 0, c] - base) + part[k, 1, c]
-            t /= max(1, rows)
-            m2 = 0.0
-            for k in range(chunks):
-                cnt = part[k, 3, c]
-                if cnt > 0:
-                    dk = (part[k, 0, c] - base) + part[k, 1, c] / cnt - t
-                    m2 += part[k, 2, c] - part[k, 1, c] * part[k, 1, c] / cnt + cnt * dk * dk
-            mean[c], var[c] = base + t, max(m2 / max(1, rows), 0.0)
-            centre[c], offset[c] = base, t
+            _merge_moments(m, m2, lo, part[k, 0], part[k, 1], hi - lo)
+        for c in range(channels):
+            centre[c] = m[c]
+            offset[c] = m[c] - centre[c]
+            mean[c], var[c] = m[c], max(m2[c] / max(1, rows), 0.0)
     else:
         for c in range(channels):
             centre[c] = mean[c]
@@ -1151,49 +1172,41 @@ def _dx_row_cl(dyr, xr, dxr, centre, coef):
 
 
 @njit(inline="always")
-def _cl_group_centres(s, centre, groups, count):
-    """centre[c] = the mean of c's group, from per-channel sums s (float64)."""
+def _cl_group_affine(x, mean, m2, length, w, b, mean_out, var_out, centre, scale, bias, groups, eps_):
+    """One sample's group statistics from its per-channel means and m2 over ``length``
+    rows (float64); per channel the affine map y = (x - centre) * scale + bias, centre
+    the group mean in the accumulation type."""
     cpg = centre.shape[0] // groups
     for g in range(groups):
+        mg = 0.0
+        for k in range(cpg):
+            mg += mean[g * cpg + k]
+        mg /= cpg
         t = 0.0
         for k in range(cpg):
-            t += s[g * cpg + k]
-        for k in range(cpg):
-            centre[g * cpg + k] = t / count
-
-
-@njit(inline="always")
-def _cl_group_affine(x, s1, s2, centre, w, b, mean_out, var_out, scale, bias, groups, count, eps_):
-    """One sample's group statistics from per-channel sums of x - centre (s1) and of its
-    square (s2), float64; per channel the affine map y = (x - centre) * scale + bias."""
-    cpg = centre.shape[0] // groups
-    for g in range(groups):
-        t1, t2 = 0.0, 0.0
-        for k in range(cpg):
-            t1 += s1[g * cpg + k]
-            t2 += s2[g * cpg + k]
-        sh = t1 / count
-        v = acc(x, max(t2 / count - sh * sh, 0.0))
-        mean_out[g], var_out[g] = centre[g * cpg] + sh, v
+            dk = mean[g * cpg + k] - mg
+            t += m2[g * cpg + k] + length * dk * dk
+        v = acc(x, max(t / max(1, cpg * length), 0.0))
+        ctr = acc(x, mg)
+        mean_out[g], var_out[g] = ctr, v
         rstd = acc(x, 1.0) / np.sqrt(v + eps_)
         for k in range(cpg):
-            scale[g * cpg + k], bias[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, acc(x, sh))
+            centre[g * cpg + k] = ctr
+            scale[g * cpg + k], bias[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, acc(x, mg - ctr))
 
 
 @njit(**_JIT)
 def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
-    """x, y: (N, L, C), one sample per parallel step: statistics per group of C/G
-    channels from per-channel sums along L, folded into coef[n] = (centre, scale, bias)
-    per channel, then the sample's output while its block is in cache."""
+    """x, y: (N, L, C), one sample per parallel step: per-channel moments along L in one
+    pass, folded into coef[n] = (centre, scale, bias) per channel, then the sample's
+    output while its block is in cache."""
     n, length, channels = x.shape
-    count = np.float64(max(1, channels // groups * length))
     eps_ = acc(x, eps)
     for i in prange(n):
-        s, _ = _column_sums(x[i], 0, length, np.zeros(channels, dtype=mean_out.dtype), False)
-        _cl_group_centres(s, coef[i, 0], groups, count)
-        s1, s2 = _column_sums(x[i], 0, length, coef[i, 0])
-        _cl_group_affine(x, s1, s2, coef[i, 0], w, b, mean_out[i], var_out[i], coef[i, 1], coef[i, 2],
-                         groups, count, eps_)
+        mean, m2 = np.empty(channels, dtype=np.float64), np.empty(channels, dtype=np.float64)
+        _column_moments(x[i], 0, length, mean, m2)
+        _cl_group_affine(x, mean, m2, length, w, b, mean_out[i], var_out[i], coef[i, 0], coef[i, 1], coef[i, 2],
+                         groups, eps_)
         for l in range(length):  # the sample's block is still in cache
             _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2])
 
@@ -1218,24 +1231,21 @@ def _chunk_total(part, j):
 @njit(**_JIT)
 def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, eps):
     """``_group_norm_cl_fwd`` for fewer samples than threads: each sample's rows in
-    part.shape[1] chunks, one parallel step each; part[n, k] holds chunk k's per-channel
-    float64 sums, added in chunk order."""
+    part.shape[1] chunks, one parallel step each; part[n, k, :2] holds chunk k's
+    per-channel moments, merged in chunk order."""
     n, length, channels = x.shape
     chunks = part.shape[1]
-    count = np.float64(max(1, channels // groups * length))
     eps_ = acc(x, eps)
-    zero = np.zeros(channels, dtype=mean_out.dtype)
     for t in prange(n * chunks):
         i, k, lo, hi = _sample_chunk(t, chunks, length)
-        part[i, k, 0], _ = _column_sums(x[i], lo, hi, zero, False)
+        _column_moments(x[i], lo, hi, part[i, k, 0], part[i, k, 1])
     for i in range(n):
-        _cl_group_centres(_chunk_total(part[i], 0), coef[i, 0], groups, count)
-    for t in prange(n * chunks):
-        i, k, lo, hi = _sample_chunk(t, chunks, length)
-        part[i, k, 1], part[i, k, 2] = _column_sums(x[i], lo, hi, coef[i, 0])
-    for i in range(n):
-        _cl_group_affine(x, _chunk_total(part[i], 1), _chunk_total(part[i], 2), coef[i, 0], w, b,
-                         mean_out[i], var_out[i], coef[i, 1], coef[i, 2], groups, count, eps_)
+        mean, m2 = part[i, 0, 0].copy(), part[i, 0, 1].copy()
+        for k in range(1, chunks):
+            lo, hi = _sample_chunk(i * chunks + k, chunks, length)[2:]
+            _merge_moments(mean, m2, lo, part[i, k, 0], part[i, k, 1], hi - lo)
+        _cl_group_affine(x, mean, m2, length, w, b, mean_out[i], var_out[i], coef[i, 0], coef[i, 1], coef[i, 2],
+                         groups, eps_)
     for t in prange(n * chunks):
         i, _, lo, hi = _sample_chunk(t, chunks, length)
         for l in range(lo, hi):
@@ -1667,8 +1677,8 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
 
 def _cl_sample_chunks(x: torch.Tensor, threads: int) -> torch.Tensor | None:
     """For a channels-last GroupNorm with fewer samples than ``threads`` and samples of
-    ``_CL_SPLIT_FROM`` values or more, the split kernels' per-chunk sums buffer
-    (N, chunks, 3, C), each sample's rows in enough chunks for every thread; else None:
+    ``_CL_SPLIT_FROM`` values or more, the split kernels' per-chunk buffer
+    (N, chunks, 3, C) (the forward's two moments, the backward's three sums), each sample's rows in enough chunks for every thread; else None:
     one sample a thread."""
     n, c = x.shape[:2]
     if n >= threads or x.numel() < _CL_SPLIT_FROM * n:
@@ -1708,7 +1718,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
         xl = _channels_last_view(x)
         rows = xl.reshape(-1, c)
         y = _empty_like(xl)
-        part = torch.empty(_cl_chunks(rows.shape[0], c), 4, c, dtype=torch.float64)
+        part = torch.empty(_cl_chunks(rows.shape[0], c), 2, c, dtype=torch.float64)
         _batch_norm_cl_fwd(_np(rows), w, b, _np(y.view(-1, c)), _np(mean), _np(var), _np(part),
                            training, float(eps))
         return _from_channels_last(y, x), mean, var
