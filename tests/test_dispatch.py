@@ -344,6 +344,59 @@ def test_group_norm_gives_a_bias_gradient_without_a_weight(layout):
     torch.testing.assert_close((dx, db), (rdx, rdb))
 
 
+def _torch_crashes(code: str) -> bool:
+    """Whether ``code`` kills a fresh Python process (a signal, not an exception)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import torch, torch.nn.functional as F\n" + code],
+                         capture_output=True, timeout=120)
+    return run.returncode < 0
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "permuted"])
+@pytest.mark.parametrize("size", [1, 2])
+def test_group_norm_trains_its_parameters_on_a_frozen_channels_last_input(dtype, layout, size):
+    """A channels-last (or permuted) input that needs no gradient, with a weight and bias
+    that do (norms trained over a frozen trunk, a UNet's first block): torch 2.13's CPU
+    GroupNorm backward crashes the process there; addnorm runs torch's forward with its
+    own backward and gives the parameters' gradients."""
+    g = torch.Generator().manual_seed(size)
+    shape = (size, 64, 4, 4, 4) if layout == "channels_last_3d" else (size, 64, 8, 8)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if layout == "permuted":  # not channels-last contiguous, but strided like it
+        x = torch.randn(size, 8, 9, 64, generator=g).to(dtype).permute(0, 3, 1, 2)[..., :8]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = x.contiguous(memory_format=getattr(torch, layout))
+    w = torch.randn(64, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(64, generator=g).to(dtype).requires_grad_()
+    y = AF.group_norm(x, 32, w, b)
+    assert type(y.grad_fn).__name__ != "NativeGroupNormBackward0"  # (else the next line crashes)
+    assert y.is_contiguous(memory_format=ops.memory_format(x))
+    # torch's forward; on the permuted input a copy's, whose bits torch's own call on x
+    # need not give (it sums in another order there)
+    exact = {} if layout == "permuted" else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(y, F.group_norm(x, 32, w, b), **exact)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    dw, db = torch.autograd.grad(y, (w, b), dy)
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = F.group_norm(x.double().contiguous(), 32, w64, b64)  # (contiguous: torch crashes on x)
+    rdw, rdb = torch.autograd.grad(ref, (w64, b64), dy.double())
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for ours, ref in ((dw, rdw), (db, rdb)):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if dtype == torch.float32 and layout == "channels_last" and size == 2:  # (if torch fixes it, this says so)
+        assert _torch_crashes(
+            "x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)\n"
+            "w = torch.randn(64, requires_grad=True)\n"
+            "F.group_norm(x, 32, w, None).sum().backward()"
+        )
+
+
 @pytest.mark.native_rule
 def test_the_rule_keeps_our_errors():
     x = torch.randn(4, 8)

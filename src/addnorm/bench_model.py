@@ -12,7 +12,8 @@ the two are timed interleaved in one process, eager and under ``torch.compile``:
 * ``llama``: a Llama-style decoder (RMSNorm, SwiGLU, no biases, a KV cache) in
   bfloat16: prefill of a prompt, then the latency of decoding one token after it.
 * ``unet``: a diffusion-UNet-style stack of GroupNorm + SiLU + 3x3 conv residual
-  blocks in channels-last, one forward (a sampling step).
+  blocks in channels-last between a first and a last conv, one forward (a sampling step) and one training step
+  (noise-prediction loss, backward, AdamW).
 
 Norms are a few percent of these models' time (matmuls and convolutions are the rest),
 so a ratio near 1.0 is the expected answer; the point is that swapping norms never
@@ -151,6 +152,7 @@ SIZES = {
              {"c": 320, "blocks": 4, "batch": 2, "size": 32}),
 }
 VOCAB = 4096
+LATENT = 4  # the UNet's input and output channels (Stable Diffusion's latents)
 
 
 @dataclass
@@ -178,6 +180,19 @@ def _built(make: Callable[[dict], nn.Module], dtype) -> dict[str, nn.Module]:
     return models
 
 
+def _train_step(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> Callable:
+    """One training step: ``loss_of(model)``, its backward, an AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
 def _train_runner(size: dict, logits_of: Callable = lambda out: out) -> Callable:
     """One training step on a fixed batch of tokens (forward, cross-entropy, backward,
     AdamW); ``logits_of`` picks the logits from the model's output."""
@@ -185,17 +200,9 @@ def _train_runner(size: dict, logits_of: Callable = lambda out: out) -> Callable
     idx = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
     targets = torch.randint(VOCAB, (size["batch"], size["seq"]), generator=g)
 
-    def runner(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            loss = F.cross_entropy(logits_of(model(idx)).flatten(0, 1).float(), targets.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
-    return runner
+    def loss_of(model):
+        return F.cross_entropy(logits_of(model(idx)).flatten(0, 1).float(), targets.flatten())
+    return lambda model: _train_step(model, loss_of)
 
 
 def _gpt(norm: str, dtype, size: dict) -> tuple[dict, Callable]:
@@ -256,16 +263,25 @@ def _llama(what: str, dtype, size: dict) -> tuple[dict, Callable]:
     return models, runner
 
 
-def _unet(dtype, size: dict) -> tuple[dict, Callable]:
-    models = _built(lambda n: nn.Sequential(*(ResBlock(size["c"], n["groupnorm"])
-                                              for _ in range(size["blocks"]))), dtype)
-    x = torch.randn(size["batch"], size["c"], size["size"], size["size"],
-                    generator=torch.Generator().manual_seed(1)).to(dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+def _unet(what: str, dtype, size: dict) -> tuple[dict, Callable]:
+    """The stack on a fixed channels-last batch of latents: one forward without autograd
+    (a sampling step), or a training step on the noise-prediction loss."""
+    # a first conv from 4 latent channels, as a diffusion UNet's: a GroupNorm first on the
+    # input (which needs no gradient) would crash torch 2.13's own backward
+    models = _built(lambda n: nn.Sequential(nn.Conv2d(LATENT, size["c"], 3, padding=1),
+                                            *(ResBlock(size["c"], n["groupnorm"])
+                                              for _ in range(size["blocks"])),
+                                            nn.Conv2d(size["c"], LATENT, 3, padding=1)), dtype)
+    g = torch.Generator().manual_seed(1)
+    x, noise = (torch.randn(size["batch"], LATENT, size["size"], size["size"], generator=g)
+                .to(dtype).contiguous(memory_format=torch.channels_last) for _ in range(2))
     for m in models.values():
         m.to(memory_format=torch.channels_last)
 
     def runner(model):
+        if what == "train step":
+            return _train_step(model, lambda m: F.mse_loss(m(x).float(), noise.float()))
+
         def forward():
             with torch.no_grad():
                 return model(x)
@@ -287,8 +303,9 @@ def cases(quick: bool = False) -> list[tuple[str, str, torch.dtype, str, Callabl
         out.append(("llama", "rmsnorm", torch.bfloat16, what,
                     lambda w=what: _llama(w, torch.bfloat16, SIZES["llama"][pick])))
     for dtype in (torch.float32, torch.bfloat16):
-        out.append(("unet", "groupnorm", dtype, "forward",
-                    lambda dt=dtype: _unet(dt, SIZES["unet"][pick])))
+        for what in ("forward", "train step"):
+            out.append(("unet", "groupnorm", dtype, what,
+                        lambda w=what, dt=dtype: _unet(w, dt, SIZES["unet"][pick])))
     return out
 
 
