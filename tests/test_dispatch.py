@@ -331,9 +331,11 @@ def test_group_norm_on_torchs_forward_and_our_backward_is_right(dtype, affine, s
 
 @pytest.mark.native_rule
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_group_norm_gives_a_bias_gradient_without_a_weight(layout):
+def test_group_norm_gives_a_bias_gradient_without_a_weight(monkeypatch, layout):
     """torch's CPU GroupNorm backward fails for the bias's gradient when there is no
-    weight (torch 2.13); addnorm's runs its own kernel there and gives it."""
+    weight (torch 2.13); addnorm's runs its own kernel there and gives it (and torch's,
+    which computes the same forward, where autograd records nothing)."""
+    ours = _ours("group_norm", monkeypatch)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=layout).requires_grad_()
     b = torch.randn(8, requires_grad=True)
     dy = torch.randn(2, 8, 4, 4)
@@ -342,6 +344,10 @@ def test_group_norm_gives_a_bias_gradient_without_a_weight(layout):
     dx, db = torch.autograd.grad(AF.group_norm(x, 4, None, b), (x, b), dy)
     rdx, rdb = torch.autograd.grad(F.group_norm(x, 4, torch.ones(8), b), (x, b), dy)
     torch.testing.assert_close((dx, db), (rdx, rdb))
+    assert len(ours) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(AF.group_norm(x, 4, None, b), F.group_norm(x, 4, None, b), rtol=0, atol=0)
+    assert len(ours) == 1
 
 
 def _torch_crashes(code: str) -> bool:

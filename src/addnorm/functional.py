@@ -750,7 +750,9 @@ def group_norm(
     # channels-last float32/float16/bfloat16 asks the rule (a contiguous call pays only this)
     rule = type(input) is Tensor and input.dtype in _GN_RULED and not input.is_contiguous()
     key = _group_norm_rule(input, num_groups, weight, bias) if rule else "group_norm"
-    if weight is None and bias is not None and (bias.requires_grad or key == "group_norm_torch_forward"):
+    if weight is None and bias is not None and (
+        (bias.requires_grad and torch.is_grad_enabled()) or key == "group_norm_torch_forward"
+    ):
         # torch's CPU backward fails for a bias's gradient without a weight (torch 2.13:
         # "tensor does not have a device"), ours gives it; and torch's forward rounds a
         # half input with a bias alone unlike the float32-parameter call that
