@@ -12,8 +12,8 @@ the two are timed interleaved in one process, eager and under ``torch.compile``:
 * ``llama``: a Llama-style decoder (RMSNorm, SwiGLU, no biases, a KV cache) in
   bfloat16: prefill of a prompt, then the latency of decoding one token after it.
 * ``unet``: a diffusion-UNet-style stack of GroupNorm + SiLU + 3x3 conv residual
-  blocks in channels-last between a first and a last conv, one forward (a sampling step) and one training step
-  (noise-prediction loss, backward, AdamW).
+  blocks in channels-last between a first and a last conv: one forward (a sampling
+  step), and one training step (noise-prediction loss, backward, AdamW).
 
 Norms are a few percent of these models' time (matmuls and convolutions are the rest),
 so a ratio near 1.0 is the expected answer; the point is that swapping norms never

@@ -995,15 +995,27 @@ def _affine_row_cl(xr, yr, centre, scale, bias):
 def _merge_moments(mean, m2, na, mean_b, m2_b, nb):
     """(mean, m2) of na rows += (mean_b, m2_b) of the next nb, per channel, float64 (Chan
     et al.'s pairwise update): the statistics of na + nb rows."""
-    n = na + nb
     if nb == 0:
         return
+    n = na + nb
     f1 = nb / n
     f2 = na * f1
     for c in range(mean.shape[0]):
         delta = mean_b[c] - mean[c]
         mean[c] += delta * f1
         m2[c] += m2_b[c] + delta * delta * f2
+
+
+@njit(inline="always")
+def _merged_chunks(part, rows):
+    """The moments (mean, m2) of rows 0..rows from part[k] = those of chunk k of
+    part.shape[0] (rows k * rows // chunks onwards), merged in chunk order: deterministic."""
+    chunks = part.shape[0]
+    mean, m2 = part[0, 0].copy(), part[0, 1].copy()
+    for k in range(1, chunks):
+        lo, hi = k * rows // chunks, (k + 1) * rows // chunks
+        _merge_moments(mean, m2, lo, part[k, 0], part[k, 1], hi - lo)
+    return mean, m2
 
 
 @njit(inline="always")
@@ -1109,10 +1121,7 @@ def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
     if training:
         for k in prange(chunks):
             _column_moments(x, k * rows // chunks, (k + 1) * rows // chunks, part[k, 0], part[k, 1])
-        m, m2 = part[0, 0].copy(), part[0, 1].copy()
-        for k in range(1, chunks):
-            lo, hi = k * rows // chunks, (k + 1) * rows // chunks
-            _merge_moments(m, m2, lo, part[k, 0], part[k, 1], hi - lo)
+        m, m2 = _merged_chunks(part, rows)
         for c in range(channels):
             centre[c] = m[c]
             offset[c] = m[c] - centre[c]
@@ -1240,10 +1249,7 @@ def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, 
         i, k, lo, hi = _sample_chunk(t, chunks, length)
         _column_moments(x[i], lo, hi, part[i, k, 0], part[i, k, 1])
     for i in range(n):
-        mean, m2 = part[i, 0, 0].copy(), part[i, 0, 1].copy()
-        for k in range(1, chunks):
-            lo, hi = _sample_chunk(i * chunks + k, chunks, length)[2:]
-            _merge_moments(mean, m2, lo, part[i, k, 0], part[i, k, 1], hi - lo)
+        mean, m2 = _merged_chunks(part[i], length)
         _cl_group_affine(x, mean, m2, length, w, b, mean_out[i], var_out[i], coef[i, 0], coef[i, 1], coef[i, 2],
                          groups, eps_)
     for t in prange(n * chunks):
@@ -1678,8 +1684,8 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
 def _cl_sample_chunks(x: torch.Tensor, threads: int) -> torch.Tensor | None:
     """For a channels-last GroupNorm with fewer samples than ``threads`` and samples of
     ``_CL_SPLIT_FROM`` values or more, the split kernels' per-chunk buffer
-    (N, chunks, 3, C) (the forward's two moments, the backward's three sums), each sample's rows in enough chunks for every thread; else None:
-    one sample a thread."""
+    (N, chunks, 3, C) (the forward's two moments, the backward's three sums), each
+    sample's rows in enough chunks for every thread; else None: one sample a thread."""
     n, c = x.shape[:2]
     if n >= threads or x.numel() < _CL_SPLIT_FROM * n:
         return None
