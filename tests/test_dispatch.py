@@ -240,9 +240,9 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypatch, dtype):
     """Channels-last GroupNorm (``_group_norm_rule``), G = 32: where torch's kernel's vector
-    loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8), from 2^13 (sample,
-    group, position)s (float32 recording a graph: 2^15), both passes run ours below 1024
-    spatial positions; at 1024 and more torch's forward runs, with our backward where
+    loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8, and D % 8 from 2^15
+    positions below 1024 spatial positions), from 2^13 (sample, group, position)s
+    (float32 recording a graph: 2^15), both passes run ours below 1024 spatial positions; at 1024 and more torch's forward runs, with our backward where
     autograd records the graph.  From 8M elements ours runs, but for one sample (torch's
     forward).  Everything else runs torch's kernel."""
     ours = _ours("group_norm", monkeypatch)
@@ -272,7 +272,12 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     AF.group_norm(torch.randn(4, 64, 16, 16).to(dtype).transpose(2, 3).requires_grad_(), 32).sum().backward()
     assert (len(ours), len(hybrid)) == before
     assert ran((2, 64, 4, 8, 8), layout=torch.channels_last_3d) == ("ours" if half else "torch")
-    assert ran((2, 320, 16, 16)) == ("ours" if half else "torch")  # D = 10
+    assert ran((2, 320, 16, 16)) == ("ours" if half else "torch")  # D = 10, 2^14 positions
+    assert ran((8, 320, 16, 16)) == "ours"  # 2^16 positions: float32's D % 8 too
+    assert ran((8, 320, 16, 16), grad=False) == "ours"
+    assert ran((8, 256, 16, 16)) == ("ours" if half else "torch")  # D = 8
+    assert ran((2, 320, 32, 32), grad=False) == "torch"  # 1024 spatial positions
+    assert ran((2, 320, 32, 32)) == ("torch forward, our backward" if half else "torch")
     assert ran((2, 512, 16, 16)) == "torch"  # D = 16: torch's vector loops cover it
     assert ran((2, 1280, 16, 16)) == ("ours" if half else "torch")  # D = 40
     assert ran((1, 1280, 16, 16)) == ("ours" if half else "torch")  # one sample

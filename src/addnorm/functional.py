@@ -281,7 +281,10 @@ def _inlined(x: Tensor) -> bool:
 # GroupNorm on a channels-last input (``_group_norm_rule``): torch's CPU kernel loops over
 # the D = C / G channels of a group in one spatial position with vector loads, and where
 # they do not cover D (float16/bfloat16: D not a multiple of 16; float32: D < 8), it pays
-# ~15 ns per (sample, group, position), against our ~0.2-0.4 ns per value.  Its forward
+# ~15 ns per (sample, group, position), against our ~0.2-0.4 ns per value (float32 D of
+# 10, 12 or 20, not a multiple of 8, costs it less: ours is 1.0x-3.7x faster in every
+# pass from 2^15 positions below 1024 spatial positions, 0.7x-1.1x below 2^15; D of 8,
+# 16, 24, 40 or 48 0.6x-2.7x, mixed, so torch's).  Its forward
 # does so below 1024 spatial positions (above, it splits the work by position and is
 # 1.4x-3x faster than ours); its backward at every spatial size.  Measured against each
 # other per pass (bfloat16, G = 32): forward 2x1280x16x16 (D = 40) ours 1.8x, 32x64x14x14
@@ -355,8 +358,12 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     positions = numel // d  # (sample, group, spatial position)s
     # the cheap exits first: a small call pays only these (~0.4 µs)
     if numel < _NATIVE_BELOW["group_norm"]:
-        # where torch's vector loops do not cover D
-        if positions < 1 << 13 or not (d % 16 if half else d < 8):
+        # where torch's vector loops do not cover D: float16/bfloat16 D % 16; float32
+        # D < 8, and other D % 8 from 2^15 positions below 1024 spatial positions
+        slow = d % 16 if half else d < 8 or (
+            d % 8 and positions >= 1 << 15 and positions // num_groups // n < _TORCH_GN_SPLIT
+        )
+        if positions < 1 << 13 or not slow:
             return "group_norm"
     elif n > 1:
         return "group_norm"
