@@ -1007,13 +1007,19 @@ def _merge_moments(mean, m2, na, mean_b, m2_b, nb):
 
 
 @njit(inline="always")
+def _chunk_bounds(k, chunks, rows):
+    """Chunk k of ``chunks`` equal chunks of ``rows`` rows: (its first row, past its last)."""
+    return k * rows // chunks, (k + 1) * rows // chunks
+
+
+@njit(inline="always")
 def _merged_chunks(part, rows):
     """The moments (mean, m2) of rows 0..rows from part[k] = those of chunk k of
-    part.shape[0] (rows k * rows // chunks onwards), merged in chunk order: deterministic."""
+    part.shape[0] (``_chunk_bounds``), merged in chunk order: deterministic."""
     chunks = part.shape[0]
     mean, m2 = part[0, 0].copy(), part[0, 1].copy()
     for k in range(1, chunks):
-        lo, hi = k * rows // chunks, (k + 1) * rows // chunks
+        lo, hi = _chunk_bounds(k, chunks, rows)
         _merge_moments(mean, m2, lo, part[k, 0], part[k, 1], hi - lo)
     return mean, m2
 
@@ -1120,7 +1126,8 @@ def _batch_norm_cl_fwd(x, w, b, y, mean, var, part, training, eps):
     offset = np.zeros(channels, dtype=mean.dtype)
     if training:
         for k in prange(chunks):
-            _column_moments(x, k * rows // chunks, (k + 1) * rows // chunks, part[k, 0], part[k, 1])
+            lo, hi = _chunk_bounds(k, chunks, rows)
+            _column_moments(x, lo, hi, part[k, 0], part[k, 1])
         m, m2 = _merged_chunks(part, rows)
         for c in range(channels):
             centre[c] = m[c]
@@ -1147,7 +1154,7 @@ def _batch_norm_cl_bwd(dy, x, w, mean, var, training, eps, dx, part, dw, db):
     chunks = part.shape[0]
     zero, eps_ = acc(x, 0.0), acc(x, eps)
     for k in prange(chunks):
-        lo, hi = k * rows // chunks, (k + 1) * rows // chunks
+        lo, hi = _chunk_bounds(k, chunks, rows)
         part[k, 0], part[k, 1], part[k, 2] = _column_grad_sums(dy, x, lo, hi, mean)
     count = np.float64(max(1, rows))
     coef = np.empty((5, channels), dtype=mean.dtype)  # as ``_dx_row_cl`` reads them
@@ -1224,7 +1231,8 @@ def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
 def _sample_chunk(t, chunks, length):
     """The split kernels' parallel step t: (sample, chunk, its first row, past its last)."""
     i, k = t // chunks, t % chunks
-    return i, k, k * length // chunks, (k + 1) * length // chunks
+    lo, hi = _chunk_bounds(k, chunks, length)
+    return i, k, lo, hi
 
 
 @njit(inline="always")
