@@ -389,21 +389,18 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
 def _parameter_grads_only(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether autograd records a GroupNorm on a non-contiguous 4D/5D CPU input that
     needs no gradient while its weight or bias does (a frozen trunk under trainable
-    norms, a UNet's first block): torch 2.13's CPU backward, asked for the parameters'
-    gradients alone, crashes the process there (a segmentation fault, channels-last or
-    permuted input, every dtype), so torch's forward runs with our backward."""
+    norms, a UNet's first block), for a call that would run torch's twin (input is a
+    plain tensor): torch 2.13's CPU backward, asked for the parameters' gradients alone,
+    crashes the process there (a segmentation fault, channels-last or permuted input,
+    every dtype), so torch's forward runs with our backward."""
     return (
-        type(input) is Tensor
-        and not input.requires_grad
+        not input.requires_grad
         and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
         and torch.is_grad_enabled()
         and input.ndim in (4, 5)
         and not input.is_contiguous()
         and input.is_cpu
     )
-
-
-_TORCH_BACKWARD = ("group_norm", "group_norm_torch")  # the keys that run torch's GroupNorm backward
 
 
 def _native(op: str, input: Tensor, params: tuple) -> bool:
@@ -765,16 +762,17 @@ def group_norm(
         # half input with a bias alone unlike the float32-parameter call that
         # ``ops.group_norm_aten_forward`` makes of it: ours runs both
         key = "group_norm_ours"
-    elif key in _TORCH_BACKWARD and _parameter_grads_only(input, weight, bias):
-        key = "group_norm_torch_forward"
     if _native(key, input, (weight, bias)):
-        try:
-            # torch.nn.functional's own check, which torch's kernel lacks: more than one
-            # value per group in the batch; the rest torch validates in C++
-            if input.numel() != num_groups:
-                return torch.group_norm(input, num_groups, weight, bias, eps, _cudnn())
-        except _REFUSED:
-            pass  # our checks, next, say why
+        if _parameter_grads_only(input, weight, bias):
+            key = "group_norm_torch_forward"  # torch's backward would crash: ours, torch's forward
+        else:
+            try:
+                # torch.nn.functional's own check, which torch's kernel lacks: more than one
+                # value per group in the batch; the rest torch validates in C++
+                if input.numel() != num_groups:
+                    return torch.group_norm(input, num_groups, weight, bias, eps, _cudnn())
+            except _REFUSED:
+                pass  # our checks, next, say why
     _check_input(input)
     c = _check_channels(input, "group_norm")
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
