@@ -837,7 +837,7 @@ def _sum_chunks(part, out):
 @njit(inline="always")
 def _channel_param(p, c, absent):
     """A channel norm's weight for channel c, or ``absent`` where it is empty (the module
-    has none, ``_channel_param_array``)."""
+    has none, ``_acc_param``)."""
     return p[c] if p.shape[0] else absent
 
 
@@ -1339,6 +1339,122 @@ def _group_norm_cl_bwd_split(dy, x, w, mean, var, groups, eps, dx, coef, part, d
             _dx_row_cl(dy[i, l], x[i, l], dx[i, l], coef[i, 0], coef[i, 1:])
 
 
+# The channel norms' entry points by address (as ``_row_norm_fwd_at``): ``Tensor.numpy()``
+# and the (N, L, C) views of a channels-last tensor cost ~25 µs a call in all, ten times
+# the kernel of a small GroupNorm.  x (and y, dy, dx) is (N, C, L) contiguous, or (N, L, C)
+# where ``channels_last`` is True; None, not False, so that numba compiles only the layout
+# a call takes (as ``threaded`` in ``_row_norm_fwd_at``).  A weight or bias at address 0
+# is absent; each comes in its own dtype and is read once per channel (``_acc_param``).
+
+
+@njit(inline="always")
+def _acc_param(address, like, token, c):
+    """A channel norm's weight or bias at ``address`` (c values of ``token``'s dtype) in
+    the accumulation type of ``like``'s dtype, as the kernels read it; empty where the
+    address is 0 (the module has none).  The kernels read a parameter once per channel,
+    so the copy and a branch on its length cost nothing there, and each kernel compiles
+    once per input dtype for every parameter dtype and affine flag (only the thin entry
+    points compile per combination)."""
+    p = at(address, token, (c if address else 0,))
+    out = scratch(like, p.shape[0])
+    for k in range(p.shape[0]):
+        out[k] = ld(p, k)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _group_norm_fwd_at(n, c, length, x, tx, w, tw, b, tb, y, mean_out, var_out, ts, groups, eps, channels_last,
+                       chunks):
+    """``group_norm_forward``: mean_out and var_out (N, G) of ``ts``'s dtype; ``chunks``
+    None or, channels-last, each sample's rows in that many chunks (``_cl_split``)."""
+    wa, ba = _acc_param(w, tx, tw, c), _acc_param(b, tx, tb, c)
+    stats = at(mean_out, ts, (n, groups)), at(var_out, ts, (n, groups))
+    if channels_last is None:
+        shape = (n, groups, c // groups, length)
+        _group_norm_fwd(at(x, tx, shape), wa, ba, at(y, tx, shape), *stats, eps)
+    else:
+        shape = (n, length, c)
+        coef = scratch(tx, (n, 3, c))
+        if chunks is None:
+            _group_norm_cl_fwd(at(x, tx, shape), wa, ba, at(y, tx, shape), *stats, coef, groups, eps)
+        else:
+            part = np.empty((n, chunks, 2, c), dtype=np.float64)
+            _group_norm_cl_fwd_split(at(x, tx, shape), wa, ba, at(y, tx, shape), *stats, coef, part, groups,
+                                     eps)
+
+
+@njit(cache=True, nogil=True)
+def _group_norm_bwd_at(n, c, length, dy, ty, x, tx, w, tw, mean, var, ts, groups, eps, dx, dw, db, tb,
+                       channels_last, chunks):
+    """``group_norm_backward``: dw of ``tw``'s dtype and db of ``tb``'s, each left
+    unwritten at address 0; per-sample partial sums added in order (``_sum_chunks``)."""
+    wa = _acc_param(w, tx, tw, c)
+    stats = at(mean, ts, (n, groups)), at(var, ts, (n, groups))
+    dw_part, db_part = np.empty((n, c), dtype=np.float64), np.empty((n, c), dtype=np.float64)
+    if channels_last is None:
+        shape = (n, groups, c // groups, length)
+        _group_norm_bwd(at(dy, ty, shape), at(x, tx, shape), wa, *stats, eps, at(dx, tx, shape), dw_part, db_part)
+    else:
+        shape = (n, length, c)
+        coef = scratch(tx, (n, 6, c))
+        if chunks is None:
+            _group_norm_cl_bwd(at(dy, ty, shape), at(x, tx, shape), wa, *stats, groups, eps, at(dx, tx, shape),
+                               coef, dw_part, db_part)
+        else:
+            part = np.empty((n, chunks, 3, c), dtype=np.float64)
+            _group_norm_cl_bwd_split(at(dy, ty, shape), at(x, tx, shape), wa, *stats, groups, eps,
+                                     at(dx, tx, shape), coef, part, dw_part, db_part)
+    if dw:
+        _sum_chunks(dw_part, at(dw, tw, (c,)))
+    if db:
+        _sum_chunks(db_part, at(db, tb, (c,)))
+
+
+@njit(cache=True, nogil=True)
+def _batch_norm_fwd_at(n, c, length, x, tx, w, tw, b, tb, y, mean, var, ts, training, eps, channels_last, chunks):
+    """``batch_norm_forward``: mean and var (C,) of ``ts``'s dtype, outputs in training,
+    else the running statistics; channels-last, the rows' statistics in ``chunks`` chunks."""
+    wa, ba = _acc_param(w, tx, tw, c), _acc_param(b, tx, tb, c)
+    stats = at(mean, ts, (c,)), at(var, ts, (c,))
+    if channels_last is None:
+        coef = scratch(tx, (3, c))
+        _batch_norm_stats(at(x, tx, (n, c, length)), wa, ba, *stats, coef, training, eps)
+        _affine_runs(at(x, tx, (n, c, length)), at(y, tx, (n, c, length)), coef)
+    else:
+        part = np.empty((chunks, 2, c), dtype=np.float64)
+        _batch_norm_cl_fwd(at(x, tx, (n * length, c)), wa, ba, at(y, tx, (n * length, c)), *stats, part, training,
+                           eps)
+
+
+@njit(inline="always")
+def _store_all(src, dst):
+    """dst = src rounded to dst's dtype (``st``)."""
+    for k in range(src.shape[0]):
+        st(dst, k, src[k])
+
+
+@njit(cache=True, nogil=True)
+def _batch_norm_bwd_at(n, c, length, dy, ty, x, tx, w, tw, mean, var, ts, training, eps, dx, dw, db, tb,
+                       channels_last, chunks):
+    """``batch_norm_backward``: dw and db as in ``_group_norm_bwd_at``."""
+    wa = _acc_param(w, tx, tw, c)
+    stats = at(mean, ts, (c,)), at(var, ts, (c,))
+    dwa, dba = scratch(tx, c), scratch(tx, c)
+    if channels_last is None:
+        coef = scratch(tx, (6, c))
+        _batch_norm_grad_sums(at(dy, ty, (n, c, length)), at(x, tx, (n, c, length)), wa, *stats, training, eps, coef,
+                              dwa, dba)
+        _dx_runs(at(dy, ty, (n, c, length)), at(x, tx, (n, c, length)), at(dx, tx, (n, c, length)), coef)
+    else:
+        part = np.empty((chunks, 3, c), dtype=np.float64)
+        _batch_norm_cl_bwd(at(dy, ty, (n * length, c)), at(x, tx, (n * length, c)), wa, *stats, training, eps,
+                           at(dx, tx, (n * length, c)), part, dwa, dba)
+    if dw:
+        _store_all(dwa, at(dw, tw, (c,)))
+    if db:
+        _store_all(dba, at(db, tb, (c,)))
+
+
 # ---------------------------------------------------------------------------
 # DyT: y = w * tanh(alpha * x) + b over rows.
 # ---------------------------------------------------------------------------
@@ -1410,21 +1526,6 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
 # ---------------------------------------------------------------------------
 # torch <-> numpy, and the functions addnorm.ops calls.
 # ---------------------------------------------------------------------------
-
-
-def _channel_param_array(p: torch.Tensor | None, acc: torch.dtype) -> np.ndarray:
-    """A channel norm's weight or bias as its kernels take it: in the accumulation dtype
-    (exact: a parameter has x's dtype, or float32 beside float16/bfloat16 x), an empty
-    array for None.  The kernels read it once per channel, not per value, so a branch on
-    its length costs nothing, and one compiled kernel serves every parameter dtype and
-    affine flag, where a None and each dtype compiled one of their own (the channel-norm
-    tests compiled 8 GroupNorm forwards, now 4: one per input dtype)."""
-    if p is None:
-        return _NO_CHANNEL_PARAM[acc]
-    return _np(p.detach().to(acc).contiguous())
-
-
-_NO_CHANNEL_PARAM = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 def _np(t: torch.Tensor | None):
@@ -1599,7 +1700,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
 
 _CL_CHUNK_ELEMENTS = 32768  # channels-last rows per statistics chunk: 128 KB of float32, in L2
 # channels-last GroupNorm splits each sample's rows over the threads where there are fewer
-# samples than threads (``_cl_sample_chunks``), from this many values a sample (2x faster
+# samples than threads (``_cl_split``), from this many values a sample (2x faster
 # at 1x1280x64x64; at 82K values it breaks even, at 16K the two more parallel regions
 # cost ~4 µs)
 _CL_SPLIT_FROM = 1 << 17
@@ -1609,100 +1710,87 @@ def _channels_last(x: torch.Tensor) -> bool:
     return memory_format(x) is not torch.contiguous_format
 
 
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) as a contiguous (N, C, L) tensor (a view when it already is)."""
-    return x.contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-
-
-def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last (N, C, *spatial) tensor as its (N, L, C) storage, no copy."""
-    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-    x = x.contiguous(memory_format=fmt)
-    return x.permute(0, *range(2, x.ndim), 1).reshape(x.shape[0], math.prod(x.shape[2:]), x.shape[1])
-
-
-def _from_channels_last(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) kernel output as x's (N, C, *spatial) shape, channels-last, no copy."""
-    spatial = x.shape[2:]
-    return t.view(x.shape[0], *spatial, x.shape[1]).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
-
-
-def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A kernel result of shape (N, C, L) in x's shape (the op restores x's memory format)."""
-    return t.view(x.shape)
-
-
 def _cl_chunks(rows: int, channels: int) -> int:
     return max(1, min(rows, rows * channels // _CL_CHUNK_ELEMENTS))
 
 
-def group_norm_forward(x, weight, bias, num_groups, eps):
-    threads = _threads(x.numel())
+def _channel_input(x: torch.Tensor):
+    """x as the channel kernels read its storage: (x, n, c, L, channels_last), x made
+    contiguous in its own layout (channels-last stays so; other strides become
+    contiguous) and ``channels_last`` True or None (``_group_norm_fwd_at``)."""
+    cl = _channels_last(x)
+    fmt = (torch.channels_last if x.ndim == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     n, c = x.shape[:2]
+    return x, n, c, x.numel() // max(1, n * c), True if cl else None
+
+
+def _empty_as(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor laid out as x (contiguous or channels-last), from
+    ``_empty_like`` where it is large."""
+    if x.numel() * x.itemsize < _FRESH_MMAP_BYTES:
+        return torch.empty_like(x)
+    if not _channels_last(x):
+        return _empty_like(x)
+    last = _empty_like(x.permute(0, *range(2, x.ndim), 1))  # (N, *spatial, C): x's storage order
+    return last.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+
+
+def _param_address(p: torch.Tensor | None, like: np.ndarray):
+    """(address, dtype token) of a channel norm's weight or bias; (0, x's token) for None."""
+    if p is None:
+        return 0, like
+    p = p.contiguous()
+    return p.data_ptr(), _TOKENS[p.dtype]
+
+
+def _grad_like(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else torch.empty(p.shape[0], dtype=p.dtype)
+
+
+def group_norm_forward(x, weight, bias, num_groups, eps):
+    x, n, c, length, cl = _channel_input(x)
+    threads = _threads(x.numel())
     acc = acc_dtype(x.dtype)
-    w, b = _channel_param_array(weight, acc), _channel_param_array(bias, acc)
+    tx = _TOKENS[x.dtype]
+    (w, tw), (b, tb) = _param_address(weight, tx), _param_address(bias, tx)
     mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
-    if _channels_last(x):
-        xl = _channels_last_view(x)
-        y = _empty_like(xl)
-        coef = torch.empty(n, 3, c, dtype=acc)
-        part = _cl_sample_chunks(x, threads)
-        if part is not None:
-            _group_norm_cl_fwd_split(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), _np(part),
-                                     num_groups, float(eps))
-        else:
-            _group_norm_cl_fwd(_np(xl), w, b, _np(y), _np(mean), _np(var), _np(coef), num_groups,
-                               float(eps))
-        return _from_channels_last(y, x), mean, var
-    x3 = _channels_first(x)
-    y = _empty_like(x3)
-    shape4 = _group_shape(x3, num_groups)
-    _group_norm_fwd(_np(x3.view(shape4)), w, b, _np(y.view(shape4)), _np(mean), _np(var), float(eps))
-    return _like_input(y, x), mean, var
+    y = _empty_as(x)
+    _group_norm_fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                       _TOKENS[acc], num_groups, float(eps), cl, _cl_split(x, threads) if cl else None)
+    return y, mean, var
 
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
+    x, n, c, length, cl = _channel_input(x)
     threads = _threads(x.numel())
-    n, c = x.shape[:2]
-    acc = acc_dtype(x.dtype)
-    w = _channel_param_array(weight, acc)
-    dw_part, db_part = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.float64)
-    if _channels_last(x):
-        xl, dyl = _channels_last_view(x), _channels_last_view(dy)
-        dx = _empty_like(xl)
-        coef = torch.empty(n, 6, c, dtype=acc)
-        part = _cl_sample_chunks(x, threads)
-        if part is not None:
-            _group_norm_cl_bwd_split(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
-                                     _np(dx), _np(coef), _np(part), _np(dw_part), _np(db_part))
-        else:
-            _group_norm_cl_bwd(_np(dyl), _np(xl), w, _np(mean), _np(var), num_groups, float(eps),
-                               _np(dx), _np(coef), _np(dw_part), _np(db_part))
-        dx = _from_channels_last(dx, x)
-    else:
-        x3, dy3 = _channels_first(x), _channels_first(dy)
-        dx = _empty_like(x3)
-        shape4 = _group_shape(x3, num_groups)
-        _group_norm_bwd(_np(dy3.view(shape4)), _np(x3.view(shape4)), w, _np(mean), _np(var),
-                        float(eps), _np(dx.view(shape4)), _np(dw_part), _np(db_part))
-        dx = _like_input(dx, x)
-    return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
+    dy = _same_layout(dy, x)
+    tx = _TOKENS[x.dtype]
+    (w, tw), tb = _param_address(weight, tx), tx if bias is None else _TOKENS[bias.dtype]
+    mean, var = mean.contiguous(), var.contiguous()
+    dx, dw, db = _empty_as(x), _grad_like(weight), _grad_like(bias)
+    _group_norm_bwd_at(n, c, length, dy.data_ptr(), _TOKENS[dy.dtype], x.data_ptr(), tx, w, tw, mean.data_ptr(),
+                       var.data_ptr(), _TOKENS[mean.dtype], num_groups, float(eps), dx.data_ptr(),
+                       0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), tb, cl,
+                       _cl_split(x, threads) if cl else None)
+    return dx, dw, db
 
 
-def _cl_sample_chunks(x: torch.Tensor, threads: int) -> torch.Tensor | None:
+def _same_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (a gradient of x's shape) laid out as ``_channel_input``'s x."""
+    return t.contiguous(memory_format=memory_format(x))
+
+
+def _cl_split(x: torch.Tensor, threads: int) -> int | None:
     """For a channels-last GroupNorm with fewer samples than ``threads`` and samples of
-    ``_CL_SPLIT_FROM`` values or more, the split kernels' per-chunk buffer
-    (N, chunks, 3, C) (the forward's two moments, the backward's three sums), each
-    sample's rows in enough chunks for every thread; else None: one sample a thread."""
-    n, c = x.shape[:2]
+    ``_CL_SPLIT_FROM`` values or more, in how many chunks the split kernels take each
+    sample's rows (enough for every thread); else None: one sample a thread."""
+    n = x.shape[0]
     if n >= threads or x.numel() < _CL_SPLIT_FROM * n:
         return None
-    return torch.empty(n, -(-threads // n), 3, c, dtype=torch.float64)
+    return -(-threads // n)
 
 
-def _group_shape(x3: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
-    n, c, length = x3.shape
-    return (n, num_groups, c // num_groups, length)
 
 
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
@@ -1720,57 +1808,34 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
+    x, n, c, length, cl = _channel_input(x)
     _threads(x.numel())
     acc = acc_dtype(x.dtype)
-    w, b = _channel_param_array(weight, acc), _channel_param_array(bias, acc)
-    c = x.shape[1]
+    tx = _TOKENS[x.dtype]
+    (w, tw), (b, tb) = _param_address(weight, tx), _param_address(bias, tx)
     if training:
         mean, var = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    if _channels_last(x):
-        xl = _channels_last_view(x)
-        rows = xl.reshape(-1, c)
-        y = _empty_like(xl)
-        part = torch.empty(_cl_chunks(rows.shape[0], c), 2, c, dtype=torch.float64)
-        _batch_norm_cl_fwd(_np(rows), w, b, _np(y.view(-1, c)), _np(mean), _np(var), _np(part),
-                           training, float(eps))
-        return _from_channels_last(y, x), mean, var
-    x3 = _channels_first(x)
-    y = _empty_like(x3)
-    coef = torch.empty(3, c, dtype=acc)
-    _batch_norm_stats(_np(x3), w, b, _np(mean), _np(var), _np(coef), training, float(eps))
-    _affine_runs(_np(x3), _np(y), _np(coef))
-    return _like_input(y, x), mean, var
+    y = _empty_as(x)
+    _batch_norm_fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                       _TOKENS[acc], training, float(eps), cl, _cl_chunks(n * length, c) if cl else None)
+    return y, mean, var
 
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
+    x, n, c, length, cl = _channel_input(x)
     _threads(x.numel())
-    acc = acc_dtype(x.dtype)
-    w = _channel_param_array(weight, acc)
-    c = x.shape[1]
-    dw, db = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-    if _channels_last(x):
-        xl, dyl = _channels_last_view(x), _channels_last_view(dy)
-        rows = xl.reshape(-1, c)
-        dx = _empty_like(xl)
-        part = torch.empty(_cl_chunks(rows.shape[0], c), 3, c, dtype=torch.float64)
-        _batch_norm_cl_bwd(_np(dyl.reshape(-1, c)), _np(rows), w, _np(mean), _np(var), training,
-                           float(eps), _np(dx.view(-1, c)), _np(part), _np(dw), _np(db))
-        dx = _from_channels_last(dx, x)
-    else:
-        x3, dy3 = _channels_first(x), _channels_first(dy)
-        dx = _empty_like(x3)
-        coef = torch.empty(6, c, dtype=acc)
-        _batch_norm_grad_sums(_np(dy3), _np(x3), w, _np(mean), _np(var), training, float(eps),
-                              _np(coef), _np(dw), _np(db))
-        _dx_runs(_np(dy3), _np(x3), _np(dx), _np(coef))
-        dx = _like_input(dx, x)
-    return (
-        dx,
-        None if weight is None else dw.to(weight.dtype),
-        None if bias is None else db.to(bias.dtype),
-    )
+    dy = _same_layout(dy, x)
+    tx = _TOKENS[x.dtype]
+    (w, tw), tb = _param_address(weight, tx), tx if bias is None else _TOKENS[bias.dtype]
+    mean, var = mean.contiguous(), var.contiguous()
+    dx, dw, db = _empty_as(x), _grad_like(weight), _grad_like(bias)
+    _batch_norm_bwd_at(n, c, length, dy.data_ptr(), _TOKENS[dy.dtype], x.data_ptr(), tx, w, tw, mean.data_ptr(),
+                       var.data_ptr(), _TOKENS[mean.dtype], training, float(eps), dx.data_ptr(),
+                       0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), tb, cl,
+                       _cl_chunks(n * length, c) if cl else None)
+    return dx, dw, db
 
 
 def dyt_forward(x, alpha, weight, bias):
