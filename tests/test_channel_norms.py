@@ -208,3 +208,33 @@ def test_channels_last_statistics_survive_offsets_and_outliers(monkeypatch, patt
             ref = reference(x64, w64, b64)
             err = ((ours(x, w, b).double() - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-6, (pattern, err)
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [0, 1, 3])  # 0: BatchNorm's per-channel stats (C,); else InstanceNorm's (N, C)
+@pytest.mark.parametrize("n, momentum", [(1, 0.1), (50, 0.3), (7, 1.0), (2, 0.0)])
+def test_running_stats_kernel_matches_the_reference(stat_dtype, rows, n, momentum):
+    """The CPU kernel's in-place update of the running statistics: the reference's torch
+    ops to the bit for per-channel statistics (within a few ulps of the values where it
+    averages samples, in float64 against their float32 mean), counted as an in-place
+    write."""
+    from addnorm import reference
+    from addnorm.kernels import cpu
+
+    acc = torch.float64 if stat_dtype is torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    shape = (37,) if rows == 0 else (rows, 37)
+    mean = torch.randn(shape, generator=g, dtype=acc) * 3
+    var = torch.rand(shape, generator=g, dtype=acc) * 2
+    running = [torch.randn(37, generator=g, dtype=acc).to(stat_dtype), torch.rand(37, generator=g).to(stat_dtype)]
+    ours, ref = [r.clone() for r in running], [r.clone() for r in running]
+    versions = [r._version for r in ours]
+    cpu.update_running_stats(*ours, mean, var, n, momentum)
+    reference.update_running_stats(*ref, mean, var, n, momentum)
+    assert [r._version for r in ours] > versions
+    for a, b in zip(ours, ref):
+        if rows <= 1:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:
+            scale = max(float(t.abs().max()) for t in (mean, var, *running))
+            torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(stat_dtype).eps * scale)

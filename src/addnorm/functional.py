@@ -690,8 +690,19 @@ def batch_norm(
         weight, bias, running_mean, running_var, training, float(eps),
     )
     if training and running_mean is not None and values_per_channel > 0:
-        update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
+        _update_running_stats(input, running_mean, running_var, mean, var, values_per_channel, momentum)
     return y.reshape(0) if empty_1d else y
+
+
+def _update_running_stats(input, running_mean, running_var, mean, var, n, momentum):
+    """The running statistics' update after a training forward of ``input`` (its batch
+    statistics ``mean`` and ``var``, n values each): where the forward ran the op, by
+    the op's backend (``ops.update_running_stats``); traced or transformed, where it ran
+    the reference's torch ops, by those."""
+    if _is_compiling() or _transformed((input, mean)):
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
+    else:
+        ops.update_running_stats(running_mean, running_var, mean, var, n, momentum, _backend.select(input.device))
 
 
 def instance_norm(
@@ -738,7 +749,7 @@ def instance_norm(
         _channel_layout(input), weight, bias, c, float(eps),
     )
     if running_mean is not None and input.numel() > 0:
-        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum)
+        _update_running_stats(input, running_mean, running_var, mean, var, spatial, momentum)
     return y
 
 

@@ -136,6 +136,16 @@ def _run(op, fn, *args):
     return op(*args) if _traced(args) else fn(*args)
 
 
+def update_running_stats(running_mean, running_var, mean, var, n, momentum, backend):
+    """``reference.update_running_stats`` after a training forward on ``backend``: by that
+    backend's kernel where it has one and nothing traces (the CPU's: one call of ~2 µs,
+    where the reference's torch ops take ~25, more than a small BatchNorm's kernel), else
+    by the reference's torch ops."""
+    args = (running_mean, running_var, mean, var)
+    update = reference.update_running_stats if _traced(args) else kernel(backend, "update_running_stats")
+    update(*args, n, momentum)
+
+
 class _Entry:
     """What ``functional`` calls for one norm: the forward custom op where anything
     traces (see ``_traced``); in plain eager, ``eager`` (the op's function, or the same

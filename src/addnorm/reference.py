@@ -324,9 +324,13 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int, momentum: float
 ) -> None:
     """r <- (1 - momentum) * r + momentum * batch, in place, as torch does; the running
-    variance takes the unbiased batch variance var * n / (n - 1) (n values per stat)."""
+    variance takes the unbiased batch variance var * n / (n - 1) (n values per stat).
+    mean and var are per channel (C,), or (N, C) per sample and channel, averaged over
+    the samples (InstanceNorm's)."""
     acc = mean.dtype
     mean, var = mean.detach(), var.detach()  # statistics, never a path for (forward) gradients
+    if mean.ndim == 2:
+        mean, var = mean.mean(0), var.mean(0)
     unbiased = var * (n / (n - 1)) if n > 1 else var
     with torch.no_grad():
         running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
@@ -623,7 +627,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     y, mean, var = GroupNormFunction.apply(input, weight, bias, input.shape[1], eps)
     if running_mean is not None:
         n = input[0, 0].numel()
-        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), n, momentum)
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return y
 
 

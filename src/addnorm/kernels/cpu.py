@@ -58,6 +58,7 @@ from .. import _backend
 from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
 from . import _torch_threads
+from .. import reference
 from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
 
 
@@ -1455,6 +1456,28 @@ def _batch_norm_bwd_at(n, c, length, dy, ty, x, tx, w, tw, mean, var, ts, traini
         _store_all(dba, at(db, tb, (c,)))
 
 
+
+@njit(cache=True, nogil=True)
+def _running_stats_at(c, rows, running_mean, running_var, tr, mean, var, ts, n, momentum):
+    """``update_running_stats`` by address: the running statistics (C,) of ``tr``'s dtype,
+    the batch's (rows, C) of ``ts``'s (the accumulation type), averaged over the rows in
+    float64.  The update in the accumulation type, term by term as the reference's
+    torch ops compute it (their results to the bit)."""
+    rm, rv = at(running_mean, tr, (c,)), at(running_var, tr, (c,))
+    m, v = at(mean, ts, (rows, c)), at(var, ts, (rows, c))
+    step, keep = acc(m, momentum), acc(m, 1.0 - momentum)
+    unbiased = acc(m, n / (n - 1) if n > 1 else 1.0)
+    for k in range(c):
+        bm, bv = m[0, k], v[0, k]
+        if rows > 1:
+            tm, tv = 0.0, 0.0
+            for r in range(rows):
+                tm += m[r, k]
+                tv += v[r, k]
+            bm, bv = acc(m, tm / rows), acc(m, tv / rows)
+        st(rm, k, step * bm + keep * acc(m, ld(rm, k)))
+        st(rv, k, step * (bv * unbiased) + keep * acc(m, ld(rv, k)))
+
 # ---------------------------------------------------------------------------
 # DyT: y = w * tanh(alpha * x) + b over rows.
 # ---------------------------------------------------------------------------
@@ -1836,6 +1859,21 @@ def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
                        0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), tb, cl,
                        _cl_chunks(n * length, c) if cl else None)
     return dx, dw, db
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    rm, rv = running_mean, running_var
+    if not (
+        type(rm) is torch.Tensor and type(rv) is torch.Tensor and rm.is_cpu and rv.is_cpu
+        and rm.dtype is rv.dtype and rm.dtype in _TOKENS and rm.is_contiguous() and rv.is_contiguous()
+        and rm.numel() == rv.numel() == mean.shape[-1] and mean.dtype in _TOKENS
+    ):
+        return reference.update_running_stats(rm, rv, mean, var, n, momentum)
+    mean, var = mean.detach().contiguous(), var.detach().contiguous()
+    rows = 1 if mean.ndim == 1 else mean.shape[0]
+    _running_stats_at(rm.numel(), rows, rm.data_ptr(), rv.data_ptr(), _TOKENS[rm.dtype], mean.data_ptr(),
+                      var.data_ptr(), _TOKENS[mean.dtype], n, float(momentum))
+    torch.autograd.graph.increment_version((rm, rv))  # written in place, as copy_ would count it
 
 
 def dyt_forward(x, alpha, weight, bias):
