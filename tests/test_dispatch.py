@@ -198,9 +198,9 @@ def test_layer_norm_runs_ours_from_its_dtypes_bound(monkeypatch, dtype):
 @pytest.mark.native_rule
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatch, dtype):
-    """InstanceNorm runs ours from 2^17 elements (2^19 for contiguous float16/bfloat16);
-    BatchNorm in training on a contiguous float32/float64 input from 2^19; both only with
-    48 values or more per (sample, channel); every other BatchNorm and InstanceNorm runs
+    """InstanceNorm runs ours from 2^11 elements (float32/float64: with 48 values or more
+    per (sample, channel)); BatchNorm in training on a contiguous float32/float64 input
+    from 2^17, with 48 values or more per (sample, channel); every other BatchNorm runs
     torch's kernel at every size (``_NATIVE_BELOW``)."""
     gn, bn = _ours("group_norm", monkeypatch), _ours("batch_norm", monkeypatch)
     half = dtype in (torch.float16, torch.bfloat16)
@@ -221,19 +221,19 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
         return AF.batch_norm(x, torch.zeros(x.shape[1]).to(dtype), torch.ones(x.shape[1]).to(dtype))
 
     cl = torch.channels_last
-    assert not ran(inorm, (2, 64, 31, 32))  # 126,976 elements: below 2^17
-    assert ran(inorm, (2, 64, 32, 32)) is not half  # 2^17
-    assert ran(inorm, (2, 64, 32, 32), cl)
-    assert ran(inorm, (4, 64, 32, 32)) is not half  # 2^18
-    assert ran(inorm, (8, 64, 32, 32))  # 2^19
-    assert not ran(train, (8, 64, 31, 32))
-    assert ran(train, (8, 64, 32, 32)) is not half  # 2^19
+    assert not ran(inorm, (1, 8, 255))  # 2,040 elements: below 2^11
+    assert ran(inorm, (1, 8, 256))  # 2^11
+    assert ran(inorm, (2, 16, 8, 8), cl)
+    assert ran(inorm, (4, 64, 32, 32))
+    assert not ran(train, (8, 64, 15, 16))
+    assert ran(train, (8, 64, 16, 16)) is not half  # 2^17
     assert not ran(train, (8, 64, 32, 32), cl)
     assert not ran(eval_, (8, 64, 32, 32))
     assert ran(train, (128, 64, 64)) is not half  # BatchNorm1d's (N, C, L), 64 values per run
     assert not ran(train, (8192, 64))  # BatchNorm1d's (N, C): one value per (sample, channel)
     assert not ran(train, (4096, 64, 2))
-    assert not ran(inorm, (4096, 8, 47))  # 47 values per (sample, channel)
+    assert ran(inorm, (4096, 8, 47)) is half  # 47 values per (sample, channel): torch's in float32
+    assert ran(inorm, (64, 8, 4)) is half
     assert ran(inorm, (4096, 8, 48))
 
 
@@ -241,9 +241,10 @@ def test_channel_norms_run_our_kernel_where_torchs_cpu_kernel_is_slow(monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypatch, dtype):
     """Channels-last GroupNorm (``_group_norm_rule``), G = 32: where torch's kernel's vector
-    loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8, and D % 8 from 2^15
-    positions below 1024 spatial positions), from 2^13 (sample, group, position)s
-    (float32 recording a graph: 2^15), both passes run ours below 1024 spatial positions; at 1024 and more torch's forward runs, with our backward where
+    loops miss D = C / G (float16/bfloat16: D % 16; float32: D < 8, and D % 8 from 2^14
+    positions below 1024 spatial positions), from 2^12 (sample, group, position)s
+    (float32: 2^13, and 2^14 recording a graph), both passes run ours below 1024 spatial
+    positions; at 1024 and more torch's forward runs, with our backward where
     autograd records the graph.  From 8M elements ours runs, but for one sample (torch's
     forward).  Everything else runs torch's kernel."""
     ours = _ours("group_norm", monkeypatch)
@@ -262,18 +263,22 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
         ]
 
     assert ran((2, 64, 16, 16), grad=False) == "ours"  # D = 2, 2^14 positions
-    assert ran((2, 64, 16, 16)) == ("ours" if half else "torch")  # float32's backward: 2^15
+    assert ran((2, 64, 16, 16)) == "ours"  # float32 recording a graph: from 2^14
     assert ran((4, 64, 16, 16)) == "ours"
     assert ran((4, 64, 16, 16), grad=False, param_grad=True) == "ours"  # the weight's gradient alone
     assert ran((4, 64, 32, 32)) == "torch forward, our backward"  # 1024 positions
     assert ran((4, 64, 32, 32), grad=False) == "torch"
-    assert ran((2, 64, 8, 8)) == "torch"  # 2^12 positions
+    assert ran((2, 64, 8, 8), grad=False) == ("ours" if half else "torch")  # 2^12 positions
+    assert ran((4, 64, 8, 8), grad=False) == "ours"  # 2^13
+    assert ran((4, 64, 8, 8)) == ("ours" if half else "torch")
+    assert ran((1, 64, 8, 8)) == "torch"  # 2^11
     assert ran((4, 64, 16, 16), layout=torch.contiguous_format) == "torch"
     before = len(ours), len(hybrid)  # strided, neither contiguous nor channels-last: as contiguous
     AF.group_norm(torch.randn(4, 64, 16, 16).to(dtype).transpose(2, 3).requires_grad_(), 32).sum().backward()
     assert (len(ours), len(hybrid)) == before
-    assert ran((2, 64, 4, 8, 8), layout=torch.channels_last_3d) == ("ours" if half else "torch")
-    assert ran((2, 320, 16, 16)) == ("ours" if half else "torch")  # D = 10, 2^14 positions
+    assert ran((2, 64, 4, 8, 8), layout=torch.channels_last_3d) == "ours"
+    assert ran((2, 320, 16, 16)) == "ours"  # D = 10, 2^14 positions
+    assert ran((4, 640, 8, 8)) == ("ours" if half else "torch")  # D = 20, 2^13 positions
     assert ran((8, 320, 16, 16)) == "ours"  # 2^16 positions: float32's D % 8 too
     assert ran((8, 320, 16, 16), grad=False) == "ours"
     assert ran((8, 256, 16, 16)) == ("ours" if half else "torch")  # D = 8

@@ -268,29 +268,33 @@ def _inlined(x: Tensor) -> bool:
 # The channel norms' bounds depend on where torch's CPU kernel is slow (2 cores, the
 # CNN and UNet shapes and 12.8M-element ones, each pass, against our kernel forced;
 # ``_channel_rule`` picks the key): InstanceNorm (torch's runs its BatchNorm kernel on an
-# (1, N*C, *) view) is 2-10x faster on ours from 128K elements in float32/float64 and
-# channels-last float16/bfloat16, and from 512K elements in contiguous float16/bfloat16
-# (1.1x-1.8x in every pass at 512K-1M; 0.88x-1.35x at 256K); BatchNorm in training on a contiguous float32/float64 input is 1.4x-5.8x
-# faster on ours from 512K elements (torch's kernel: 6.3 ms at 32x64x56x56 float32, where
-# its bfloat16 one takes 1.2).  Both only where each (sample, channel) has 48 values or
-# more (a ResNet's last 7x7 and up): over fewer ours falls behind (BatchNorm1d's (N, C),
-# one value each, 0.05x-0.12x; 8 values each, 0.8x fwd+bwd).  Every other BatchNorm
-# (eval; channels-last; float16/bfloat16) and InstanceNorm runs torch's kernel at every
-# size measured (ours 0.4x-0.95x; 12.8M elements included).
+# (1, N*C, *) view, ~30 µs at the smallest shapes) is faster on ours from 2K elements in
+# every dtype and layout (1.1x-1.9x in every pass at 2K-4K, 1.4x-10x from 64K; at 256-400
+# elements 0.9x-1.6x); BatchNorm in training on a contiguous float32/float64 input from
+# 128K elements (1.2x-6x in every pass; at 64K the forward 2x, forward+backward 0.87x;
+# torch's kernel: 6.3 ms at 32x64x56x56 float32, where its bfloat16 one takes 1.2).  In
+# float32/float64 both only where each (sample, channel) has 48 values or more (a
+# ResNet's last 7x7 and up): over fewer ours falls behind (BatchNorm1d's (N, C), one value
+# each, 0.05x-0.12x; InstanceNorm over 4 values 0.6x-0.98x, over 16 1.0x forward+backward);
+# a float16/bfloat16 InstanceNorm over 4 values is 2.5x-3.5x faster on ours.  Every other
+# BatchNorm (eval; channels-last; float16/bfloat16) runs torch's kernel at every size
+# measured (ours 0.4x-1.4x, mixed; 12.8M elements included).
 #
 # GroupNorm on a channels-last input (``_group_norm_rule``): torch's CPU kernel loops over
 # the D = C / G channels of a group in one spatial position with vector loads, and where
 # they do not cover D (float16/bfloat16: D not a multiple of 16; float32: D < 8), it pays
 # ~15 ns per (sample, group, position), against our ~0.2-0.4 ns per value (float32 D of
 # 10, 12 or 20, not a multiple of 8, costs it less: ours is 1.0x-3.7x faster in every
-# pass from 2^15 positions below 1024 spatial positions, 0.7x-1.1x below 2^15; D of 8,
+# pass from 2^14 positions below 1024 spatial positions, 0.8x-1.2x at 2^13; D of 8,
 # 16, 24, 40 or 48 0.6x-2.7x, mixed, so torch's).  Its forward
 # does so below 1024 spatial positions (above, it splits the work by position and is
 # 1.4x-3x faster than ours); its backward at every spatial size.  Measured against each
 # other per pass (bfloat16, G = 32): forward 2x1280x16x16 (D = 40) ours 1.8x, 32x64x14x14
 # (D = 2) 23x; backward 2x320x64x64 (D = 10) 6.2x, 32x64x64x64 26x; at D = 16 torch's is
-# 1.1x-5x faster.  So where D is one of those, from 2^13 positions (float32: 2^15 for the
-# backward, which it runs faster below), ours runs both passes below 1024 spatial
+# 1.1x-5x faster.  So where D is one of those, from 2^12 positions in float16/bfloat16
+# (1.2x-3x in every pass at 2^12; 0.8x-2x at 2^11) and 2^13 in float32 (2^14 where
+# autograd records the graph: at 2^13 forward+backward 0.9x, at 2^14 1.1x-2.7x in every
+# pass), ours runs both passes below 1024 spatial
 # positions ("group_norm_ours"); above, torch's forward with our backward where autograd
 # records the graph ("group_norm_torch_forward"), and torch's kernel where it does not.
 # From 8M elements ours runs, but one sample (a VAE decoder's 1x128x512x512) keeps torch's
@@ -307,14 +311,13 @@ _NATIVE_BELOW = {
     "group_norm_ours": 0,  # channels-last, where torch's kernel is slow: ``_group_norm_rule``
     "group_norm_torch_forward": 0,  # the same, with torch's forward where only its backward is
     "group_norm_torch": _EVERY_SIZE,  # channels-last, one sample, 8M elements and more
-    "instance_norm": 1 << 17,  # float32/float64, and channels-last float16/bfloat16
-    "instance_norm_half": 1 << 19,  # contiguous float16/bfloat16
-    "instance_norm_short": _EVERY_SIZE,  # fewer than 48 values per (sample, channel)
-    "batch_norm_train": 1 << 19,  # training, contiguous float32/float64
+    "instance_norm": 1 << 11,
+    "instance_norm_short": _EVERY_SIZE,  # float32/float64, fewer than 48 values per (sample, channel)
+    "batch_norm_train": 1 << 17,  # training, contiguous float32/float64
     "batch_norm": _EVERY_SIZE,  # every other BatchNorm
     "compiled": 1 << 22,  # every norm under torch.compile: see ``_inlined``
 }
-_SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and InstanceNorm keep torch's kernel
+_SHORT_RUNS = 48  # values per (sample, channel) below which BatchNorm and float32/float64 InstanceNorm keep torch's kernel
 _TORCH_GN_SPLIT = 1024  # spatial size from which torch's channels-last GroupNorm forward is the fast one
 # Off the CPU the twin runs at every size where the device's default backend has no
 # kernel of its own for the norm, so that ours would be the reference's chain of torch
@@ -335,12 +338,13 @@ def _channel_rule(input: Tensor, instance: bool) -> str:
     if type(input) is not Tensor or input.ndim < 3:
         return "instance_norm_short" if instance else "batch_norm"
     s = input.shape
-    if input.numel() < _SHORT_RUNS * s[0] * s[1]:
-        return "instance_norm_short" if instance else "batch_norm"
-    half, contiguous = input.dtype in _REDUCED, input.is_contiguous()
+    half = input.dtype in _REDUCED
     if instance:
-        return "instance_norm_half" if half and contiguous else "instance_norm"
-    return "batch_norm_train" if contiguous and not half else "batch_norm"
+        short = not half and input.numel() < _SHORT_RUNS * s[0] * s[1]
+        return "instance_norm_short" if short else "instance_norm"
+    if half or input.numel() < _SHORT_RUNS * s[0] * s[1]:
+        return "batch_norm"
+    return "batch_norm_train" if input.is_contiguous() else "batch_norm"
 
 
 def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> str:
@@ -359,11 +363,11 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     # the cheap exits first: a small call pays only these (~0.4 µs)
     if numel < _NATIVE_BELOW["group_norm"]:
         # where torch's vector loops do not cover D: float16/bfloat16 D % 16; float32
-        # D < 8, and other D % 8 from 2^15 positions below 1024 spatial positions
+        # D < 8, and other D % 8 from 2^14 positions below 1024 spatial positions
         slow = d % 16 if half else d < 8 or (
-            d % 8 and positions >= 1 << 15 and positions // num_groups // n < _TORCH_GN_SPLIT
+            d % 8 and positions >= 1 << 14 and positions // num_groups // n < _TORCH_GN_SPLIT
         )
-        if positions < 1 << 13 or not slow:
+        if positions < (1 << 12 if half else 1 << 13) or not slow:
             return "group_norm"
     elif n > 1:
         return "group_norm"
@@ -380,7 +384,7 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
         return "group_norm_torch_forward" if recorded and half and d % 16 else "group_norm_torch"
     spatial = positions // num_groups // n
     if recorded:
-        if half or positions >= 1 << 15:
+        if half or positions >= 1 << 14:
             return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
         return "group_norm"
     return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm"
