@@ -379,9 +379,10 @@ SWEEP_ROWS = (1, 8, 64, 512, 4096, 65536)
 SWEEP_HIDDEN = (64, 256, 1024, 4096, 16384)
 SWEEP_MAX_ELEMENTS = 1 << 24  # 64 MB of float32 per tensor
 SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# CNN (ResNet stages) and diffusion-UNet (SD 1.x at 512 px, batch 2) activations
+# CNN (ResNet stages; a CIFAR ResNet's last, 128K elements, where a call's fixed cost
+# counts) and diffusion-UNet (SD 1.x at 512 px, batch 2) activations
 SWEEP_CHANNEL_SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (2, 320, 64, 64),
-                        (2, 640, 32, 32), (2, 1280, 16, 16)]
+                        (2, 640, 32, 32), (2, 1280, 16, 16), (32, 64, 8, 8)]
 ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 CHANNEL_OPS = ("batch_norm_train", "batch_norm_eval", "group_norm", "instance_norm")
 
