@@ -1733,7 +1733,12 @@ def _channels_last(x: torch.Tensor) -> bool:
     return memory_format(x) is not torch.contiguous_format
 
 
-def _cl_chunks(rows: int, channels: int) -> int:
+def _cl_chunks(x: torch.Tensor, threads: int) -> int:
+    """In how many chunks of rows (``_CL_CHUNK_ELEMENTS`` values each, at least a row) a
+    channels-last BatchNorm's kernels take their statistics: by size alone, for any
+    number of threads (``_cl_split``'s signature, as ``_channel_backward`` calls both)."""
+    channels = x.shape[1]
+    rows = x.numel() // max(1, channels)
     return max(1, min(rows, rows * channels // _CL_CHUNK_ELEMENTS))
 
 
@@ -1785,6 +1790,13 @@ def group_norm_forward(x, weight, bias, num_groups, eps):
 
 
 def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
+    return _channel_backward(_group_norm_bwd_at, _cl_split, dy, x, weight, bias, mean, var, num_groups, eps)
+
+
+def _channel_backward(bwd_at, chunks, dy, x, weight, bias, mean, var, how, eps):
+    """A channel norm's backward on x's storage: ``bwd_at`` (``_group_norm_bwd_at``, with
+    ``how`` the group count, or ``_batch_norm_bwd_at``, with ``how`` training), its
+    channels-last kernels in ``chunks(x, threads)`` chunks.  -> (dx, dw, db)."""
     x, n, c, length, cl = _channel_input(x)
     threads = _threads(x.numel())
     dy = _same_layout(dy, x)
@@ -1792,10 +1804,9 @@ def group_norm_backward(dy, x, weight, mean, var, num_groups, eps, bias):
     (w, tw), tb = _param_address(weight, tx), tx if bias is None else _TOKENS[bias.dtype]
     mean, var = mean.contiguous(), var.contiguous()
     dx, dw, db = _empty_as(x), _grad_like(weight), _grad_like(bias)
-    _group_norm_bwd_at(n, c, length, dy.data_ptr(), _TOKENS[dy.dtype], x.data_ptr(), tx, w, tw, mean.data_ptr(),
-                       var.data_ptr(), _TOKENS[mean.dtype], num_groups, float(eps), dx.data_ptr(),
-                       0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), tb, cl,
-                       _cl_split(x, threads) if cl else None)
+    bwd_at(n, c, length, dy.data_ptr(), _TOKENS[dy.dtype], x.data_ptr(), tx, w, tw, mean.data_ptr(), var.data_ptr(),
+           _TOKENS[mean.dtype], how, float(eps), dx.data_ptr(), 0 if dw is None else dw.data_ptr(),
+           0 if db is None else db.data_ptr(), tb, cl, chunks(x, threads) if cl else None)
     return dx, dw, db
 
 
@@ -1814,8 +1825,6 @@ def _cl_split(x: torch.Tensor, threads: int) -> int | None:
     return -(-threads // n)
 
 
-
-
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
     """A parameter's gradient from per-sample (or per-chunk) partial sums (rows of
     ``part``), added in order; in the parameter's dtype.  None where either is None."""
@@ -1832,7 +1841,7 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
     x, n, c, length, cl = _channel_input(x)
-    _threads(x.numel())
+    threads = _threads(x.numel())
     acc = acc_dtype(x.dtype)
     tx = _TOKENS[x.dtype]
     (w, tw), (b, tb) = _param_address(weight, tx), _param_address(bias, tx)
@@ -1842,23 +1851,12 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     y = _empty_as(x)
     _batch_norm_fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                       _TOKENS[acc], training, float(eps), cl, _cl_chunks(n * length, c) if cl else None)
+                       _TOKENS[acc], training, float(eps), cl, _cl_chunks(x, threads) if cl else None)
     return y, mean, var
 
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
-    x, n, c, length, cl = _channel_input(x)
-    _threads(x.numel())
-    dy = _same_layout(dy, x)
-    tx = _TOKENS[x.dtype]
-    (w, tw), tb = _param_address(weight, tx), tx if bias is None else _TOKENS[bias.dtype]
-    mean, var = mean.contiguous(), var.contiguous()
-    dx, dw, db = _empty_as(x), _grad_like(weight), _grad_like(bias)
-    _batch_norm_bwd_at(n, c, length, dy.data_ptr(), _TOKENS[dy.dtype], x.data_ptr(), tx, w, tw, mean.data_ptr(),
-                       var.data_ptr(), _TOKENS[mean.dtype], training, float(eps), dx.data_ptr(),
-                       0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), tb, cl,
-                       _cl_chunks(n * length, c) if cl else None)
-    return dx, dw, db
+    return _channel_backward(_batch_norm_bwd_at, _cl_chunks, dy, x, weight, bias, mean, var, training, eps)
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):
