@@ -1456,7 +1456,6 @@ def _batch_norm_bwd_at(n, c, length, dy, ty, x, tx, w, tw, mean, var, ts, traini
         _store_all(dba, at(db, tb, (c,)))
 
 
-
 @njit(cache=True, nogil=True)
 def _running_stats_at(c, rows, running_mean, running_var, tr, mean, var, ts, n, momentum):
     """``update_running_stats`` by address: the running statistics (C,) of ``tr``'s dtype,
@@ -1477,6 +1476,7 @@ def _running_stats_at(c, rows, running_mean, running_var, tr, mean, var, ts, n, 
             bm, bv = acc(m, tm / rows), acc(m, tv / rows)
         st(rm, k, step * bm + keep * acc(m, ld(rm, k)))
         st(rv, k, step * (bv * unbiased) + keep * acc(m, ld(rv, k)))
+
 
 # ---------------------------------------------------------------------------
 # DyT: y = w * tanh(alpha * x) + b over rows.
