@@ -300,3 +300,123 @@ def test_jit_trace_records_torch_ops_that_run_and_save_without_addnorm(case, mon
         for got in (traced(*fresh), loaded(*fresh)):
             for g, e in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, expected))):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def _scriptable_cases():
+    """(module, torch.nn's twin or None, inputs): every module class torch.jit.script compiles."""
+    for ours_cls, torch_cls, args, kwargs in TWINS:
+        yield ours_cls(*args, **kwargs), torch_cls(*args, **kwargs), (torch.randn(_input_shape(torch_cls, args)),)
+    yield addnorm.InstanceNorm1d(5), nn.InstanceNorm1d(5), (torch.randn(5, 7),)  # unbatched
+    x, residual = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    yield addnorm.AddLayerNorm(16), nn.LayerNorm(16), (x, residual)
+    yield addnorm.AddRMSNorm(16, eps=1e-6), nn.RMSNorm(16, eps=1e-6), (x, residual)
+    yield addnorm.DyT((5, 16)), None, (x,)
+    yield addnorm.ScaleNorm(16), None, (x,)
+
+
+SCRIPTABLE = list(_scriptable_cases())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch's own notice
+@pytest.mark.parametrize("case", range(len(SCRIPTABLE)), ids=lambda i: type(SCRIPTABLE[i][0]).__name__)
+def test_jit_script_runs_torch_nn_forward(case):
+    """torch.jit.script of a module compiles torch.nn's own forward (addnorm's is Python
+    around numba kernels): the scripted module gives the twin's outputs, gradients and
+    running statistics, in training and in eval, and saves and loads with no addnorm op.
+    The fused adds add, then normalize; DyT and ScaleNorm run the reference's torch ops."""
+    ours, twin, inputs = _scriptable_cases_fresh(case)
+    _randomize(ours)
+    if twin is not None:
+        twin.load_state_dict(ours.state_dict(), strict=True)
+    scripted = torch.jit.script(ours)
+    assert "addnorm::" not in str(scripted.graph)
+    for training in (True, False):
+        ours.train(training)
+        scripted.train(training)
+        if twin is not None:
+            twin.train(training)
+        leaves = tuple(x.clone().requires_grad_() for x in inputs)
+        got = scripted(*leaves)
+        got = got if isinstance(got, tuple) else (got,)
+        if twin is None:
+            with torch.no_grad():
+                expected = (ours(*inputs),)  # addnorm's kernel: equal to rounding
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        else:
+            twin_leaves = tuple(x.clone().requires_grad_() for x in inputs)
+            r = twin_leaves[0] + twin_leaves[1] if len(inputs) == 2 else twin_leaves[0]
+            expected = (twin(r), r) if len(inputs) == 2 else (twin(r),)
+            for g, e in zip(got, expected):
+                assert torch.equal(g, e)
+            sum(o.sum() * (k + 1) for k, o in enumerate(expected)).backward()
+        sum(o.sum() * (k + 1) for k, o in enumerate(got)).backward()
+        if twin is not None:
+            for a, b in zip(leaves, twin_leaves):
+                assert torch.equal(a.grad, b.grad)
+            for (name, a), b in zip(ours.named_parameters(), twin.parameters()):
+                assert torch.equal(a.grad, b.grad), name
+            for (name, a), b in zip(ours.named_buffers(), twin.buffers()):
+                assert torch.equal(a, b), name  # running statistics, batches tracked
+        else:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters())
+        ours.zero_grad()
+        if twin is not None:
+            twin.zero_grad()
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    with torch.no_grad():
+        for g, e in zip(*(o if isinstance(o, tuple) else (o,) for o in (loaded(*inputs), scripted(*inputs)))):
+            assert torch.equal(g, e)
+
+
+def _scriptable_cases_fresh(case):
+    torch.manual_seed(case)
+    return list(_scriptable_cases())[case]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_jit_script_of_a_patched_model_loads_without_addnorm(tmp_path):
+    """A model with addnorm's norms (patched in, or built with them) scripts as a whole,
+    keeps its eager forward on addnorm's kernels, and its saved file loads in a process
+    that cannot import addnorm."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.BatchNorm2d(8), nn.Flatten(2),
+        nn.LayerNorm(16), nn.RMSNorm(16), addnorm.ScaleNorm(16),
+    )
+    assert addnorm.patch(model, norms=addnorm.patching.KINDS) == 4
+    kinds = [type(m) for m in model]
+    _randomize(model)
+    model.eval()
+    x = torch.randn(2, 3, 4, 4)
+    scripted = torch.jit.script(model)
+    assert [type(m) for m in model] == kinds  # scripting swapped nothing back
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+        path = tmp_path / "model.pt"
+        torch.jit.save(scripted, str(path))
+        torch.save(x, str(tmp_path / "x.pt"))
+        expected = scripted(x)
+    torch.save(expected, str(tmp_path / "y.pt"))
+    code = (
+        "import sys, torch; sys.modules['addnorm'] = None\n"  # any import of addnorm fails
+        f"m = torch.jit.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"assert torch.equal(m(x), torch.load({str(tmp_path / 'y.pt')!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("kwargs", [{"offset": 1.0}, {"casting_mode": "llama"}, {"casting_mode": "none"}])
+def test_jit_script_refuses_what_torch_nn_rmsnorm_cannot_compute(kwargs):
+    norm = addnorm.RMSNorm(8, **kwargs)
+    model = nn.Sequential(nn.Linear(8, 8), norm)
+    with pytest.raises(RuntimeError, match="offset=.*casting_mode="):
+        torch.jit.script(model)
+    assert model[1] is norm  # nothing swapped
+    torch.jit.script(addnorm.RMSNorm(8, casting_mode="gemma"))  # torch's rounding: compiles

@@ -4,17 +4,25 @@ Each class that has a torch.nn twin subclasses it, so the constructor signature,
 defaults, parameters, buffers, ``state_dict`` keys, ``repr`` and ``isinstance`` checks
 are torch's own, and only ``forward`` changes: it calls ``addnorm.functional``.
 A model's norms can be swapped both ways with ``load_state_dict(strict=True)``.
+
+``torch.jit.script`` cannot compile addnorm's forward (Python around numba kernels), so
+under TorchScript each module runs torch.nn's own forward instead: the same function on
+torch's kernels, and a scripted model saves and loads without addnorm.  The modules torch
+lacks run the reference's torch ops there (``ScaleNorm``, ``DyT``; the fused adds add,
+then normalize).
 """
 
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import Tensor, nn
 from torch.nn import init
 
 from . import functional as AF
+from . import reference
 
 __all__ = [
     "LayerNorm",
@@ -54,6 +62,23 @@ def _state(module: nn.Module, name: str, *default):
     return t
 
 
+# TorchScript reads a call of ``torch.jit.is_scripting`` as a constant: it compiles only the
+# scripted branch of a forward; in eager code the call costs ~20 ns
+_scripting = torch.jit.is_scripting
+
+
+def _scripted(method):
+    """torch.nn's ``method`` (a function of a torch.nn class) as ``_torch_<name>``, for the
+    scripted branch of the method that overrides it.  TorchScript compiles a called method
+    from its source under the function's ``__name__``: torch's own would be a second
+    ``forward``."""
+    name = "_torch_" + method.__name__.lstrip("_")
+    f = types.FunctionType(method.__code__, method.__globals__, name, method.__defaults__, method.__closure__)
+    f.__qualname__ = name
+    f.__annotations__ = method.__annotations__
+    return f
+
+
 class LayerNorm(nn.LayerNorm):
     r"""LayerNorm over the trailing ``normalized_shape`` dims (Ba et al., 2016).
 
@@ -63,7 +88,11 @@ class LayerNorm(nn.LayerNorm):
     Shape: input ``(*, *normalized_shape)``, output the same.
     """
 
+    _torch_forward = _scripted(nn.LayerNorm.forward)
+
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return self._torch_forward(input)
         return AF.layer_norm(input, self.normalized_shape, _state(self, "weight"), _state(self, "bias"), self.eps)
 
 
@@ -105,11 +134,27 @@ class RMSNorm(nn.RMSNorm):
         if self.elementwise_affine:
             init.constant_(self.weight, 1.0 - self.offset)
 
+    _torch_forward = _scripted(nn.RMSNorm.forward)
+
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return self._torch_forward(input)
         return AF.rms_norm(
             input, self.normalized_shape, _state(self, "weight"), self.eps, offset=self.offset,
             casting_mode=self.casting_mode,
         )
+
+    def __prepare_scriptable__(self) -> RMSNorm:
+        """torch.jit.script asks this first: torch.nn's RMSNorm, which the scripted module
+        runs, has neither an offset nor a casting mode ("gemma" without an offset rounds as
+        torch: ``addnorm.patch`` gives it to a patched torch.nn.RMSNorm)."""
+        if self.offset or self.casting_mode not in ("torch", "gemma"):
+            raise RuntimeError(
+                f"torch.jit.script runs torch.nn.RMSNorm's forward, which has no offset or casting "
+                f"mode: got offset={self.offset}, casting_mode={self.casting_mode!r}; torch.jit.trace, "
+                f"torch.compile and torch.export keep them"
+            )
+        return self
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
@@ -126,6 +171,9 @@ class AddLayerNorm(LayerNorm):
     state_dict as :class:`LayerNorm`."""
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if _scripting():
+            r = x + residual
+            return self._torch_forward(r), r
         return AF.add_layer_norm(
             x, residual, self.normalized_shape, _state(self, "weight"), _state(self, "bias"), self.eps
         )
@@ -136,6 +184,9 @@ class AddRMSNorm(RMSNorm):
     x + residual)``.  Arguments, parameters and state_dict as :class:`RMSNorm`."""
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if _scripting():
+            r = x + residual
+            return self._torch_forward(r), r
         return AF.add_rms_norm(
             x, residual, self.normalized_shape, _state(self, "weight"), self.eps, offset=self.offset,
             casting_mode=self.casting_mode,
@@ -146,7 +197,11 @@ class _BatchNorm:
     """forward for BatchNorm1d/2d/3d, torch's semantics: running statistics tracked in
     training with ``momentum`` (``None``: the cumulative average); eval uses them."""
 
+    _torch_forward = _scripted(nn.modules.batchnorm._BatchNorm.forward)
+
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return self._torch_forward(input)
         self._check_input_dim(input)
         running_mean, running_var = _state(self, "running_mean"), _state(self, "running_var")
         batches = _state(self, "num_batches_tracked")
@@ -194,7 +249,11 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 class _InstanceNorm:
     """forward for InstanceNorm1d/2d/3d with torch's semantics, unbatched input included."""
 
-    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+    _torch_apply_instance_norm = _scripted(nn.modules.instancenorm._InstanceNorm._apply_instance_norm)
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:  # torch.nn's forward calls it
+        if _scripting():
+            return self._torch_apply_instance_norm(input)
         return AF.instance_norm(
             input,
             _state(self, "running_mean"),
@@ -233,7 +292,11 @@ class GroupNorm(nn.GroupNorm):
     :class:`torch.nn.GroupNorm`.  Shape: input ``(N, C, *)``, output the same.
     """
 
+    _torch_forward = _scripted(nn.GroupNorm.forward)
+
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return self._torch_forward(input)
         return AF.group_norm(input, self.num_groups, _state(self, "weight"), _state(self, "bias"), self.eps)
 
 
@@ -262,6 +325,8 @@ class ScaleNorm(nn.Module):
         init.constant_(self.weight, math.sqrt(self.dim))
 
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return reference.scale_norm_forward(input, self.weight, self.eps)[0]
         return AF.scale_norm(input, _state(self, "weight"), self.eps)
 
     def extra_repr(self) -> str:
@@ -300,6 +365,8 @@ class DyT(nn.Module):
         init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return reference.dyt_forward(input, self.alpha, self.weight, self.bias)
         return AF.dyt(input, _state(self, "alpha"), _state(self, "weight"), _state(self, "bias"))
 
     def extra_repr(self) -> str:
