@@ -1,5 +1,6 @@
 """Modules are drop-ins for torch.nn: signatures, repr, state_dict both ways, training."""
 
+import copy
 import inspect
 import io
 
@@ -420,3 +421,83 @@ def test_jit_script_refuses_what_torch_nn_rmsnorm_cannot_compute(kwargs):
         torch.jit.script(model)
     assert model[1] is norm  # nothing swapped
     torch.jit.script(addnorm.RMSNorm(8, casting_mode="gemma"))  # torch's rounding: compiles
+
+
+@pytest.mark.parametrize("case", range(len(SCRIPTABLE)), ids=lambda i: type(SCRIPTABLE[i][0]).__name__)
+def test_fx_symbolic_trace_keeps_each_module_whole(case):
+    """torch.fx.symbolic_trace keeps torch.nn's modules whole (one ``call_module`` node)
+    and traces into any other; addnorm's modules are kept whole as well (tracing into
+    them ran their checks on fx's proxies and raised), so fx-based tools see them as
+    torch.nn's.  The traced module runs addnorm's forward: the same outputs, and in
+    training the same running statistics, as the module called directly."""
+    module, _, inputs = _scriptable_cases_fresh(case)
+    _randomize(module)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = module
+
+        def forward(self, x):
+            return self.norm(x)
+
+    class AddModel(Model):
+        def forward(self, x, residual):
+            return self.norm(x, residual)
+
+    model = (AddModel if len(inputs) == 2 else Model)()
+    traced = torch.fx.symbolic_trace(model)
+    calls = [(n.op, n.target) for n in traced.graph.nodes if n.op not in ("placeholder", "output")]
+    assert calls == [("call_module", "norm")]
+    twin = copy.deepcopy(module)
+    for training in (True, False):
+        traced.train(training)
+        twin.train(training)
+        got, expected = traced(*inputs), twin(*inputs)
+        for g, e in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, expected))):
+            assert torch.equal(g, e)
+        for (name, a), b in zip(module.named_buffers(), twin.buffers()):
+            assert torch.equal(a, b), name
+
+
+def test_fx_symbolic_trace_of_patched_models():
+    """A model whose norms ``addnorm.patch`` swapped (torch.nn's, with or without a pinned
+    backend, and a model family's own norm class) traces with fx, each norm one node."""
+
+    class FamilyRMSNorm(nn.Module):  # a model family's norm, as Llama's is written
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, hidden_states):
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return self.weight * hidden_states.to(input_dtype)
+
+    for backend in (None, "numba"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), FamilyRMSNorm(8), nn.RMSNorm(8))
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            expected = model(x)
+        assert addnorm.patch(model, backend=backend) == 3
+        traced = torch.fx.symbolic_trace(model)
+        assert [n.op for n in traced.graph.nodes][1:-1] == ["call_module"] * 4
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fx_traces_into_a_subclass_that_overrides_forward():
+    """fx keeps a module whole only where its own forward is addnorm's: a subclass's
+    forward is traced (here to its torch ops, and a call through super() is not taken
+    for the whole module's call)."""
+
+    class Shifted(addnorm.LayerNorm):
+        def forward(self, input):
+            return input + 1.0 if isinstance(input, torch.fx.Proxy) else super().forward(input) + 1.0
+
+    traced = torch.fx.symbolic_trace(nn.Sequential(Shifted(4)))
+    assert [n.op for n in traced.graph.nodes][1:-1] == ["call_function"]

@@ -76,7 +76,7 @@ def _traced_pairs(model, modules, example_inputs):
     """(layer, norm) name pairs from the fx graph, and reasons for the norms left out;
     (None, {}) where the model does not trace."""
     try:
-        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model))
+        graph_module = torch.fx.symbolic_trace(model)  # addnorm's norms stay whole, as torch.nn's
     except Exception:  # control flow on values, unsupported ops: the Sequential fallback
         return None, {}
     if example_inputs is not None:
@@ -106,14 +106,6 @@ def _traced_pairs(model, modules, example_inputs):
         else:
             pairs.append((source.target, node.target))
     return pairs, why
-
-
-class _Tracer(torch.fx.Tracer):
-    """fx's tracer, with addnorm's modules kept whole as torch.nn's are (by default it
-    traces into any module not from torch.nn, and would not see our BatchNorm)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__ == "addnorm.modules" or super().is_leaf_module(m, qualname)
 
 
 def _two_dimensional(node) -> bool:

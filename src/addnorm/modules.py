@@ -62,6 +62,20 @@ def _state(module: nn.Module, name: str, *default):
     return t
 
 
+_Proxy = torch.fx.Proxy
+
+
+def _fx_call_module(module: nn.Module, *args):
+    """Under torch.fx's symbolic tracing: the call of ``module`` as one ``call_module``
+    node, as fx keeps torch.nn's modules whole.  Its default tracer traces into a module
+    from any other package, where addnorm's checks and kernels cannot run on its proxies;
+    with the node, fx-based tools (feature extractors, fusers, ``fold_batch_norm``) see
+    the norm as torch.nn's.  A subclass that overrides forward and calls the module's
+    through super() is traced into, as fx traces any module it does not keep whole."""
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 # TorchScript reads a call of ``torch.jit.is_scripting`` as a constant: it compiles only the
 # scripted branch of a forward; in eager code the call costs ~20 ns
 _scripting = torch.jit.is_scripting
@@ -93,6 +107,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return self._torch_forward(input)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         return AF.layer_norm(input, self.normalized_shape, _state(self, "weight"), _state(self, "bias"), self.eps)
 
 
@@ -139,6 +155,8 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return self._torch_forward(input)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         return AF.rms_norm(
             input, self.normalized_shape, _state(self, "weight"), self.eps, offset=self.offset,
             casting_mode=self.casting_mode,
@@ -174,6 +192,8 @@ class AddLayerNorm(LayerNorm):
         if _scripting():
             r = x + residual
             return self._torch_forward(r), r
+        if isinstance(x, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, x, residual)
         return AF.add_layer_norm(
             x, residual, self.normalized_shape, _state(self, "weight"), _state(self, "bias"), self.eps
         )
@@ -187,6 +207,8 @@ class AddRMSNorm(RMSNorm):
         if _scripting():
             r = x + residual
             return self._torch_forward(r), r
+        if isinstance(x, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, x, residual)
         return AF.add_rms_norm(
             x, residual, self.normalized_shape, _state(self, "weight"), self.eps, offset=self.offset,
             casting_mode=self.casting_mode,
@@ -202,6 +224,8 @@ class _BatchNorm:
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return self._torch_forward(input)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         self._check_input_dim(input)
         running_mean, running_var = _state(self, "running_mean"), _state(self, "running_var")
         batches = _state(self, "num_batches_tracked")
@@ -247,7 +271,17 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 
 
 class _InstanceNorm:
-    """forward for InstanceNorm1d/2d/3d with torch's semantics, unbatched input included."""
+    """forward for InstanceNorm1d/2d/3d with torch's semantics, unbatched input included:
+    torch.nn's forward (its checks), which calls ``_apply_instance_norm``."""
+
+    _torch_forward = _scripted(nn.modules.instancenorm._InstanceNorm.forward)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if _scripting():
+            return self._torch_forward(input)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
+        return self._torch_forward(input)
 
     _torch_apply_instance_norm = _scripted(nn.modules.instancenorm._InstanceNorm._apply_instance_norm)
 
@@ -297,6 +331,8 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return self._torch_forward(input)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         return AF.group_norm(input, self.num_groups, _state(self, "weight"), _state(self, "bias"), self.eps)
 
 
@@ -327,6 +363,8 @@ class ScaleNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return reference.scale_norm_forward(input, self.weight, self.eps)[0]
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         return AF.scale_norm(input, _state(self, "weight"), self.eps)
 
     def extra_repr(self) -> str:
@@ -367,6 +405,8 @@ class DyT(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if _scripting():
             return reference.dyt_forward(input, self.alpha, self.weight, self.bias)
+        if isinstance(input, _Proxy) and type(self).forward is __class__.forward:
+            return _fx_call_module(self, input)
         return AF.dyt(input, _state(self, "alpha"), _state(self, "weight"), _state(self, "bias"))
 
     def extra_repr(self) -> str:

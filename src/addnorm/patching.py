@@ -245,11 +245,15 @@ def _patched_class(base: type, backend: str | None) -> type:
 
 
 def _family_forward(self, hidden_states: Tensor) -> Tensor:
+    if isinstance(hidden_states, M._Proxy):  # torch.fx: one node, as addnorm's own modules
+        return M._fx_call_module(self, hidden_states)
     return _family_forward_impl(self, self._addnorm_family, hidden_states)
 
 
 def _pinned(forward):
     def pinned_forward(self, *args, **kwargs):
+        if args and isinstance(args[0], M._Proxy):  # torch.fx: one node, as addnorm's own modules
+            return M._fx_call_module(self, *args)
         with _backend.backend(self._addnorm_backend):
             return forward(self, *args, **kwargs)
 
