@@ -501,3 +501,34 @@ def test_fx_traces_into_a_subclass_that_overrides_forward():
 
     traced = torch.fx.symbolic_trace(nn.Sequential(Shifted(4)))
     assert [n.op for n in traced.graph.nodes][1:-1] == ["call_function"]
+
+
+def test_fx_records_addnorm_functional_calls_as_one_node():
+    """A model that calls ``addnorm.functional`` traces with fx as one that calls
+    torch.nn.functional does: each call one ``call_function`` node, run by addnorm at
+    the traced module's call; the fused add's (y, r) unpacks."""
+    import addnorm.functional as AF
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16))
+            self.alpha = nn.Parameter(torch.tensor([0.7]))
+
+        def forward(self, x, residual):
+            y, r = AF.add_rms_norm(x, residual, 16, self.weight)
+            y = AF.layer_norm(y + r, (16,), self.weight) + AF.dyt(y, self.alpha, self.weight)
+            c = y.transpose(1, 2)  # (N, C, L)
+            c = AF.group_norm(c, 4, self.weight) + AF.instance_norm(c) + AF.batch_norm(c, None, None, training=True)
+            y = c.transpose(1, 2)
+            return AF.scale_norm(y, self.alpha) + AF.rms_norm(y, 16, eps=1e-6)
+
+    model = Model()
+    traced = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if getattr(t, "__module__", "") == "addnorm.functional"] == [
+        AF.add_rms_norm, AF.layer_norm, AF.dyt, AF.group_norm, AF.instance_norm, AF.batch_norm, AF.scale_norm,
+        AF.rms_norm,
+    ]
+    x, residual = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    assert torch.equal(traced(x, residual), model(x, residual))

@@ -860,3 +860,13 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
         _rows(input, input.shape[-1]).contiguous(), weight, float(eps),
     )
     return _reshaped(y, input.shape)
+
+
+# torch.fx: a call with a proxy among its arguments is recorded as one call_function node,
+# as torch.nn.functional's norms are (through ``__torch_function__``); while it traces, fx
+# swaps these names in this module's globals, which ``addnorm.functional.<name>`` reads
+# (a name imported before the trace, ``from addnorm.functional import layer_norm``, is
+# the function itself: fx's caveat for every wrapped function)
+for _name in __all__:
+    if _name[0].islower():
+        torch.fx.wrap(_name)
