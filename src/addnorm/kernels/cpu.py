@@ -1777,15 +1777,23 @@ def _grad_like(p: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def group_norm_forward(x, weight, bias, num_groups, eps):
+    acc = acc_dtype(x.dtype)
+    mean, var = torch.empty(x.shape[0], num_groups, dtype=acc), torch.empty(x.shape[0], num_groups, dtype=acc)
+    return _channel_forward(_group_norm_fwd_at, _cl_split, x, weight, bias, mean, var, num_groups, eps)
+
+
+def _channel_forward(fwd_at, chunks, x, weight, bias, mean, var, how, eps):
+    """A channel norm's forward on x's storage: ``fwd_at`` (``_group_norm_fwd_at``, with
+    ``how`` the group count, or ``_batch_norm_fwd_at``, with ``how`` training), writing
+    the statistics into ``mean`` and ``var`` (contiguous, the accumulation type), its
+    channels-last kernels in ``chunks(x, threads)`` chunks.  -> (y, mean, var)."""
     x, n, c, length, cl = _channel_input(x)
     threads = _threads(x.numel())
-    acc = acc_dtype(x.dtype)
     tx = _TOKENS[x.dtype]
     (w, tw), (b, tb) = _param_address(weight, tx), _param_address(bias, tx)
-    mean, var = torch.empty(n, num_groups, dtype=acc), torch.empty(n, num_groups, dtype=acc)
     y = _empty_as(x)
-    _group_norm_fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                       _TOKENS[acc], num_groups, float(eps), cl, _cl_split(x, threads) if cl else None)
+    fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
+           _TOKENS[mean.dtype], how, float(eps), cl, chunks(x, threads) if cl else None)
     return y, mean, var
 
 
@@ -1840,19 +1848,12 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
-    x, n, c, length, cl = _channel_input(x)
-    threads = _threads(x.numel())
     acc = acc_dtype(x.dtype)
-    tx = _TOKENS[x.dtype]
-    (w, tw), (b, tb) = _param_address(weight, tx), _param_address(bias, tx)
     if training:
-        mean, var = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+        mean, var = torch.empty(x.shape[1], dtype=acc), torch.empty(x.shape[1], dtype=acc)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
-    y = _empty_as(x)
-    _batch_norm_fwd_at(n, c, length, x.data_ptr(), tx, w, tw, b, tb, y.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                       _TOKENS[acc], training, float(eps), cl, _cl_chunks(x, threads) if cl else None)
-    return y, mean, var
+    return _channel_forward(_batch_norm_fwd_at, _cl_chunks, x, weight, bias, mean, var, training, eps)
 
 
 def batch_norm_backward(dy, x, weight, mean, var, training, eps, bias):
