@@ -532,3 +532,36 @@ def test_fx_records_addnorm_functional_calls_as_one_node():
     ]
     x, residual = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     assert torch.equal(traced(x, residual), model(x, residual))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 12), (64, 1024)])
+def test_rmsnorm_takes_an_inference_mode_input_as_torch_nn_does(shape, dtype):
+    """An input made under ``torch.inference_mode`` (a cached embedding, a frozen
+    encoder's output), normalized outside it by an RMSNorm with a trainable weight:
+    torch.nn.RMSNorm records the graph and gives the weight's gradient (autograd refuses
+    only to save an inference tensor, which its graph does not); addnorm's RMSNorm and
+    AddRMSNorm give the same gradient.  Where torch.nn refuses, LayerNorm, addnorm
+    refuses with torch's error, on torch's kernel (small) and on addnorm's (large)."""
+    with torch.inference_mode():
+        x = torch.randn(shape).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    ours, theirs = addnorm.RMSNorm(shape[-1]).to(dtype), nn.RMSNorm(shape[-1]).to(dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    ours(x).backward(dy)
+    theirs(x).backward(dy)
+    assert ours.weight.grad is not None
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype is torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(ours.weight.grad.float(), theirs.weight.grad.float(), **tolerance)
+    # the fused add, residual an inference tensor too; the sum it returns is a new tensor
+    fused = addnorm.AddRMSNorm(shape[-1]).to(dtype)
+    with torch.inference_mode():
+        residual = torch.zeros(shape, dtype=dtype)
+    y, _ = fused(x, residual)
+    y.backward(dy)
+    torch.testing.assert_close(fused.weight.grad.float(), theirs.weight.grad.float(), **tolerance)
+    for module in (addnorm.LayerNorm(shape[-1]).to(dtype), nn.LayerNorm(shape[-1]).to(dtype)):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            module(x)

@@ -340,7 +340,13 @@ def _row_norm_setup(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.eps = eps
     ctx.args = (offset, rms, cast, backend)
-    ctx.save_for_backward(r if ctx.has_residual else x, weight, bias, mean, rstd)
+    source = r if ctx.has_residual else x
+    if rms and source.is_inference():
+        # an input made under torch.inference_mode, normalized with a trainable weight:
+        # torch.nn.RMSNorm takes it (its graph keeps no inference tensor), and autograd
+        # refuses to save one, so a copy (LayerNorm refuses it as torch's does)
+        source = source.clone()
+    ctx.save_for_backward(source, weight, bias, mean, rstd)
 
 
 def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
