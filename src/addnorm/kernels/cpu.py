@@ -1592,15 +1592,6 @@ def _empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 _TOKENS = {dtype: np.empty(0, dtype=np_dtype) for dtype, np_dtype in _NUMPY_DTYPES.items()}
 
 
-def _contiguous(*tensors: torch.Tensor | None):
-    return (None if t is None else t.contiguous() for t in tensors)
-
-
-def _address(t: torch.Tensor | None) -> int | None:
-    """Where contiguous t's elements start; None for None.  The caller keeps t alive."""
-    return None if t is None else t.data_ptr()
-
-
 # the thread count last given to numba, as numba keeps it: per calling thread in its own
 # layers, as torch's; one for the process on torch's threads (``_torch_threads``)
 _thread_count = SimpleNamespace() if _torch_threads.installed() else threading.local()
@@ -1707,17 +1698,33 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=0, stats=
 
 
 def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wanted=(True, True, True)):
-    dy, dr, r, weight, mean, rstd = _contiguous(dy, dr, r, weight, None if rms else mean, rstd)
+    # on every call, as ``row_norm_forward``: no generators, no helper calls where an
+    # expression does (a decoding step's weight gradient is a ~2 µs kernel)
+    dy, r, rstd = dy.contiguous(), r.contiguous(), rstd.contiguous()
+    if weight is not None:
+        weight = weight.contiguous()
+    mean = None if rms else mean.contiguous()
     n, d = r.shape
-    threads = _threads(n * d)
+    serial = n * d < _ONE_THREAD_BELOW or _threads(n * d) == 1
     types = _row_types(r, weight, None, cast)
-    dx = _empty_like(r) if wanted[0] else None
-    dw_part = None if weight is None or not wanted[1] else torch.empty(_row_blocks(n), d, dtype=types.acc)
-    db_part = None if bias is None or not wanted[2] else torch.empty(_row_blocks(n), d, dtype=types.acc)
-    _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dx is None else _address(dr),
-                     r.data_ptr(), types.x, _address(weight), types.weight, _address(mean),
-                     rstd.data_ptr(), types.acc_token, float(offset), types.rounding, _address(dx),
-                     _address(dw_part), _address(db_part), None if threads == 1 else True)
+    dx = None
+    if wanted[0]:
+        dx = torch.empty_like(r) if serial else _empty_like(r)
+        dr = None if dr is None else dr.contiguous()
+    else:
+        dr = None  # (dx's term)
+    # the partial sums, (``_row_blocks``, d): for one block (d,), the gradient itself
+    # (``_param_grad``); the kernel reads either by address
+    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK  # (``_row_blocks`` without numba's dispatch)
+    shape = (d,) if blocks == 1 else (blocks, d)
+    dw_part = torch.empty(shape, dtype=types.acc) if weight is not None and wanted[1] else None
+    db_part = torch.empty(shape, dtype=types.acc) if bias is not None and wanted[2] else None
+    _row_norm_bwd_at(n, d, dy.data_ptr(), _TOKENS[dy.dtype], None if dr is None else dr.data_ptr(),
+                     r.data_ptr(), types.x, None if weight is None else weight.data_ptr(), types.weight,
+                     None if mean is None else mean.data_ptr(), rstd.data_ptr(), types.acc_token, float(offset),
+                     types.rounding, None if dx is None else dx.data_ptr(),
+                     None if dw_part is None else dw_part.data_ptr(),
+                     None if db_part is None else db_part.data_ptr(), None if serial else True)
     return dx, _param_grad(dw_part, weight), _param_grad(db_part, bias)
 
 
@@ -1838,6 +1845,8 @@ def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor 
     ``part``), added in order; in the parameter's dtype.  None where either is None."""
     if param is None or part is None:
         return None
+    if part.ndim == 1:  # one chunk's sums, allocated as the gradient (``row_norm_backward``)
+        return part if part.dtype is param.dtype else part.to(param.dtype)
     if part.shape[0] == 1 and part._base is None:
         # one chunk: its sums, rounded once as ``_sum_chunks`` would; a view only where it
         # is part's own storage (an op's outputs may not share one)
