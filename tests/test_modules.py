@@ -412,6 +412,49 @@ def test_jit_script_of_a_patched_model_loads_without_addnorm(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+class _FamilyRMSNorm(nn.Module):
+    """A model family's own norm, as Llama's is written (``addnorm.patch`` recognises it)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("backend", [None, "torch", "numba"])
+def test_jit_script_of_a_model_patched_with_a_family_norm_or_a_pinned_backend(backend):
+    """A model whose norms ``addnorm.patch`` swapped with a pinned backend, or whose own
+    norm class it took over, scripts (their forward took ``*args`` and read addnorm's
+    attributes): the scripted model runs the original forwards (torch.nn's, the family's
+    own), while the eager model keeps addnorm's, on the pinned backend (seen from a
+    forward hook: the whole call, hooks too, runs inside it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), _FamilyRMSNorm(8), nn.RMSNorm(8),
+                          nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    assert addnorm.patch(model, backend=backend) == 4
+    seen = []
+    hook = model[2].register_forward_hook(lambda *_: seen.append(addnorm._backend._Choice.forced))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    assert seen == [backend]
+    hook.remove()  # (TorchScript compiles a module's hooks too)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), expected, rtol=0, atol=0)
+    assert model[2]._addnorm_backend == backend and type(model[2]).__bases__[0] is _FamilyRMSNorm
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 @pytest.mark.parametrize("kwargs", [{"offset": 1.0}, {"casting_mode": "llama"}, {"casting_mode": "none"}])
 def test_jit_script_refuses_what_torch_nn_rmsnorm_cannot_compute(kwargs):
@@ -463,23 +506,9 @@ def test_fx_symbolic_trace_keeps_each_module_whole(case):
 def test_fx_symbolic_trace_of_patched_models():
     """A model whose norms ``addnorm.patch`` swapped (torch.nn's, with or without a pinned
     backend, and a model family's own norm class) traces with fx, each norm one node."""
-
-    class FamilyRMSNorm(nn.Module):  # a model family's norm, as Llama's is written
-        def __init__(self, d):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(d))
-            self.variance_epsilon = 1e-6
-
-        def forward(self, hidden_states):
-            input_dtype = hidden_states.dtype
-            hidden_states = hidden_states.to(torch.float32)
-            variance = hidden_states.pow(2).mean(-1, keepdim=True)
-            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-            return self.weight * hidden_states.to(input_dtype)
-
     for backend in (None, "numba"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), FamilyRMSNorm(8), nn.RMSNorm(8))
+        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), _FamilyRMSNorm(8), nn.RMSNorm(8))
         x = torch.randn(3, 8)
         with torch.no_grad():
             expected = model(x)

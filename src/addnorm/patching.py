@@ -228,36 +228,38 @@ _CLASSES: dict[tuple[type, str | None], type] = {}
 
 
 def _patched_class(base: type, backend: str | None) -> type:
-    """``base`` with addnorm's forward: for a family's norm, ``_family_forward``; for
-    addnorm's own class (a pinned backend), its forward inside ``addnorm.backend``."""
+    """``base`` with addnorm's forward: for a family's norm, ``_family_forward`` (its own
+    forward kept for TorchScript); addnorm's own class as it is.  A pinned backend is
+    entered around the whole call (``_pinned_call``), so that ``forward`` keeps its
+    signature and its TorchScript and torch.fx branches."""
     key = (base, backend)
     if key not in _CLASSES:
-        forward = base.forward if issubclass(base, tuple(t for _, t in _TWINS.values())) else _family_forward
+        attributes = {"__reduce_ex__": _reduce_ex, "__module__": base.__module__, "__qualname__": base.__qualname__}
+        if not issubclass(base, tuple(t for _, t in _TWINS.values())):
+            attributes.update(forward=_family_forward, _torch_forward=M._scripted(base.forward))
         if backend is not None:
-            forward = _pinned(forward)
-        _CLASSES[key] = type(
-            base.__name__,
-            (base,),
-            {"forward": forward, "__reduce_ex__": _reduce_ex, "__module__": base.__module__,
-             "__qualname__": base.__qualname__},
-        )
+            attributes["__call__"] = _pinned_call
+        _CLASSES[key] = type(base.__name__, (base,), attributes)
     return _CLASSES[key]
 
 
 def _family_forward(self, hidden_states: Tensor) -> Tensor:
+    if _scripting():  # TorchScript compiles the family's own forward
+        return self._torch_forward(hidden_states)
     if isinstance(hidden_states, M._Proxy):  # torch.fx: one node, as addnorm's own modules
         return M._fx_call_module(self, hidden_states)
     return _family_forward_impl(self, self._addnorm_family, hidden_states)
 
 
-def _pinned(forward):
-    def pinned_forward(self, *args, **kwargs):
-        if args and isinstance(args[0], M._Proxy):  # torch.fx: one node, as addnorm's own modules
-            return M._fx_call_module(self, *args)
-        with _backend.backend(self._addnorm_backend):
-            return forward(self, *args, **kwargs)
+_scripting = torch.jit.is_scripting  # (a constant to TorchScript: see ``modules``)
 
-    return pinned_forward
+
+def _pinned_call(self, *args, **kwargs):
+    """A module with a pinned backend is called inside ``addnorm.backend``: hooks, forward
+    and fx's tracing (which patches ``nn.Module.__call__``, reached through super())
+    run inside it."""
+    with _backend.backend(self._addnorm_backend):
+        return super(type(self), self).__call__(*args, **kwargs)
 
 
 def _reduce_ex(self, protocol):
