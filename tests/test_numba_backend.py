@@ -74,24 +74,28 @@ def test_thread_count_follows_torch(threads):
 
 
 def test_small_work_runs_on_the_calling_thread_alone(monkeypatch):
-    """Below ``_ONE_THREAD_BELOW`` elements the forward runs its rows on the calling
-    thread, without numba's parallel loop, and the backward's parallel sums run one
-    thread; above it both run torch's thread count."""
+    """Below ``_ONE_THREAD_BELOW`` elements the forward and the backward run their rows on
+    the calling thread, without numba's parallel loop (numba's thread count is then moot
+    and left as it is); above it both run parallel loops on torch's thread count."""
     import numba
 
     from addnorm.kernels import cpu
 
     serial = []
-    real = cpu._row_norm_fwd_at
-    monkeypatch.setattr(cpu, "_row_norm_fwd_at", lambda *args: serial.append(args[-1] is None) or real(*args))
+    for name in ("_row_norm_fwd_at", "_row_norm_bwd_at"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *args, real=real, name=name: serial.append(
+            (name[-6:-3], args[-1] is None)) or real(*args))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         with addnorm.backend("numba"):
             AF.rms_norm(torch.randn(1, 64, requires_grad=True), (64,)).sum().backward()
-            assert serial == [True] and numba.get_num_threads() == 1
-            AF.rms_norm(torch.randn(cpu._ONE_THREAD_BELOW // 64, 64), (64,))
-            assert serial == [True, False]
+            assert serial == [("fwd", True), ("bwd", True)]
+            serial.clear()
+            x = torch.randn(cpu._ONE_THREAD_BELOW // 64, 64, requires_grad=True)
+            AF.rms_norm(x, (64,)).sum().backward()
+            assert serial == [("fwd", False), ("bwd", False)]
             assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
