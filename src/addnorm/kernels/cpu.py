@@ -1841,19 +1841,17 @@ def _cl_split(x: torch.Tensor, threads: int) -> int | None:
 
 
 def _param_grad(part: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor | None:
-    """A parameter's gradient from per-sample (or per-chunk) partial sums (rows of
-    ``part``), added in order; in the parameter's dtype.  None where either is None."""
+    """A parameter's gradient from per-chunk partial sums (rows of ``part``), added in
+    order; in the parameter's dtype.  A 1-D ``part`` is one chunk's sums, allocated as
+    the gradient itself (``row_norm_backward``), rounded once where the dtypes differ.
+    None where either is None."""
     if param is None or part is None:
         return None
-    if part.ndim == 1:  # one chunk's sums, allocated as the gradient (``row_norm_backward``)
+    if part.ndim == 1:
         return part if part.dtype is param.dtype else part.to(param.dtype)
-    if part.shape[0] == 1 and part._base is None:
-        # one chunk: its sums, rounded once as ``_sum_chunks`` would; a view only where it
-        # is part's own storage (an op's outputs may not share one)
-        return part.view(-1).to(param.dtype)
     out = torch.empty(part.shape[1], dtype=param.dtype)
     _sum_chunks(_np(part), _np(out))
-    return out.to(param.dtype)
+    return out
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps):
