@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import addnorm.functional as AF
+from addnorm import reference
+from addnorm._backend import kernel
 from helpers import R, as64, assert_close, grads, leaf, rstd_scale
 from conftest import DTYPES
 
@@ -62,6 +64,10 @@ def _torch_row_norm(case, x, res, w, b):
         scale = w if w is None or not case["offset"] else w + case["offset"]
         y = F.rms_norm(s, case["normalized"], scale, case["eps"])
     else:
+        if w is None and b is not None and b.dtype != s.dtype:
+            # torch's CPU backward fails for a bias alone in another dtype than the input;
+            # a weight of ones computes the same values and input and bias gradients
+            w = torch.ones_like(b)
         y = F.layer_norm(s, case["normalized"], w, b, 1e-5 if case["eps"] is None else case["eps"])
     return (y, s) if res is not None else y
 
@@ -214,6 +220,81 @@ def test_rms_norm_default_eps_is_torchs(backend, dtype, rms_level, fused):
     ref = R.rms_norm(s.double(), (512,), ours.weight.double(), eps)
     assert_close(got, expected, ref, dtype)
     assert_close(functional, expected, ref, dtype)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("cast", [reference.CAST_ONCE, reference.CAST_EACH | reference.TORCH_ORDER])
+def test_kernels_take_rows_of_any_leading_shape(backend, rms, residual, cast):
+    """A row norm's kernels normalize the last dim of an input of any leading shape
+    (``functional`` hands a (batch, tokens, d) input over as it is, without reshapes):
+    outputs in the input's shape, statistics (N,) for its N rows, and the values and
+    gradients of the same rows given as (N, d)."""
+    g = torch.Generator().manual_seed(0)
+    x, res, dy, dr = (torch.randn(2, 3, 40, generator=g).to(torch.bfloat16) for _ in range(4))
+    w = torch.randn(40, generator=g).to(torch.bfloat16)
+    b = None if rms else torch.randn(40, generator=g).to(torch.bfloat16)
+    res, dr = (res, dr) if residual else (None, None)
+    forward, backward = kernel(backend, "row_norm_forward"), kernel(backend, "row_norm_backward")
+
+    def rows(t):
+        return None if t is None else t.reshape(6, 40)
+
+    def run(x, res, dy, dr):
+        y, r, mean, rstd = forward(x, res, w, b, 1e-5, 0.5, rms, cast)
+        grads = backward(dy, dr, x if r is None else r, w, mean, rstd, 0.5, rms, cast, b)
+        return [y, r, mean, rstd, *grads]
+
+    got, expected = run(x, res, dy, dr), run(rows(x), rows(res), rows(dy), rows(dr))
+    names = ["y", "r", "mean", "rstd", "dx", "dweight", "dbias"]
+    shapes = [x.shape, x.shape, (6,), (6,), x.shape, (40,), (40,)]
+    for name, a, e, shape in zip(names, got, expected, shapes):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert a.shape == shape, name
+            assert_close(a, e.reshape(shape), e.reshape(shape).double(), a.dtype, what=name)
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(1,), (3, 8), (2, 3, 8)])
+def test_layer_norm_of_a_half_input_with_a_float32_bias_alone(fused, shape):
+    """torch's CPU LayerNorm backward fails for a bfloat16 input with a float32 bias and no
+    weight (at every size), so the small inputs that run torch's kernel (the backend left
+    to addnorm) run ours there: gradients as with a weight of ones, which torch computes."""
+    g = torch.Generator().manual_seed(3)
+    d = shape[-1]
+    base = [torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(d, generator=g)]
+    x, res = (t.to(torch.bfloat16).requires_grad_() for t in base[:2])
+    b = base[2].clone().requires_grad_()
+    if fused:
+        y, r = AF.add_layer_norm(x, res, d, None, b)
+        outs, ins = (y, r), (x, res, b)
+    else:
+        outs, ins = (AF.layer_norm(x, d, None, b),), (x, b)
+    got = torch.autograd.grad(outs, ins, [torch.ones_like(o) for o in outs])
+    x2, res2, b2 = (t.detach().requires_grad_() for t in (x, res, b))
+    s = x2 + res2 if fused else x2
+    y2 = F.layer_norm(s, (d,), torch.ones(d), b2)
+    outs2, ins2 = ((y2, s), (x2, res2, b2)) if fused else ((y2,), (x2, b2))
+    expected = torch.autograd.grad(outs2, ins2, [torch.ones_like(o) for o in outs2])
+    for name, a, e in zip(("dx", "dresidual", "dbias") if fused else ("dx", "dbias"), got, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_double_backward_of_rows_of_any_leading_shape(backend, rms):
+    """gradgradcheck of a (batch, tokens, d) input normalized over its last dim, whose
+    rows the ops take as they are: the recorded backward's statistics reshaped to them."""
+    g = torch.Generator().manual_seed(2)
+    x, res = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    if rms:
+        f = lambda x, res, w: AF.add_rms_norm(x, res, 5, w, 1e-5)  # noqa: E731
+    else:
+        f = lambda x, res, w: AF.add_layer_norm(x, res, 5, w, w * 0.5)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (x, res, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -111,6 +111,30 @@ def test_gemmas_offset_and_no_weight():
     torch.testing.assert_close(y0, ref0, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_rows_of_any_leading_shape(rms, fused):
+    """The kernels normalize the last dim of an input of any leading shape, as
+    ``functional`` hands a (batch, tokens, d) input over: outputs in its shape,
+    statistics (N,), and the values and gradients of the same rows given as (N, d)."""
+    g = torch.Generator().manual_seed(4)
+    x, res, dy = _on([torch.randn(2, 3, 24, generator=g) for _ in range(3)])
+    w, b = _on([torch.randn(24, generator=g), torch.randn(24, generator=g)])
+    res, b = res if fused else None, None if rms else b
+
+    def run(x, res, dy):
+        y, r, mean, rstd = gpu.row_norm_forward(x, res, w, b, 1e-5, 0.0, rms)
+        return [y, r, mean, rstd, *gpu.row_norm_backward(dy, None, x if r is None else r, w, mean, rstd, 0.0, rms, 0, b)]
+
+    got = run(x, res, dy)
+    expected = run(*(None if t is None else t.reshape(6, 24) for t in (x, res, dy)))
+    for name, a, e in zip(["y", "r", "mean", "rstd", "dx", "dweight", "dbias"], got, expected):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert a.shape == (x.shape if e.shape == (6, 24) else e.shape), name
+            torch.testing.assert_close(a.reshape(e.shape), e, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_only_the_gradients_autograd_asks_for():
     x, w, b = _on([torch.randn(4, 24), torch.randn(24), torch.randn(24)])
     x.requires_grad_(), b.requires_grad_()  # w frozen

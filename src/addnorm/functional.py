@@ -432,6 +432,13 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
     )
 
 
+def _twin_takes(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether torch's LayerNorm kernel can also differentiate this call: its CPU backward
+    fails ("expected scalar type BFloat16 but found Float") for a bias without a weight
+    in another dtype than a float16/bfloat16 input's, which ours computes."""
+    return weight is not None or bias is None or bias.dtype is input.dtype
+
+
 def _float_twin(op: str, input: Tensor) -> bool:
     """``_native``'s bound for a CPU input that ``op``'s own bound turned down: a
     float32/float64 LayerNorm (or add+LayerNorm) keeps torch's kernel up to its
@@ -501,8 +508,10 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         xs, dtype = x.shape, x.dtype
         weight = None if weight is None else _flat(weight)  # (the common call's are rows already)
         bias = None if bias is None else _flat(bias)
-    # ``_rows`` and ``_reshaped`` inline, the test made once for x, residual and outputs
-    rows = len(xs) == 2 and xs[1] == d  # x is rows of d values already
+    # x is rows of its last dim's d values already, in any leading shape, which the ops
+    # take as they are (``ops``: a reshape in and one out cost a decoding step ~1 µs each);
+    # a 1-D x and a normalized_shape of several dims are made (N, d) rows and back
+    rows = len(xs) > 1 and xs[-1] == d
     y, r, _, _ = _forward(
         ops.row_norm,
         reference.row_norm_forward,
@@ -516,8 +525,9 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         cast if dtype in _REDUCED else cast & reference.TORCH_ORDER,  # no rounding in float32/64
     )
     if residual is None:  # (the traced op gives an empty r)
-        return (y if rows else y.reshape(xs)), None
-    return (y, r) if rows else (y.reshape(xs), r.reshape(xs))
+        return (y if rows else y.reshape(*xs)), None
+    # (``*xs``: a torch.Size argument costs ~1 µs more than its ints)
+    return (y, r) if rows else (y.reshape(*xs), r.reshape(*xs))
 
 
 def _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms) -> tuple[int, float]:
@@ -558,7 +568,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
-    if _native("layer_norm", input, (weight, bias)):
+    if _native("layer_norm", input, (weight, bias)) and _twin_takes(input, weight, bias):
         try:
             # normalized_shape as torch takes it, never an int (inline: a call costs ~60 ns)
             shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
@@ -606,6 +616,7 @@ def add_layer_norm(
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
     if (
         _native("add_layer_norm", x, (residual, weight, bias))
+        and _twin_takes(x, weight, bias)
         # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
         # inlined: x is known a CPU tensor here, and the add refuses another device)
         and type(residual) is Tensor

@@ -23,7 +23,10 @@ Ops never return ``None`` and never alias an input (custom ops may not): an abse
 output (no residual, no weight, RMSNorm's mean) is an empty tensor, which the autograd
 wiring here and the callers in ``functional`` know to ignore.
 
-Shapes: row norms, DyT and ScaleNorm take contiguous rows (N, D); GroupNorm and
+Shapes: the row norms (LayerNorm, RMSNorm) take x of shape (*, D), normalized over its
+last dim, with statistics (N,) for its N = numel / D rows (``functional`` hands over a
+decoding step's (1, 1, D) as it is: each reshape in and out costs ~1 µs); DyT and
+ScaleNorm take contiguous rows (N, D); GroupNorm and
 BatchNorm take (N, C, *spatial), contiguous or channels-last, and return outputs in the
 same memory format.
 """
@@ -288,7 +291,7 @@ row_norm_fwd = _custom_op(_row_norm_fwd, triton_kernels=True)
 @row_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, offset, rms, cast, backend):
     acc = acc_dtype(x.dtype)
-    rows = x.shape[0]
+    rows = x.shape[:-1].numel()
     return (
         torch.empty_like(x, dtype=reference.row_norm_out_dtype(x.dtype, weight, cast)),
         _empty(x) if residual is None else torch.empty_like(x),

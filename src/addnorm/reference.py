@@ -189,7 +189,8 @@ def row_norm_forward(
     cast: int = CAST_ONCE,
     stats: bool = True,
 ):
-    """LayerNorm (rms=False) or RMSNorm (rms=True) of the rows of ``x`` (N, D).
+    """LayerNorm (rms=False) or RMSNorm (rms=True) of the rows of ``x`` (*, D): its N
+    rows of the last dim.
 
     With a residual: r = x + residual (in x's dtype, as an unfused ``x + residual``
     would round it), y = norm(r); otherwise r = x.
@@ -215,8 +216,8 @@ def row_norm_forward(
     return (
         y,
         None if residual is None else r,
-        None if rms else mean.squeeze(-1),
-        rstd.squeeze(-1),
+        None if rms else mean.reshape(-1),
+        rstd.reshape(-1),
     )
 
 
@@ -244,8 +245,9 @@ def row_norm_backward(
     """
     acc = acc_dtype(r.dtype)
     rf = r.to(acc)
-    rstd = rstd.unsqueeze(-1)
-    xhat = (rf if rms else recenter(rf, mean.unsqueeze(-1), (-1,))) * rstd
+    rows = r.shape[:-1] + (1,)  # the statistics (N,) beside r (*, D)
+    rstd = rstd.reshape(rows)
+    xhat = (rf if rms else recenter(rf, mean.reshape(rows), (-1,))) * rstd
     dyf = dy.to(acc)
     dx = None
     if wanted[0]:
@@ -259,8 +261,9 @@ def row_norm_backward(
         dx = dx.to(r.dtype)
     if cast & ROUNDING != CAST_ONCE:
         xhat = round_to(xhat, r.dtype)
-    dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, (0,), weight)
-    dbias = None if bias is None or not wanted[2] else _sum_to(dyf, (0,), bias)
+    leading = tuple(range(r.ndim - 1))
+    dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, leading, weight)
+    dbias = None if bias is None or not wanted[2] else _sum_to(dyf, leading, bias)
     return dx, dweight, dbias
 
 

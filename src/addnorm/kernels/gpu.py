@@ -390,7 +390,8 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     _check_device(x, residual, weight, bias)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
-    n, d = x.shape
+    d = x.shape[-1]  # rows of the last dim, any leading shape (the CPU kernels' contract)
+    n = x.numel() // d
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, dtype=row_norm_out_dtype(x.dtype, weight, cast))
     r = None if residual is None else torch.empty_like(x)
@@ -430,7 +431,8 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
     _check_device(dy, dr, r, weight)
     dy, r = dy.contiguous(), r.contiguous()
     dr = None if dr is None else dr.contiguous()
-    n, d = r.shape
+    d = r.shape[-1]
+    n = r.numel() // d
     want_dx, want_dw, want_db = wanted[0], weight is not None and wanted[1], bias is not None and wanted[2]
     block, one_block = _block(d)
     programs = _programs(n, r.device, block)
