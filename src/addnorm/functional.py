@@ -556,8 +556,10 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _reshaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """t.reshape(shape), skipped where t has that shape (a reshape costs ~1.7 µs)."""
-    return t if t.shape == shape else t.reshape(shape)
+    """t.reshape(shape), skipped where t has that shape (a reshape costs ~0.9 µs; its
+    shape as ints, which torch parses ~1 µs faster than a torch.Size: shape is never
+    empty here, as DyT and ScaleNorm refuse a 0-dim input)."""
+    return t if t.shape == shape else t.reshape(*shape)
 
 
 def layer_norm(
