@@ -18,8 +18,10 @@ from addnorm import bench
 
 SHAPES = [
     ("RMSNorm", (1, 4096)),  # one decoding token
+    ("RMSNorm", (1, 1, 4096)),  # the same token as a model passes it: (batch, tokens, d)
     ("RMSNorm", (8, 4096)),
     ("LayerNorm", (1, 4096)),
+    ("LayerNorm", (1, 1, 4096)),
     ("LayerNorm", (8, 4096)),
     ("LayerNorm", (64, 1024)),
     ("LayerNorm", (2048, 256)),  # nanoGPT's shape
@@ -52,7 +54,7 @@ def main() -> None:
                     for call in calls.values():
                         call()  # compiled, caches warm
                     ms = bench._time_calls(calls, args.rounds)
-                print(f"| {name} | {shape[0]}x{shape[1]} | {str(dtype)[6:]} | {pass_} | "
+                print(f"| {name} | {'x'.join(map(str, shape))} | {str(dtype)[6:]} | {pass_} | "
                       f"{ms['torch'] * 1e3:.1f} | {ms['addnorm'] * 1e3:.1f} | "
                       f"{ms['torch'] / ms['addnorm']:.2f}x |", flush=True)
 
