@@ -225,20 +225,22 @@ def test_rms_norm_default_eps_is_torchs(backend, dtype, rms_level, fused):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("cast", [reference.CAST_ONCE, reference.CAST_EACH | reference.TORCH_ORDER])
-def test_kernels_take_rows_of_any_leading_shape(backend, rms, residual, cast):
-    """A row norm's kernels normalize the last dim of an input of any leading shape
-    (``functional`` hands a (batch, tokens, d) input over as it is, without reshapes):
-    outputs in the input's shape, statistics (N,) for its N rows, and the values and
-    gradients of the same rows given as (N, d)."""
+@pytest.mark.parametrize("shape", [(2, 3, 40), (40,)])
+def test_kernels_take_rows_of_any_leading_shape(backend, rms, residual, cast, shape):
+    """A row norm's kernels normalize the last dim of an input of any leading shape, none
+    included (``functional`` hands a (batch, tokens, d) input over as it is, without
+    reshapes): outputs in the input's shape, statistics (N,) for its N rows, and the
+    values and gradients of the same rows given as (N, d)."""
     g = torch.Generator().manual_seed(0)
-    x, res, dy, dr = (torch.randn(2, 3, 40, generator=g).to(torch.bfloat16) for _ in range(4))
+    x, res, dy, dr = (torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(4))
+    n = x.numel() // 40
     w = torch.randn(40, generator=g).to(torch.bfloat16)
     b = None if rms else torch.randn(40, generator=g).to(torch.bfloat16)
     res, dr = (res, dr) if residual else (None, None)
     forward, backward = kernel(backend, "row_norm_forward"), kernel(backend, "row_norm_backward")
 
     def rows(t):
-        return None if t is None else t.reshape(6, 40)
+        return None if t is None else t.reshape(n, 40)
 
     def run(x, res, dy, dr):
         y, r, mean, rstd = forward(x, res, w, b, 1e-5, 0.5, rms, cast)
@@ -247,7 +249,7 @@ def test_kernels_take_rows_of_any_leading_shape(backend, rms, residual, cast):
 
     got, expected = run(x, res, dy, dr), run(rows(x), rows(res), rows(dy), rows(dr))
     names = ["y", "r", "mean", "rstd", "dx", "dweight", "dbias"]
-    shapes = [x.shape, x.shape, (6,), (6,), x.shape, (40,), (40,)]
+    shapes = [x.shape, x.shape, (n,), (n,), x.shape, (40,), (40,)]
     for name, a, e, shape in zip(names, got, expected, shapes):
         assert (a is None) == (e is None), name
         if a is not None:

@@ -508,10 +508,10 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         xs, dtype = x.shape, x.dtype
         weight = None if weight is None else _flat(weight)  # (the common call's are rows already)
         bias = None if bias is None else _flat(bias)
-    # x is rows of its last dim's d values already, in any leading shape, which the ops
-    # take as they are (``ops``: a reshape in and one out cost a decoding step ~1 µs each);
-    # a 1-D x and a normalized_shape of several dims are made (N, d) rows and back
-    rows = len(xs) > 1 and xs[-1] == d
+    # x is rows of its last dim's d values already, in any leading shape (or one row),
+    # which the ops take as they are (``ops``: a reshape in and one out cost a decoding
+    # step ~1 µs each); a normalized_shape of several dims is made (N, d) rows and back
+    rows = xs[-1] == d
     y, r, _, _ = _forward(
         ops.row_norm,
         reference.row_norm_forward,

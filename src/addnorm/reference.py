@@ -190,7 +190,7 @@ def row_norm_forward(
     stats: bool = True,
 ):
     """LayerNorm (rms=False) or RMSNorm (rms=True) of the rows of ``x`` (*, D): its N
-    rows of the last dim.
+    rows of the last dim, of any leading shape (none: one row).
 
     With a residual: r = x + residual (in x's dtype, as an unfused ``x + residual``
     would round it), y = norm(r); otherwise r = x.
@@ -261,9 +261,9 @@ def row_norm_backward(
         dx = dx.to(r.dtype)
     if cast & ROUNDING != CAST_ONCE:
         xhat = round_to(xhat, r.dtype)
-    leading = tuple(range(r.ndim - 1))
-    dweight = None if weight is None or not wanted[1] else _sum_to(dyf * xhat, leading, weight)
-    dbias = None if bias is None or not wanted[2] else _sum_to(dyf, leading, bias)
+    d = r.shape[-1]  # the parameters' gradients sum over the rows, of any leading shape
+    dweight = None if weight is None or not wanted[1] else _sum_to((dyf * xhat).reshape(-1, d), (0,), weight)
+    dbias = None if bias is None or not wanted[2] else _sum_to(dyf.reshape(-1, d), (0,), bias)
     return dx, dweight, dbias
 
 
