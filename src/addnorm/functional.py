@@ -257,7 +257,12 @@ def _inlined(x: Tensor) -> bool:
 # 512K (one pass less than torch's add then LayerNorm: 1.0x-1.3x at 512K, 0.87x-1.1x at
 # 256K); in float32/float64 both from 8M (between, torch's float32 kernel and ours are
 # even, 0.5x-1.3x by cell).  ``_float_twin`` reads the dtype only for inputs
-# at or above the first bound, so a small call pays nothing for it.
+# at or above the first bound, so a small call pays nothing for it.  A bias alone:
+# LayerNorm takes torch's kernel only where torch can also differentiate the call
+# (``weight is not None or bias is None or bias.dtype is input.dtype``, inline in
+# ``layer_norm`` and ``add_layer_norm``: a call costs ~0.1 µs, a tenth of a small call's
+# checks); its CPU backward fails ("expected scalar type BFloat16 but found Float") for a
+# bias without a weight in another dtype than a float16/bfloat16 input's, ours computes it.
 #
 # RMSNorm has a twin, ``torch.rms_norm``, but always runs ours: without autograd ours is
 # faster at every size, and with it the two now cost the same forward below 16K elements
@@ -432,13 +437,6 @@ def _native(op: str, input: Tensor, params: tuple) -> bool:
     )
 
 
-# A bias alone: ``layer_norm`` and ``add_layer_norm`` take torch's kernel only where it
-# can also differentiate the call (``weight is not None or bias is None or bias.dtype is
-# input.dtype``, inline there: a call costs ~0.1 µs, a tenth of a small call's checks).
-# Its CPU backward fails ("expected scalar type BFloat16 but found Float") for a bias
-# without a weight in another dtype than a float16/bfloat16 input's; ours computes it.
-
-
 def _float_twin(op: str, input: Tensor) -> bool:
     """``_native``'s bound for a CPU input that ``op``'s own bound turned down: a
     float32/float64 LayerNorm (or add+LayerNorm) keeps torch's kernel up to its
@@ -570,7 +568,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
-    # (a bias alone: see above ``_float_twin``)
+    # (a bias alone: the rule's exception, above ``_native``)
     if _native("layer_norm", input, (weight, bias)) and (
         weight is not None or bias is None or bias.dtype is input.dtype
     ):
@@ -621,7 +619,7 @@ def add_layer_norm(
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
     if (
         _native("add_layer_norm", x, (residual, weight, bias))
-        and (weight is not None or bias is None or bias.dtype is x.dtype)  # (a bias alone)
+        and (weight is not None or bias is None or bias.dtype is x.dtype)  # (a bias alone: the rule)
         # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
         # inlined: x is known a CPU tensor here, and the add refuses another device)
         and type(residual) is Tensor
