@@ -86,6 +86,63 @@ def test_gradgradcheck(backend, name):
     assert torch.autograd.gradgradcheck(ours, inputs, check_batched_grad=True, check_fwd_over_rev=True)
 
 
+def _saved_on_cpu(f, *inputs):
+    with torch.autograd.graph.save_on_cpu():
+        return f(*inputs)
+
+
+def _packed_copies(f, *inputs):
+    """Every saved tensor packed as a copy, then the inputs overwritten behind autograd's
+    back: the backward must read the copies, so a tensor kept on ``ctx`` outside
+    ``save_for_backward`` (which the hooks never see) would give wrong gradients."""
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = f(*inputs)
+    assert packed, "nothing was saved through the hooks"
+    for t in inputs:
+        t.data.mul_(-3.0).add_(1.0)  # (``.data``: no version bump, so nothing refuses it)
+    return out
+
+
+RECOMPUTING = {
+    "checkpoint": lambda f, *xs: torch.utils.checkpoint.checkpoint(f, *xs, use_reentrant=False),
+    "checkpoint_reentrant": lambda f, *xs: torch.utils.checkpoint.checkpoint(f, *xs, use_reentrant=True),
+    "save_on_cpu": _saved_on_cpu,
+    "saved_tensors_hooks": _packed_copies,
+}
+
+
+@pytest.mark.parametrize("how", RECOMPUTING)
+@pytest.mark.parametrize("name", CASES)
+def test_activation_checkpointing_and_saved_tensor_hooks(backend, name, how):
+    """Training memory savers: activation checkpointing (the forward again in the
+    backward, reentrant or not: the non-reentrant one also checks that the recomputation
+    saves the same tensors) and saved-tensor hooks (offloading to the CPU, packing).
+    The gradients of every input equal those of a plain backward, and torch's own."""
+    ours, theirs, inputs = CASES[name]
+
+    def loss(f):
+        def run(*xs):
+            out = f(*xs)
+            return sum((o * o.detach().cos()).sum() for o in (out if isinstance(out, tuple) else (out,)))
+
+        return run
+
+    def grads(f, wrap):
+        xs = tuple(t.clone().requires_grad_() for t in inputs)
+        wrap(loss(f), *xs).backward()  # (the reentrant checkpoint refuses autograd.grad)
+        return tuple(x.grad for x in xs)
+
+    plain = grads(theirs, lambda f, *xs: f(*xs))
+    torch.testing.assert_close(grads(ours, lambda f, *xs: f(*xs)), plain)
+    torch.testing.assert_close(grads(ours, RECOMPUTING[how]), plain)
+
+
 def test_gradient_penalty_equals_torch(backend):
     """create_graph=True, then backward through the gradient (WGAN-GP style): the same
     parameter gradients as torch.nn.LayerNorm's."""
