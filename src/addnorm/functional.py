@@ -20,6 +20,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _backend, ops, reference
 from ._backend import _DEFAULT  # (retire updates it in place)
@@ -184,6 +186,27 @@ def _check_per_channel(input: Tensor, c: int, *tensors: Tensor | None) -> None:
         raise ArgumentError("running_mean and running_var must be given together or both be None")
 
 
+def _foreign(*tensors: Tensor | None) -> bool:
+    """Whether one of ``tensors`` is of a class that dispatches its ops in Python
+    (``__torch_dispatch__``): DTensor (tensor parallelism), a nested jagged tensor,
+    quantized and logging tensors.  No kernel of ours can read such a tensor's data (it
+    may have none: a DTensor's is its local shard), and its class knows no addnorm op,
+    so the call runs the reference's torch ops on it, as torch.nn's norms run torch's,
+    which the class implements.  torch's own tracing tensors (fake and functional)
+    under their dispatch mode are not foreign: the op's fake implementation serves them."""
+    for t in tensors:
+        if type(t) in _PLAIN or type(t).__torch_dispatch__ is _NO_DISPATCH:
+            continue
+        if not (isinstance(t, _TRACING) and _len_dispatch_stack()):
+            return True
+    return False
+
+
+_PLAIN = (Tensor, torch.nn.Parameter, type(None))  # (``_TENSORS`` and an absent tensor)
+_NO_DISPATCH = Tensor.__torch_dispatch__
+_TRACING = (FakeTensor, FunctionalTensor)
+
+
 def _transformed(args: tuple) -> bool:
     """Whether a torch.func transform is active, ``torch.jit.trace`` records, or
     forward-mode AD sees a tensor in ``args``; for a caller that has already found
@@ -207,8 +230,11 @@ _jit_tracing = torch._C._get_tracing_state
 
 def _forward(op, math, *args):
     """``op(*args, backend)``, with the backend for the device of the input ``args[0]``,
-    or ``math(*args)`` (its reference) where a transform watches (``_transformed``) or
-    torch.compile traces a small input (``_inlined``)."""
+    or ``math(*args)`` (its reference) where ``op`` is None (a ``_foreign`` tensor), a
+    transform watches (``_transformed``) or torch.compile traces a small input
+    (``_inlined``)."""
+    if op is None:
+        return math(*args)
     if _is_compiling():
         if _inlined(args[0]):
             return math(*args)
@@ -486,6 +512,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
     # ``_checked_row_call`` accepts, which checks anything else, errors included; a
     # decoding step's RMSNorm spends ~1.3 µs less here than there.
     xs = dtype = None
+    op = ops.row_norm  # None for a ``_foreign`` tensor (``_forward``)
     if type(x) is Tensor:
         xs, dtype = x.shape, x.dtype
         if eps is None and rms:
@@ -503,6 +530,8 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         and (residual is None or (type(residual) is Tensor and residual.dtype is dtype and residual.shape == xs and residual.is_cpu))
     ):
         d, eps = _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms)
+        if _foreign(x, residual, weight, bias):
+            op = None
         xs, dtype = x.shape, x.dtype
         weight = None if weight is None else _flat(weight)  # (the common call's are rows already)
         bias = None if bias is None else _flat(bias)
@@ -511,8 +540,8 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
     # step ~1 µs each); a normalized_shape of several dims is made (N, d) rows and back
     rows = xs[-1] == d
     y, r, _, _ = _forward(
-        ops.row_norm,
-        reference.row_norm_forward,
+        op,
+        _row_norm_math,
         (x if rows else x.reshape(-1, d)).contiguous(),
         None if residual is None else (residual if rows else residual.reshape(-1, d)).contiguous(),
         weight,
@@ -526,6 +555,12 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         return (y if rows else y.reshape(*xs)), None
     # (``*xs``: a torch.Size argument costs ~1 µs more than its ints)
     return (y, r) if rows else (y.reshape(*xs), r.reshape(*xs))
+
+
+def _row_norm_math(*args):
+    """``reference.row_norm_forward`` without the statistics, which ``_row_norm`` does not
+    read (a nested tensor's cannot be made the rows' (N,) vector either)."""
+    return reference.row_norm_forward(*args, stats=False)
 
 
 def _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms) -> tuple[int, float]:
@@ -700,24 +735,25 @@ def batch_norm(
     if eps <= 0 if training else eps < 0:  # torch.nn.functional's bound (NaN passes, as there)
         raise ArgumentError(f"eps must be {'> 0 in training' if training else '>= 0'}, got {eps}")
     _check_float(momentum, "momentum")
-    if _inlined(input):
+    foreign = _foreign(input, weight, bias, running_mean, running_var)
+    if _inlined(input) and not foreign:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     y, mean, var = _forward(
-        ops.batch_norm, reference.batch_norm_forward,
+        None if foreign else ops.batch_norm, reference.batch_norm_forward,
         input.reshape(0, 0) if empty_1d else _channel_layout(input),
         weight, bias, running_mean, running_var, training, float(eps),
     )
     if training and running_mean is not None and values_per_channel > 0:
-        _update_running_stats(input, running_mean, running_var, mean, var, values_per_channel, momentum)
+        _update_running_stats(input, running_mean, running_var, mean, var, values_per_channel, momentum, foreign)
     return y.reshape(0) if empty_1d else y
 
 
-def _update_running_stats(input, running_mean, running_var, mean, var, n, momentum):
+def _update_running_stats(input, running_mean, running_var, mean, var, n, momentum, foreign):
     """The running statistics' update after a training forward of ``input`` (its batch
     statistics ``mean`` and ``var``, n values each): where the forward ran the op, by
-    the op's backend (``ops.update_running_stats``); traced or transformed, where it ran
-    the reference's torch ops, by those."""
-    if _is_compiling() or _transformed((input, mean)):
+    the op's backend (``ops.update_running_stats``); traced, transformed or ``foreign``,
+    where it ran the reference's torch ops, by those."""
+    if foreign or _is_compiling() or _transformed((input, mean)):
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     else:
         ops.update_running_stats(running_mean, running_var, mean, var, n, momentum, _backend.select(input.device))
@@ -760,14 +796,15 @@ def instance_norm(
         )
     _check_float(eps, "eps")
     _check_float(momentum, "momentum")
-    if _inlined(input):
+    foreign = _foreign(input, weight, bias, running_mean, running_var)
+    if _inlined(input) and not foreign:
         return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     y, mean, var = _forward(
-        ops.group_norm, reference.group_norm_forward,
+        None if foreign else ops.group_norm, reference.group_norm_forward,
         _channel_layout(input), weight, bias, c, float(eps),
     )
     if running_mean is not None and input.numel() > 0:
-        _update_running_stats(input, running_mean, running_var, mean, var, spatial, momentum)
+        _update_running_stats(input, running_mean, running_var, mean, var, spatial, momentum, foreign)
     return y
 
 
@@ -816,13 +853,15 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     _check_float(eps, "eps")
-    if _inlined(input):
+    foreign = _foreign(input, weight, bias)
+    if _inlined(input) and not foreign:
         return F.group_norm(input, num_groups, weight, bias, eps)
     # torch's forward kernel with our backward where the rule says so, unless a backend is
     # forced (our kernels everywhere) or anything traces (the op: our kernels)
     hybrid = key == "group_norm_torch_forward" and _Choice.forced is None and input.is_cpu
     y, _, _ = _forward(
-        ops.group_norm_aten_forward if hybrid else ops.group_norm, reference.group_norm_forward,
+        None if foreign else ops.group_norm_aten_forward if hybrid else ops.group_norm,
+        reference.group_norm_forward,
         _channel_layout(input), weight, bias, num_groups, float(eps),
     )
     return y
@@ -847,6 +886,8 @@ def dyt(
     shape = _normalized_shape(tuple(dims), input)
     _check_param(weight, "weight", shape, input)
     _check_param(bias, "bias", shape, input)
+    if _foreign(input, alpha, weight, bias):  # the reference's broadcasting ops, in input's shape
+        return reference.dyt_forward(input, alpha, weight, bias)
     d = math.prod(shape)
     y = _forward(
         ops.dyt,
@@ -869,6 +910,8 @@ def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     _check_float(eps, "eps")
     if not eps >= 0:  # ScaleNorm's own (torch has none): max(||x||, eps) clamps at eps
         raise ArgumentError(f"eps must be >= 0, got {eps}")
+    if _foreign(input, weight):  # the reference's torch ops, in input's shape
+        return reference.scale_norm_forward(input, weight, float(eps))[0]
     y, _ = _forward(
         ops.scale_norm, reference.scale_norm_forward,
         _rows(input, input.shape[-1]).contiguous(), weight, float(eps),

@@ -200,7 +200,7 @@ def row_norm_forward(
 
     Returns ``(y, r or None, mean (N,) or None, rstd (N,))``, rstd as y used it.
     ``stats=False`` says the caller wants y and r only: a backend may then return None
-    for rstd (this one does not).
+    for the statistics (this one does: a nested tensor's are no (N,) vector).
     """
     r = x if residual is None else x + residual
     xhat, mean, _, rstd = standardize(r, (-1,), eps, centered=not rms)
@@ -213,12 +213,10 @@ def row_norm_forward(
     if cast & ROUNDING != CAST_ONCE:
         xhat = round_to(xhat, x.dtype)
     y = _affine(xhat, scale, bias).to(row_norm_out_dtype(x.dtype, weight, cast))
-    return (
-        y,
-        None if residual is None else r,
-        None if rms else mean.reshape(-1),
-        rstd.reshape(-1),
-    )
+    r = None if residual is None else r
+    if not stats:
+        return y, r, None, None
+    return y, r, None if rms else mean.reshape(-1), rstd.reshape(-1)
 
 
 def row_norm_backward(
@@ -410,7 +408,8 @@ def batch_norm_backward(
 
 
 def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """DyT of the rows of ``x`` (N, D): y = w * tanh(alpha * x) + b, alpha a scalar."""
+    """DyT of the rows of ``x`` (N, D): y = w * tanh(alpha * x) + b, alpha a scalar
+    (broadcasting: x of any shape whose trailing dims w and b have)."""
     acc = acc_dtype(x.dtype)
     t = torch.tanh(alpha.to(acc) * x.to(acc))
     return _affine(t, _scale(weight, 0.0, t), bias).to(x.dtype)
