@@ -15,7 +15,7 @@ from torch.testing._internal.logging_tensor import LoggingTensor, capture_logs
 
 import addnorm
 import addnorm.functional as AF
-from test_autograd_modes import CASES, R, X
+from test_autograd_modes import CASES, R, X, _outputs
 
 D = torch.float64
 ROW_CASES = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dyt")
@@ -28,10 +28,6 @@ WHOLE_CASES = [name for name in CASES if name != "batch_norm_eval"]
 def _packed(t: torch.Tensor) -> torch.Tensor:
     """The rows of sequences of 2, 4 and 3 tokens cut from t (3, 4, 6): (9, 6)."""
     return torch.cat([t[0, :2], t[1, :4], t[2, :3]])
-
-
-def _outputs(out):
-    return out if isinstance(out, tuple) else (out,)
 
 
 @pytest.mark.parametrize("name", ROW_CASES)

@@ -202,7 +202,7 @@ def _foreign(*tensors: Tensor | None) -> bool:
     return False
 
 
-_PLAIN = (Tensor, torch.nn.Parameter, type(None))  # (``_TENSORS`` and an absent tensor)
+_PLAIN = (*_TENSORS, type(None))  # (and an absent tensor)
 _NO_DISPATCH = Tensor.__torch_dispatch__
 _TRACING = (FakeTensor, FunctionalTensor)
 
