@@ -315,3 +315,28 @@ def test_eps_as_torch_takes_it(eps):
     theirs = [F.layer_norm(x, (8,), eps=eps), torch.rms_norm(x, (8,), eps=eps), F.group_norm(x, 2, eps=eps)]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+
+
+@pytest.mark.parametrize("params", ["weight and bias", "weight", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_or_sample_gives_its_parameter_gradients(params, dtype):
+    """A single row (a decoding step) or a single GroupNorm sample runs its backward in
+    one program, whose partial row is the parameter gradient itself (no column sum):
+    each parameter gets its own, in its dtype, with the other absent or present."""
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(1, 40, generator=g), torch.randn(40, generator=g), torch.randn(40, generator=g),
+            torch.randn(1, 8, 3, 3, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)]
+    cots = [torch.randn(1, 40, generator=g), torch.randn(1, 8, 3, 3, generator=g)]
+    outs = {}
+    for side, dt in (("triton", dtype), ("torch", torch.float64)):
+        x, w, b, xg, wg, bg = (_side(t, side, dt).requires_grad_() for t in base)
+        w, wg = (None, None) if params == "bias" else (w, wg)
+        b, bg = (None, None) if params == "weight" else (b, bg)
+        with addnorm.backend(side):
+            ys = [AF.layer_norm(x, 40, w, b, 1e-5), AF.group_norm(xg, 2, wg, bg, 1e-5)]
+        for y, cot in zip(ys, cots):
+            (y.double() * cot.to(y.device, torch.float64)).sum().backward()
+        outs[side] = [t.grad for t in (w, b, wg, bg) if t is not None]
+    for ours, ref in zip(outs["triton"], outs["torch"], strict=True):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        _close(ours, ref, dtype, "parameter gradient")

@@ -327,6 +327,18 @@ _get_dispatch_mode = torch._C._get_dispatch_mode
 _FUNCTIONAL = torch._C._TorchDispatchModeKey.FUNCTIONAL
 
 
+# Host-side sizes in plain Python: triton's own ``cdiv`` and ``next_power_of_2`` are
+# ``constexpr_function`` objects that cost ~2 µs a call from host code (triton 3.9),
+# three of them a row norm's launch, against ~0.1 µs here.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _tl_acc(dtype: torch.dtype):
     """The kernels' ``ACC``: float64 statistics for float64 input, float32 for the rest."""
     return tl.float64 if dtype is torch.float64 else tl.float32
@@ -336,13 +348,13 @@ def _warps(values: int, direction: str) -> int:
     """num_warps for a program that holds ``values`` at once: enough threads that each
     holds ``_VALUES_PER_THREAD`` of them (more spill registers; fewer leave the memory
     system idle), a power of two within ``_WARPS``."""
-    want = triton.next_power_of_2(max(1, values // (32 * _VALUES_PER_THREAD[direction])))
+    want = _next_power_of_2(max(1, values // (32 * _VALUES_PER_THREAD[direction])))
     return max(_WARPS[0], min(_WARPS[1], want))
 
 
 def _block(d: int) -> tuple[int, bool]:
     """(values per block, whether the row fits one block)."""
-    block = min(triton.next_power_of_2(d), _MAX_BLOCK)
+    block = min(_next_power_of_2(d), _MAX_BLOCK)
     return block, d <= block
 
 
@@ -371,8 +383,9 @@ def _partials(wanted: tuple[bool, bool], rows: int, cols: int, like: torch.Tenso
         return None, (None, None)
     buffer = (torch.zeros if zeroed else torch.empty)(count, rows, cols, dtype=acc_dtype(like.dtype),
                                                       device=like.device)
-    views = iter(buffer)
-    return buffer, tuple(next(views) if w else None for w in wanted)
+    if count == 2:
+        return buffer, buffer.unbind(0)
+    return buffer, (buffer[0], None) if wanted[0] else (None, buffer[0])
 
 
 def _summed(buffer: torch.Tensor | None, weight, bias, wanted: tuple[bool, bool]):
@@ -380,8 +393,11 @@ def _summed(buffer: torch.Tensor | None, weight, bias, wanted: tuple[bool, bool]
     its parameter's dtype; None where not ``wanted``."""
     if buffer is None:
         return None, None
-    sums = iter(buffer.sum(1))
-    return tuple(next(sums).to(p.dtype) if w else None for p, w in zip((weight, bias), wanted))
+    # one program's row is the sum itself (a single row's backward: no column-sum launch)
+    sums = buffer.select(1, 0) if buffer.shape[1] == 1 else buffer.sum(1)
+    if wanted[0] and wanted[1]:
+        return sums[0].to(weight.dtype), sums[1].to(bias.dtype)
+    return (sums[0].to(weight.dtype), None) if wanted[0] else (None, sums[0].to(bias.dtype))
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
@@ -401,7 +417,7 @@ def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE
     block, one_block = _block(d)
     rows = max(1, min(_MAX_ROWS, _ROWS_TILE // block)) if one_block else 1
     if n:
-        _launch(_row_norm_fwd_kernel)[(triton.cdiv(n, rows),)](
+        _launch(_row_norm_fwd_kernel)[(_cdiv(n, rows),)](
             x, _operand(residual, x), _operand(weight, x), _operand(bias, x),
             y, _operand(r, x), _operand(mean, x), _operand(rstd, x),
             n, d, *_split(eps), float(offset),
@@ -444,7 +460,7 @@ def row_norm_backward(dy, dr, r, weight, mean, rstd, offset, rms, cast, bias, wa
         _launch(_row_norm_bwd_kernel)[(programs,)](
             dy, _operand(dr, dy), r, _operand(weight, r), _operand(None if rms else mean, rstd),
             rstd.contiguous(), _operand(dx, r), _operand(dw_part, rstd), _operand(db_part, rstd),
-            n, d, triton.cdiv(n, programs), float(offset),
+            n, d, _cdiv(n, programs), float(offset),
             HAS_DR=dx is not None and dr is not None, HAS_W=weight is not None, RMS=rms,
             WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ROUND=cast & ROUNDING != CAST_ONCE,
             ACC=_tl_acc(r.dtype), BLOCK=block, ONE_BLOCK=one_block, num_warps=_warps(block, "bwd"),
@@ -574,8 +590,8 @@ def _group_layout(x: torch.Tensor, num_groups: int):
         x = x.contiguous()
     length, cpg = max(1, math.prod(x.shape[2:])), x.shape[1] // num_groups
     stride_c, stride_l = (length, 1) if contiguous else (1, x.shape[1])
-    block_c = min(triton.next_power_of_2(cpg), 64)
-    block_l = max(1, min(triton.next_power_of_2(length), _GROUP_TILE // block_c))
+    block_c = min(_next_power_of_2(cpg), 64)
+    block_l = max(1, min(_next_power_of_2(length), _GROUP_TILE // block_c))
     return x, (length, cpg, x.stride(0), stride_c, stride_l), (block_c, block_l)
 
 
@@ -703,7 +719,7 @@ def dyt_backward(dy, x, alpha, weight, bias):
     if x.numel():
         _launch(_dyt_bwd_kernel)[(programs,)](
             dy, x, alpha.reshape(1), _operand(weight, x), dx, part,
-            n, d, triton.cdiv(n, programs),
+            n, d, _cdiv(n, programs),
             HAS_W=weight is not None, ACC=_tl_acc(x.dtype), BLOCK=_block(d)[0],
         )
     sums = part.sum(1, dtype=torch.float64)  # (3, d): over programs, in a fixed order
