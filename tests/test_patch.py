@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import transformers as T
+import torch.nn.functional as F
 from torch import nn
 
 import addnorm
@@ -33,7 +34,12 @@ MODELS = {  # name -> (builder, norms it has, the class that gets swapped)
                                                      num_attention_heads=4, intermediate_size=128)), 6, "LayerNorm"),
     "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128,
                                                             num_layers=2, num_heads=4)), 12, "T5LayerNorm"),
+    # norms without a weight: OLMo's LayerNorm (no parameters, its eps written in its
+    # forward), nanochat's RMSNorm (an eps attribute)
+    "olmo": (lambda: T.OlmoForCausalLM(T.OlmoConfig(**_DECODER)), 5, "OlmoLayerNorm"),
+    "nanochat": (lambda: T.NanoChatForCausalLM(T.NanoChatConfig(**_DECODER)), 9, "NanoChatRMSNorm"),
 }
+_LAYER_NORMS = ("LayerNorm", "OlmoLayerNorm")  # (the others are RMSNorms, bit for bit)
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -74,10 +80,10 @@ def test_patched_model_computes_what_the_original_computed(name, dtype):
     assert model.state_dict().keys() == state.keys()
 
     patched_logits, patched_grads = _step(model, name, ids)
-    if MODELS[name][2] == "LayerNorm":
-        # torch.nn.LayerNorm: addnorm runs torch's own kernel below 8M elements (bit for
-        # bit); the suite runs ours at every size, whose statistics are summed in another
-        # order than torch's Welford cascade: the last bits differ
+    if MODELS[name][2] in _LAYER_NORMS:
+        # a LayerNorm: addnorm runs torch's own kernel below 8M elements (bit for bit); the
+        # suite runs ours at every size, whose statistics are summed in another order than
+        # torch's Welford cascade: the last bits differ
         torch.testing.assert_close(patched_logits, logits, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(patched_logits, logits)
@@ -243,3 +249,88 @@ def test_a_layer_norm_of_the_models_own_is_recognised():
     expected = model(x)
     assert addnorm.patch(model) == 1 and model[0]._addnorm_family.kind == "layernorm"
     torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_norms_without_a_weight_are_recognised_by_what_they_compute(capsys):
+    """Weightless norms: the epsilon read from the class's attribute or, where it keeps
+    none, found among the usual ones by the probe; a weight kept as a buffer that the
+    forward ignores (Falcon Mamba's) is ignored, one it reads leaves the class alone."""
+    class NoEpsLayerNorm(nn.Module):  # OLMo-style: the epsilon lives in the code
+        def forward(self, x):
+            return F.layer_norm(x.float(), x.shape[-1:], None, None, 1e-6).to(x.dtype)
+
+    class RoundedRstdRMSNorm(nn.Module):  # DeepSeek-V4-style: rstd rounded to x's dtype
+        def __init__(self):
+            super().__init__()
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
+
+    class UnusedWeightRMSNorm(nn.Module):  # Falcon-Mamba-style: a buffer of ones it never reads
+        def __init__(self, d):
+            super().__init__()
+            self.eps, self.weight = 1e-6, nn.Buffer(torch.ones(d), persistent=False)
+
+        def forward(self, x):
+            h = x.float()
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+    class BufferWeightRMSNorm(UnusedWeightRMSNorm):  # a frozen weight it does read
+        def forward(self, x):
+            return super().forward(x) * self.weight.to(x.dtype)
+
+    model = nn.Sequential(NoEpsLayerNorm(), RoundedRstdRMSNorm(), UnusedWeightRMSNorm(48), BufferWeightRMSNorm(48))
+    x = torch.randn(4, 48) * 3 + 1
+    x = torch.cat([x, x * 1e-3])  # rows where the epsilon shows
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        with torch.no_grad():
+            model[3].weight.uniform_(0.5, 1.5)
+        expected = [m(x.to(dtype)) for m in model]
+        assert addnorm.patch(model, verbose=True) == 3
+        assert "left test_norms_without_a_weight_are_recognised_by_what_they_compute.<locals>.BufferWeightRMSNorm" \
+               " alone: computes none of" in capsys.readouterr().out
+        specs = [m._addnorm_family for m in model[:3]]
+        assert [(s.kind, s.weighted, s.eps_name, s.eps) for s in specs] == [
+            ("layernorm", False, None, 1e-6), ("rmsnorm", False, "eps", 0.0), ("rmsnorm", False, "eps", 0.0)]
+        assert specs[1].casting_mode == "none" and specs[2].casting_mode == "gemma"
+        for m, e in zip(model, expected):
+            got = m(x.to(dtype))
+            spec = getattr(m, "_addnorm_family", None)  # (None: left alone)
+            if spec is not None and spec.kind == "layernorm":
+                torch.testing.assert_close(got, e, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+            else:
+                assert torch.equal(got, e)
+        addnorm.unpatch(model)
+
+
+def test_parameter_dtypes_the_probe_did_not_see_run_the_models_own_forward():
+    """A norm kept in float32 beside a bfloat16 input runs addnorm where the class's code
+    was found to compute what addnorm does there (Llama's promotes to a float32 output),
+    and its own forward where not (a class that rounds its weight to the input's dtype
+    first); a float32 input beside a bfloat16 weight, never probed, runs its own forward."""
+    class RoundedWeightRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.rand(d) + 0.5), 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight.to(x.dtype) * h.to(x.dtype)
+
+    torch.manual_seed(0)
+    llama = T.models.llama.modeling_llama.LlamaRMSNorm(64)
+    with torch.no_grad():
+        llama.weight.uniform_(0.5, 1.5)
+    original = nn.Sequential(llama, RoundedWeightRMSNorm(64))
+    x = torch.randn(5, 64) * 2
+    for params, dtype in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        model = copy.deepcopy(original).to(params)
+        expected = [m(x.to(dtype)) for m in model]
+        assert addnorm.patch(model) == 2
+        assert model[0]._addnorm_family.mixed and not model[1]._addnorm_family.mixed
+        for m, e in zip(model, expected):
+            got = m(x.to(dtype))
+            assert got.dtype == e.dtype and torch.equal(got, e), (type(m).__name__, params, dtype)

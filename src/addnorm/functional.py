@@ -529,7 +529,7 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         and (bias is None or (type(bias) in _TENSORS and bias.dtype is dtype and bias.shape == (d,) and bias.is_cpu))
         and (residual is None or (type(residual) is Tensor and residual.dtype is dtype and residual.shape == xs and residual.is_cpu))
     ):
-        d, eps = _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms)
+        d, eps, weight = _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms)
         if _foreign(x, residual, weight, bias):
             op = None
         xs, dtype = x.shape, x.dtype
@@ -563,19 +563,26 @@ def _row_norm_math(*args):
     return reference.row_norm_forward(*args, stats=False)
 
 
-def _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms) -> tuple[int, float]:
+def _checked_row_call(x, residual, normalized_shape, weight, bias, eps, rms) -> tuple[int, float, Tensor | None]:
     """Every check of a row norm's arguments, each error naming its argument -> (d, the
-    values per row; eps, RMSNorm's None made the dtype's epsilon)."""
+    values per row; eps, RMSNorm's None made the dtype's epsilon; the weight, an RMSNorm
+    weight of another float dtype converted as torch.rms_norm takes it)."""
     _check_input(x, "x" if residual is not None else "input")
     if residual is not None:
         _check_same(residual, "residual", x)
     shape = _normalized_shape(normalized_shape, x)
+    if rms and isinstance(weight, Tensor) and weight.dtype is not x.dtype and weight.is_floating_point():
+        # torch.rms_norm takes a weight of any float dtype: it multiplies in the
+        # statistics' dtype and rounds to the input's (float32 beside float16/bfloat16
+        # input is the kernels' own mixed case); the conversion is differentiable, so the
+        # weight's gradient comes back in its own dtype
+        weight = weight.to(reference.acc_dtype(x.dtype))
     _check_param(weight, "weight", shape, x, " (normalized_shape)")
     _check_param(bias, "bias", shape, x, " (normalized_shape)")
     if rms:
         eps = rms_eps(eps, x.dtype)
     _check_float(eps, "eps")
-    return math.prod(shape), eps
+    return math.prod(shape), eps, weight
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

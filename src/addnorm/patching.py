@@ -6,19 +6,23 @@
 A patched norm stays the same object with the same parameter tensors (nothing is
 copied: optimizers, tied weights, hooks and references held elsewhere keep working);
 only its class changes.  torch.nn's norms become addnorm's twin class (a subclass of the
-torch.nn one).  A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` with a
-1-D ``weight`` and an ``eps`` / ``variance_epsilon``, becomes a subclass of itself whose
-forward runs addnorm's RMSNorm or LayerNorm.  Which one, with which ``offset`` (Gemma's
-``1 + w``) and which casting mode (where bfloat16 / float16 results are rounded), is
-decided by what the class computes, not by its name: its own forward runs once on a
-copy, in float32 and in bfloat16, beside every candidate, and the candidate that
-matches it (bit for bit for an RMSNorm) is chosen.  A class no candidate matches is
-left alone and listed under ``verbose=True``.
+torch.nn one).  A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` whose
+forward takes the input alone, becomes a subclass of itself whose forward runs
+addnorm's RMSNorm or LayerNorm: with its 1-D ``weight`` (and ``bias``) parameters, or
+with none (OLMo's LayerNorm, nanochat's and DeepSeek-V4's RMSNorms), and its ``eps`` /
+``variance_epsilon`` / ``epsilon``, or, where it keeps none, the epsilon its code has.
+Which norm, with which ``offset`` (Gemma's ``1 + w``), which casting mode (where
+bfloat16 / float16 results are rounded) and, where the class keeps none, which epsilon
+(``_EPS_GUESSES``), is decided by what the class computes, not by its name: its own
+forward runs once on a copy, in float32 and in bfloat16, beside every candidate, and
+the candidate that matches it (bit for bit for an RMSNorm) is chosen.  A class no
+candidate matches is left alone and listed under ``verbose=True``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -47,6 +51,10 @@ _TWINS: dict[type, tuple[str, type]] = {
     nn.InstanceNorm3d: ("instancenorm", M.InstanceNorm3d),
 }
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
+# The epsilons a norm class that keeps none in an attribute is tried with (OLMo's
+# LayerNorm writes 1e-5 in its forward): torch's default, Llama's, a small one, and
+# float32's machine epsilon (torch.rms_norm's eps=None)
+_EPS_GUESSES = (1e-5, 1e-6, 1e-8, float(torch.finfo(torch.float32).eps))
 _ORIGINAL = "_addnorm_original"  # instance attribute: the class a patched module had
 
 
@@ -57,7 +65,13 @@ class FamilyNorm:
     kind: str  # "rmsnorm" or "layernorm"
     offset: float  # RMSNorm's scale is weight + offset
     casting_mode: str  # RMSNorm's casting mode
-    eps_name: str  # the attribute the module keeps its epsilon in
+    eps_name: str | None  # the attribute the module keeps its epsilon in; None: ``eps``
+    eps: float = 0.0  # the epsilon, where the module keeps none (its code has it)
+    weighted: bool = True  # whether the module's ``weight`` parameter scales the output
+    # whether addnorm computes what the module does for a float16/bfloat16 input beside
+    # float32 parameters (a model that keeps its norms in float32); where not, such a
+    # call runs the module's own forward
+    mixed: bool = True
 
 
 def patch(
@@ -148,50 +162,85 @@ def _swap(module: nn.Module, cls: type, backend: str | None) -> None:
 
 def _recognise(module: nn.Module) -> FamilyNorm | str:
     """The addnorm arguments that compute what ``module`` computes (``_matches``) in float32
-    and bfloat16; or why there are none."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 1:
-        return "no 1-D weight parameter"
-    eps_name = next((n for n in _EPS_NAMES if isinstance(getattr(module, n, None), (int, float))), None)
-    if eps_name is None:
-        return f"no epsilon attribute ({', '.join(_EPS_NAMES)})"
+    and bfloat16 (and, for ``mixed``, with float32 parameters beside a bfloat16 input);
+    or why there are none."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    weighted, has_bias = isinstance(weight, nn.Parameter), isinstance(bias, nn.Parameter)
+    if (weighted and weight.ndim != 1) or (has_bias and bias.ndim != 1):
+        return "a weight or bias parameter that is not 1-D"
     try:
         extra = list(inspect.signature(module.forward).parameters)[1:]
     except (TypeError, ValueError):
         extra = []
     if extra:
         return f"its forward takes more than the input ({', '.join(extra)})"
-    bias = getattr(module, "bias", None)
-    has_bias = isinstance(bias, nn.Parameter)
-    candidates = [FamilyNorm("layernorm", 0.0, "torch", eps_name)]
+    eps_name = next((n for n in _EPS_NAMES if isinstance(getattr(module, n, None), (int, float))), None)
+    epsilons = (0.0,) if eps_name else _EPS_GUESSES
+    candidates = [FamilyNorm("layernorm", 0.0, "torch", eps_name, eps, weighted) for eps in epsilons]
     if not has_bias:
         candidates += [
-            FamilyNorm("rmsnorm", offset, mode, eps_name)
-            for offset in (0.0, 1.0) for mode in ("gemma", "llama", "none")  # torch's order
+            FamilyNorm("rmsnorm", offset, mode, eps_name, eps, weighted)
+            for eps in epsilons
+            for offset in ((0.0, 1.0) if weighted else (0.0,))
+            for mode in ("gemma", "llama", "none")  # torch's order
         ]
     # on the CPU whatever the model's device (meta included): the probe's values are ours
     probe = copy.deepcopy(module).to_empty(device="cpu").float()
     g = torch.Generator().manual_seed(0)
-    d = weight.numel()
+    d = weight.numel() if weighted else _width(module)
     with torch.no_grad():  # values where every candidate computes something different
-        probe.weight.copy_(torch.rand(d, generator=g) * 1.5 - 0.25)
-        if has_bias:
-            probe.bias.copy_(torch.randn(d, generator=g))
+        # (a weight or bias kept as a buffer too: where the forward reads one, no
+        # candidate, which would not, matches)
+        for name in ("weight", "bias"):
+            t = getattr(probe, name, None)
+            if isinstance(t, Tensor) and t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) * 1.5 - 0.25)
     x = torch.randn(8, d, generator=g) * 2 + 0.5
+    if eps_name is None:  # rows whose variance is near the epsilons, so that they tell them apart
+        x = torch.cat([x, x[:4] * 3e-4])
+    x = x.reshape(-1, 4, d)  # (batch, tokens, d): a norm over another dim than the last differs
     for dtype in (torch.float32, torch.bfloat16):
-        probe = probe.to(dtype)
-        xd = x.to(dtype)
-        try:
-            with torch.no_grad():
-                expected = probe(xd)
-        except Exception as e:  # noqa: BLE001  (any failure means: not a norm we can stand in for)
-            return f"its forward failed on a probe ({type(e).__name__}: {e})"
-        if not isinstance(expected, Tensor) or expected.shape != xd.shape:
-            return "its forward does not return one tensor of the input's shape"
+        probe, xd = probe.to(dtype), x.to(dtype)
+        expected = _probed(probe, xd)
+        if isinstance(expected, str):
+            return expected
         candidates = [c for c in candidates if _matches(c, _computed(c, probe, xd), expected)]
-    if not candidates:
-        return "computes none of addnorm's RMSNorm / LayerNorm variants"
-    return candidates[0]
+        if not candidates:
+            return "computes none of addnorm's RMSNorm / LayerNorm variants"
+    # float32 parameters beside a bfloat16 input (a model that keeps its norms in float32)
+    # run addnorm only where a candidate computes what the module does there too
+    probe, xd = probe.float(), x.bfloat16()
+    expected = _probed(probe, xd)
+    for c in candidates if isinstance(expected, Tensor) else ():
+        if _matches(c, _computed(c, probe, xd), expected):
+            return c
+    return dataclasses.replace(candidates[0], mixed=False)
+
+
+def _probed(probe: nn.Module, x: Tensor) -> Tensor | str:
+    """The module's output for x, or why it gave none that a norm would."""
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception as e:  # noqa: BLE001  (any failure means: not a norm we can stand in for)
+        return f"its forward failed on a probe ({type(e).__name__}: {e})"
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        return "its forward does not return one tensor of the input's shape"
+    return out
+
+
+def _width(module: nn.Module) -> int:
+    """The row width to probe a norm without a weight parameter with: the size it was
+    built for, where it keeps one (OLMo's ``normalized_shape``; a weight buffer), else
+    any (a norm over the last dim of whatever comes in)."""
+    for name in ("normalized_shape", "hidden_size"):
+        size = getattr(module, name, None)
+        if isinstance(size, (tuple, list)) and size:
+            size = size[-1]
+        if isinstance(size, int) and size > 0:
+            return size
+    weight = getattr(module, "weight", None)
+    return weight.numel() if isinstance(weight, Tensor) and weight.ndim == 1 and weight.numel() else 64
 
 
 def _computed(spec: FamilyNorm, module: nn.Module, x: Tensor) -> Tensor:
@@ -213,11 +262,20 @@ def _matches(spec: FamilyNorm, ours: Tensor, theirs: Tensor) -> bool:
 
 
 def _family_forward_impl(module: nn.Module, spec: FamilyNorm, x: Tensor) -> Tensor:
-    eps = getattr(module, spec.eps_name)
-    d = x.shape[-1]
+    return _family_norm(spec, x, *_family_state(module, spec))
+
+
+def _family_state(module: nn.Module, spec: FamilyNorm) -> tuple[Tensor | None, Tensor | None, float | None]:
+    """(weight, bias, eps) of a family's norm, as ``spec`` says it computes."""
+    eps = spec.eps if spec.eps_name is None else getattr(module, spec.eps_name)
+    weight = M._state(module, "weight") if spec.weighted else None
+    return weight, M._state(module, "bias", None) if spec.kind == "layernorm" else None, eps
+
+
+def _family_norm(spec: FamilyNorm, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps) -> Tensor:
     if spec.kind == "rmsnorm":
-        return AF.rms_norm(x, d, M._state(module, "weight"), eps, offset=spec.offset, casting_mode=spec.casting_mode)
-    return AF.layer_norm(x, d, M._state(module, "weight"), M._state(module, "bias", None), eps)
+        return AF.rms_norm(x, x.shape[-1], weight, eps, offset=spec.offset, casting_mode=spec.casting_mode)
+    return AF.layer_norm(x, x.shape[-1], weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +306,20 @@ def _family_forward(self, hidden_states: Tensor) -> Tensor:
         return self._torch_forward(hidden_states)
     if isinstance(hidden_states, M._Proxy):  # torch.fx: one node, as addnorm's own modules
         return M._fx_call_module(self, hidden_states)
-    return _family_forward_impl(self, self._addnorm_family, hidden_states)
+    spec = self._addnorm_family
+    weight, bias, eps = _family_state(self, spec)
+    dtype = hidden_states.dtype
+    if (weight is not None and weight.dtype is not dtype) or (bias is not None and bias.dtype is not dtype):
+        # the dtypes the recognition probed: parameters in the input's dtype, or float32
+        # ones beside a float16/bfloat16 input where the module's own code was found to
+        # compute what addnorm does there (``mixed``); any other mix runs the module's
+        # own forward, whose result there was not seen
+        if not (spec.mixed and dtype in _REDUCED and all(t is None or t.dtype is torch.float32 for t in (weight, bias))):
+            return self._torch_forward(hidden_states)
+    return _family_norm(spec, hidden_states, weight, bias, eps)
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
 
 
 _scripting = torch.jit.is_scripting  # (a constant to TorchScript: see ``modules``)
