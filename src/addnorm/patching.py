@@ -22,9 +22,8 @@ candidate matches is left alone and listed under ``verbose=True``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +213,7 @@ def _recognise(module: nn.Module) -> FamilyNorm | str:
     for c in candidates if isinstance(expected, Tensor) else ():
         if _matches(c, _computed(c, probe, xd), expected):
             return c
-    return dataclasses.replace(candidates[0], mixed=False)
+    return replace(candidates[0], mixed=False)
 
 
 def _probed(probe: nn.Module, x: Tensor) -> Tensor | str:
@@ -247,7 +246,7 @@ def _computed(spec: FamilyNorm, module: nn.Module, x: Tensor) -> Tensor:
     """What addnorm computes for ``spec`` on x, with the statistics summed by torch itself
     (the reference backend), so that a bit-exact match tests the rounding alone."""
     with torch.no_grad(), _backend.backend("torch"):
-        return _family_forward_impl(module, spec, x)
+        return _family_norm(spec, x, *_family_state(module, spec))
 
 
 def _matches(spec: FamilyNorm, ours: Tensor, theirs: Tensor) -> bool:
@@ -259,10 +258,6 @@ def _matches(spec: FamilyNorm, ours: Tensor, theirs: Tensor) -> bool:
     if spec.kind == "rmsnorm":
         return torch.equal(ours, theirs)
     return torch.allclose(ours, theirs, rtol=2 * torch.finfo(ours.dtype).eps, atol=1e-6)
-
-
-def _family_forward_impl(module: nn.Module, spec: FamilyNorm, x: Tensor) -> Tensor:
-    return _family_norm(spec, x, *_family_state(module, spec))
 
 
 def _family_state(module: nn.Module, spec: FamilyNorm) -> tuple[Tensor | None, Tensor | None, float | None]:
@@ -314,12 +309,9 @@ def _family_forward(self, hidden_states: Tensor) -> Tensor:
         # ones beside a float16/bfloat16 input where the module's own code was found to
         # compute what addnorm does there (``mixed``); any other mix runs the module's
         # own forward, whose result there was not seen
-        if not (spec.mixed and dtype in _REDUCED and all(t is None or t.dtype is torch.float32 for t in (weight, bias))):
+        if not (spec.mixed and dtype in AF._REDUCED and all(t is None or t.dtype is torch.float32 for t in (weight, bias))):
             return self._torch_forward(hidden_states)
     return _family_norm(spec, hidden_states, weight, bias, eps)
-
-
-_REDUCED = (torch.float16, torch.bfloat16)
 
 
 _scripting = torch.jit.is_scripting  # (a constant to TorchScript: see ``modules``)

@@ -383,9 +383,8 @@ def _partials(wanted: tuple[bool, bool], rows: int, cols: int, like: torch.Tenso
         return None, (None, None)
     buffer = (torch.zeros if zeroed else torch.empty)(count, rows, cols, dtype=acc_dtype(like.dtype),
                                                       device=like.device)
-    if count == 2:
-        return buffer, buffer.unbind(0)
-    return buffer, (buffer[0], None) if wanted[0] else (None, buffer[0])
+    views = iter(buffer.unbind(0))  # (one call: iterating a tensor unbinds it through Python)
+    return buffer, tuple(next(views) if w else None for w in wanted)
 
 
 def _summed(buffer: torch.Tensor | None, weight, bias, wanted: tuple[bool, bool]):
@@ -394,10 +393,8 @@ def _summed(buffer: torch.Tensor | None, weight, bias, wanted: tuple[bool, bool]
     if buffer is None:
         return None, None
     # one program's row is the sum itself (a single row's backward: no column-sum launch)
-    sums = buffer.select(1, 0) if buffer.shape[1] == 1 else buffer.sum(1)
-    if wanted[0] and wanted[1]:
-        return sums[0].to(weight.dtype), sums[1].to(bias.dtype)
-    return (sums[0].to(weight.dtype), None) if wanted[0] else (None, sums[0].to(bias.dtype))
+    sums = iter((buffer.select(1, 0) if buffer.shape[1] == 1 else buffer.sum(1)).unbind(0))
+    return tuple(next(sums).to(p.dtype) if w else None for p, w in zip((weight, bias), wanted))
 
 
 def row_norm_forward(x, residual, weight, bias, eps, offset, rms, cast=CAST_ONCE, stats=True):
