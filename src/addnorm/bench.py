@@ -157,6 +157,17 @@ def _dyt_case(shape) -> Case:
                 lambda x, a, w, b: w * torch.tanh(a * x) + b, make, (2, 3), grads=(0, 1, 2, 3))
 
 
+def _scale_norm_case(shape) -> Case:
+    """ScaleNorm against its authors' torch code (``x * g / ||x||.clamp(eps)``)."""
+    def make(dt):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(shape, generator=g).to(dt), torch.full((1,), shape[-1] ** 0.5, dtype=dt)]
+
+    return Case("scale_norm", shape, "rows", lambda x, g: AF.scale_norm(x, g),
+                lambda x, g: x * (g / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-5)),
+                make, (2, 3), grads=(0, 1))
+
+
 def cases(quick: bool) -> list[Case]:
     """Rows at (4096, 4096), (16384, 1024), (2048, 8192); BatchNorm and GroupNorm at
     (32, 64, 56, 56), contiguous and channels-last; DyT.  Quick: the first of each."""
@@ -383,18 +394,17 @@ SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # counts) and diffusion-UNet (SD 1.x at 512 px, batch 2) activations
 SWEEP_CHANNEL_SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (2, 320, 64, 64),
                         (2, 640, 32, 32), (2, 1280, 16, 16), (32, 64, 8, 8)]
-ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
-CHANNEL_OPS = ("batch_norm_train", "batch_norm_eval", "group_norm", "instance_norm")
 
 
 def sweep_cases(quick: bool = False, ops: set[str] | None = None) -> list[Case]:
     """Rows 1 … 65,536 × hidden 64 … 16,384 (at most ``SWEEP_MAX_ELEMENTS``) for the row
-    norms; the CNN and UNet shapes, contiguous and channels-last, for the channel norms.
+    norms, DyT and ScaleNorm; the CNN and UNet shapes, contiguous and channels-last, for
+    the channel norms.
     Quick: rows 1, 64, 4096 × hidden 256, 4096, and one UNet shape."""
     rows = (1, 64, 4096) if quick else SWEEP_ROWS
     hidden = (256, 4096) if quick else SWEEP_HIDDEN
     out = [c for n in rows for d in hidden if n * d <= SWEEP_MAX_ELEMENTS
-           for c in _row_cases((n, d))]
+           for c in [*_row_cases((n, d)), _dyt_case((n, d)), _scale_norm_case((n, d))]]
     for shape in SWEEP_CHANNEL_SHAPES[2:3] if quick else SWEEP_CHANNEL_SHAPES:
         for layout in ("contiguous", "channels_last"):
             out += _channel_cases(shape, layout)

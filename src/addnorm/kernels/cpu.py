@@ -1508,13 +1508,15 @@ def _tanh(v):
     return tanh_float32
 
 
-@njit(**_JIT)
-def _dyt_fwd(x, alpha, w, b, y):
-    n, d = x.shape
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dyt_fwd_rows(x, alpha, w, b, y, lo, hi):
+    """y = w * tanh(alpha * x) + b on rows lo..hi-1, on the calling thread: the body of
+    each of ``_dyt_fwd``'s tasks, and the whole of a call too small to share (where
+    starting the parallel loop costs more than the rows)."""
     a = ld(alpha, 0)
-    for i in prange(n):
+    for i in range(lo, hi):
         xr, yr = x[i], y[i]
-        for j in range(d):
+        for j in range(x.shape[1]):
             h = tanh(a * ld(xr, j))
             if w is not None:
                 h = h * ld(w, j)
@@ -1524,13 +1526,23 @@ def _dyt_fwd(x, alpha, w, b, y):
 
 
 @njit(**_JIT)
-def _dyt_bwd(dy, x, alpha, w, dx, part):
-    """dx, and sums over each block k of ``_ROW_BLOCK`` rows (in the accumulation type,
-    added in float64 and in order by ``_sum_chunks``): part[0, k] of dy * t (dw),
-    part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2) (dalpha)."""
+def _dyt_fwd(x, alpha, w, b, y):
+    """``_dyt_fwd_rows`` in tasks of up to ``_ROW_BLOCK`` rows across threads."""
+    n = x.shape[0]
+    per = max(1, min(_ROW_BLOCK, n // 8))
+    for t in prange((n + per - 1) // per):
+        _dyt_fwd_rows(x, alpha, w, b, y, t * per, min(n, (t + 1) * per))
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k0, k1):
+    """dx on the rows of blocks k0..k1-1 of ``_ROW_BLOCK`` rows, and each block k's sums
+    (in the accumulation type, added in float64 and in order by ``_sum_chunks``):
+    part[0, k] of dy * t (dw), part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2)
+    (dalpha); on the calling thread."""
     n, d = x.shape
     a = ld(alpha, 0)
-    for k in prange(part.shape[1]):
+    for k in range(k0, k1):
         part[:, k] = 0.0
         for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
             xr, dyr, dxr = x[i], dy[i], dx[i]
@@ -1544,6 +1556,38 @@ def _dyt_bwd(dy, x, alpha, w, dx, part):
                 part[0, k, j] += g * t
                 part[1, k, j] += g
                 part[2, k, j] += dpre * xv
+
+
+@njit(**_JIT)
+def _dyt_bwd(dy, x, alpha, w, dx, part):
+    """``_dyt_bwd_blocks``, a block per task across threads."""
+    for k in prange(part.shape[1]):
+        _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k, k + 1)
+
+
+@njit(cache=True, nogil=True)
+def _dyt_fwd_at(n, d, x, tx, alpha, ta, w, tw, b, tb, y, threaded):
+    """``_dyt_fwd`` on (n, d) rows given by address (``at``): x and y of ``tx``'s dtype,
+    alpha (1,) of ``ta``'s, w and b (d,) of ``tw``'s and ``tb``'s.  ``threaded`` None:
+    on the calling thread (``_dyt_fwd_rows``); True: across threads (as
+    ``_row_norm_fwd_at``'s)."""
+    arrays = (at(x, tx, (n, d)), at(alpha, ta, (1,)), at(w, tw, (d,)), at(b, tb, (d,)), at(y, tx, (n, d)))
+    if threaded is None:
+        _dyt_fwd_rows(*arrays, 0, n)
+    else:
+        _dyt_fwd(*arrays)
+
+
+@njit(cache=True, nogil=True)
+def _dyt_bwd_at(n, d, blocks, dy, ty, x, tx, alpha, ta, w, tw, dx, part, tp, threaded):
+    """``_dyt_bwd`` by address: dy of ``ty``'s dtype, x and dx of ``tx``'s, part (3,
+    blocks, d) of ``tp``'s (the accumulation type); ``threaded`` as ``_dyt_fwd_at``'s."""
+    arrays = (at(dy, ty, (n, d)), at(x, tx, (n, d)), at(alpha, ta, (1,)), at(w, tw, (d,)), at(dx, tx, (n, d)),
+              at(part, tp, (3, blocks, d)))
+    if threaded is None:
+        _dyt_bwd_blocks(*arrays, 0, blocks)
+    else:
+        _dyt_bwd(*arrays)
 
 
 # ---------------------------------------------------------------------------
@@ -1887,22 +1931,42 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum):
 
 
 def dyt_forward(x, alpha, weight, bias):
-    _threads(x.numel())
-    xk = x.contiguous()
-    y = _empty_like(xk)
-    _dyt_fwd(_np(xk), _np(alpha.reshape(1)), _np(weight), _np(bias), _np(y))
+    # on every call (as ``row_norm_forward``): the arrays by address, and no thread
+    # start-up for work that fits one core
+    x = x.contiguous()
+    n, d = x.shape
+    serial = n * d < _ONE_THREAD_BELOW
+    if not serial:
+        _threads(n * d)
+    y = torch.empty_like(x) if serial else _empty_like(x)
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    tx = _TOKENS[x.dtype]
+    _dyt_fwd_at(n, d, x.data_ptr(), tx, alpha.data_ptr(), _TOKENS[alpha.dtype],
+                None if w is None else w.data_ptr(), tx if w is None else _TOKENS[w.dtype],
+                None if b is None else b.data_ptr(), tx if b is None else _TOKENS[b.dtype],
+                y.data_ptr(), None if serial else True)
     return y
 
 
 def dyt_backward(dy, x, alpha, weight, bias):
-    _threads(x.numel())
     xk, dyk = x.contiguous(), dy.contiguous()
     n, d = xk.shape
+    serial = n * d < _ONE_THREAD_BELOW or _threads(n * d) == 1
     acc = acc_dtype(xk.dtype)
-    dx = _empty_like(xk)
-    part = torch.empty(3, _row_blocks(n), d, dtype=acc)
-    _dyt_bwd(_np(dyk), _np(xk), _np(alpha.reshape(1)), _np(weight), _np(dx), _np(part))
-    dalpha_terms = torch.empty(d, dtype=torch.float64)
-    _sum_chunks(_np(part[2]), _np(dalpha_terms))
-    dalpha = dalpha_terms.sum().reshape(alpha.shape).to(alpha.dtype)
-    return dx, dalpha, _param_grad(part[0], weight), _param_grad(part[1], bias)
+    dx = torch.empty_like(xk) if serial else _empty_like(xk)
+    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK  # (``_row_blocks`` without numba's dispatch)
+    part = torch.empty(3, blocks, d, dtype=acc)
+    w = None if weight is None else weight.contiguous()
+    tx = _TOKENS[xk.dtype]
+    _dyt_bwd_at(n, d, blocks, dyk.data_ptr(), _TOKENS[dyk.dtype], xk.data_ptr(), tx, alpha.data_ptr(),
+                _TOKENS[alpha.dtype], None if w is None else w.data_ptr(), tx if w is None else _TOKENS[w.dtype],
+                dx.data_ptr(), part.data_ptr(), _TOKENS[acc], None if serial else True)
+    if blocks == 1:  # one block's sums are the gradients (``_param_grad``'s 1-D part)
+        part = part[:, 0]
+        dalpha = part[2].to(torch.float64).sum()
+    else:
+        dalpha_terms = torch.empty(d, dtype=torch.float64)
+        _sum_chunks(_np(part[2]), _np(dalpha_terms))
+        dalpha = dalpha_terms.sum()
+    return dx, dalpha.reshape(alpha.shape).to(alpha.dtype), _param_grad(part[0], weight), _param_grad(part[1], bias)
