@@ -42,6 +42,7 @@ CASES = {
     "group_norm": (lambda x, w, b: AF.group_norm(x, 4, w, b), (5, 8, 9, 7), (8,)),
     "batch_norm": (lambda x, w, b: AF.batch_norm(x, None, None, w, b, True), (5, 8, 9, 7), (8,)),
     "dyt": (lambda x, w, b: AF.dyt(x, torch.tensor([0.8]), w, b), (300, 96), (96,)),
+    "scale_norm": (lambda x, w, b: AF.scale_norm(x, w[:1] * b[:1]), (300, 96), (96,)),
 }
 
 
@@ -60,6 +61,42 @@ def test_same_bits_every_run_and_thread_count(name, threads):
         one_thread = _grads(fn, x, *extra, *params)
     for a, b, c in zip(first, again, one_thread):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+ELEMENTWISE_CASES = {  # p: a parameter row, serving as each one-value and per-column parameter
+    "dyt": lambda x, p: AF.dyt(x, p[:1], p, p.flip(0)),
+    "scale_norm": lambda x, p: AF.scale_norm(x, p[:1]),
+}
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_thread_and_tasks_across_threads_give_the_same_bits(name, dtype, monkeypatch):
+    """DyT and ScaleNorm run a call below ``_ONE_THREAD_BELOW`` elements on the calling
+    thread, a larger one in tasks of rows across threads: the same bits either way,
+    forward and backward (parameter gradients from many row blocks, added in a fixed
+    order), and the float64 reference's values within rounding."""
+    from addnorm.kernels import cpu
+
+    fn = ELEMENTWISE_CASES[name]
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(300, 96, generator=g) * 2).to(dtype)  # 10 blocks of ``_ROW_BLOCK`` rows
+    p = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    before = torch.get_num_threads()
+    with addnorm.backend("numba"):
+        serial = _grads(fn, x, p)
+        monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
+        torch.set_num_threads(2)
+        try:
+            threaded = _grads(fn, x, p)
+        finally:
+            torch.set_num_threads(before)
+    with addnorm.backend("torch"):
+        reference = _grads(fn, x.double(), p.double())
+    for s, t, r in zip(serial, threaded, reference):
+        assert torch.equal(s, t)
+        tol = 2e-2 if dtype is torch.bfloat16 else 2e-5
+        torch.testing.assert_close(s.double(), r, rtol=tol, atol=tol * r.abs().max().item())
 
 
 def test_thread_count_follows_torch(threads):

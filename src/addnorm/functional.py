@@ -919,15 +919,25 @@ def dyt(
 def scale_norm(input: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """ScaleNorm (Nguyen & Salazar 2019): y = g * x / max(||x||_2, eps) over the last
     dim, g a one-element tensor."""
-    _check_input(input)
-    if input.ndim == 0:
-        raise ArgumentError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
-    _check_one_element(weight, "weight", input)
-    _check_float(eps, "eps")
-    if not eps >= 0:  # ScaleNorm's own (torch has none): max(||x||, eps) clamps at eps
-        raise ArgumentError(f"eps must be >= 0, got {eps}")
-    if _foreign(input, weight):  # the reference's torch ops, in input's shape
-        return reference.scale_norm_forward(input, weight, float(eps))[0]
+    # the common call, checked inline (as ``dyt``'s): a plain CPU tensor, g of shape (1,)
+    # and its dtype, a float eps >= 0; anything else, errors included, takes the checks below
+    dtype = input.dtype if type(input) is Tensor else None
+    if not (
+        dtype in _ROW_DTYPES
+        and input.ndim
+        and input.is_cpu
+        and type(weight) in _TENSORS and weight.dtype is dtype and weight.shape == (1,) and weight.is_cpu
+        and type(eps) is float and eps >= 0
+    ):
+        _check_input(input)
+        if input.ndim == 0:
+            raise ArgumentError("scale_norm expects input with at least 1 dim, got a 0-dim tensor")
+        _check_one_element(weight, "weight", input)
+        _check_float(eps, "eps")
+        if not eps >= 0:  # ScaleNorm's own (torch has none): max(||x||, eps) clamps at eps
+            raise ArgumentError(f"eps must be >= 0, got {eps}")
+        if _foreign(input, weight):  # the reference's torch ops, in input's shape
+            return reference.scale_norm_forward(input, weight, float(eps))[0]
     y, _ = _forward(
         ops.scale_norm, reference.scale_norm_forward,
         _rows(input, input.shape[-1]).contiguous(), weight, float(eps),

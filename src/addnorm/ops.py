@@ -630,6 +630,11 @@ def _scale_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tupl
     return y.contiguous(), rnorm.contiguous()
 
 
+def _scale_norm_lean(x, weight, eps, backend):
+    """-> (y, None): the eager forward where no gradient is recorded."""
+    return kernel(backend, "scale_norm_forward")(x, weight, eps, False)
+
+
 scale_norm_fwd = _custom_op(_scale_norm_fwd)
 
 
@@ -670,4 +675,6 @@ def _scale_norm_backward(ctx, dy, _drnorm):
     return dx, dw, None, None
 
 
-scale_norm = _Entry(scale_norm_fwd, _scale_norm_fwd, _scale_norm_setup, _scale_norm_backward)
+# rnorm a saved intermediate, not an output of the eager path's ``autograd.Function``
+scale_norm = _Entry(scale_norm_fwd, _scale_norm_fwd, _scale_norm_setup, _scale_norm_backward, lean=_scale_norm_lean,
+                    visible=1)

@@ -440,13 +440,13 @@ def dyt_backward(
 # ---------------------------------------------------------------------------
 
 
-def scale_norm_forward(x: Tensor, weight: Tensor, eps: float):
+def scale_norm_forward(x: Tensor, weight: Tensor, eps: float, stats: bool = True):
     """ScaleNorm of the rows of ``x`` (N, D).  Returns ``(y, rnorm (N,))`` where
-    rnorm = 1 / max(||x||, eps)."""
+    rnorm = 1 / max(||x||, eps) (None without ``stats``)."""
     xf = x.to(acc_dtype(x.dtype))
     rnorm = 1.0 / torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(eps)
     y = xf * rnorm * weight.to(xf.dtype)
-    return y.to(x.dtype), rnorm.squeeze(-1)
+    return y.to(x.dtype), rnorm.squeeze(-1) if stats else None
 
 
 def scale_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rnorm: Tensor, eps: float):

@@ -541,6 +541,13 @@ def _row_blocks(n):
     return (n + _ROW_BLOCK - 1) // _ROW_BLOCK
 
 
+@njit(inline="always")
+def _rows_per_task(n):
+    """Rows per task of a parallel loop over n rows: up to ``_ROW_BLOCK``, and at least
+    eight tasks where there are rows for them."""
+    return max(1, min(_ROW_BLOCK, n // 8))
+
+
 @njit(**_JIT)
 def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes):
     """y = norm(x [+ res]) per row; mean_out None means RMSNorm, an empty rstd_out that
@@ -549,7 +556,7 @@ def _row_norm_fwd(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast,
     ``reference.row_norm_forward``'s; ``lanes`` as ``_torch_mean_square``'s, None for
     the kernel's own order.  Tasks of up to ``_ROW_BLOCK`` rows across threads."""
     n = x.shape[0]
-    per = max(1, min(_ROW_BLOCK, n // 8))  # rows per task: its scratch is made once
+    per = _rows_per_task(n)  # (a task's scratch is made once)
     for blk in prange((n + per - 1) // per):
         _row_norm_fwd_rows(x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast, lanes,
                            blk * per, min(n, (blk + 1) * per))
@@ -1529,7 +1536,7 @@ def _dyt_fwd_rows(x, alpha, w, b, y, lo, hi):
 def _dyt_fwd(x, alpha, w, b, y):
     """``_dyt_fwd_rows`` in tasks of up to ``_ROW_BLOCK`` rows across threads."""
     n = x.shape[0]
-    per = max(1, min(_ROW_BLOCK, n // 8))
+    per = _rows_per_task(n)
     for t in prange((n + per - 1) // per):
         _dyt_fwd_rows(x, alpha, w, b, y, t * per, min(n, (t + 1) * per))
 
@@ -1579,15 +1586,117 @@ def _dyt_fwd_at(n, d, x, tx, alpha, ta, w, tw, b, tb, y, threaded):
 
 
 @njit(cache=True, nogil=True)
-def _dyt_bwd_at(n, d, blocks, dy, ty, x, tx, alpha, ta, w, tw, dx, part, tp, threaded):
+def _dyt_bwd_at(n, d, blocks, dy, ty, x, tx, alpha, ta, w, tw, dx, part, tp, dalpha, dw, db, tb, threaded):
     """``_dyt_bwd`` by address: dy of ``ty``'s dtype, x and dx of ``tx``'s, part (3,
-    blocks, d) of ``tp``'s (the accumulation type); ``threaded`` as ``_dyt_fwd_at``'s."""
-    arrays = (at(dy, ty, (n, d)), at(x, tx, (n, d)), at(alpha, ta, (1,)), at(w, tw, (d,)), at(dx, tx, (n, d)),
-              at(part, tp, (3, blocks, d)))
+    blocks, d) of ``tp``'s (the accumulation type); then the gradients from its sums,
+    in float64 in a fixed order: dw (d,) of ``tw``'s dtype and db (d,) of ``tb``'s
+    (``_sum_chunks``; None: not wanted), dalpha (1,) of ``ta``'s (``_total_into``).
+    ``threaded`` as ``_dyt_fwd_at``'s."""
+    sums = at(part, tp, (3, blocks, d))
+    arrays = (at(dy, ty, (n, d)), at(x, tx, (n, d)), at(alpha, ta, (1,)), at(w, tw, (d,)), at(dx, tx, (n, d)), sums)
     if threaded is None:
         _dyt_bwd_blocks(*arrays, 0, blocks)
     else:
         _dyt_bwd(*arrays)
+    if dw is not None:  # (numba prunes a branch on an argument's None, not on a local's)
+        _sum_chunks(sums[0], at(dw, tw, (d,)))
+    if db is not None:
+        _sum_chunks(sums[1], at(db, tb, (d,)))
+    _total_into(sums[2], at(dalpha, ta, (1,)))
+
+
+@njit(cache=True, nogil=True)
+def _total_into(part, out):
+    """out[0] = the sum of all of part (blocks, d), in float64 in a fixed order: per
+    column over the blocks, then the columns.  Compiled on its own: numba 0.68 dropped
+    the same one-value store inlined into ``_dyt_bwd_at`` (outside any loop, into an
+    array made by ``at``)."""
+    total = 0.0
+    for j in range(part.shape[1]):
+        column = 0.0
+        for k in range(part.shape[0]):
+            column += part[k, j]
+        total += column
+    st(out, 0, total)
+
+
+# ---------------------------------------------------------------------------
+# ScaleNorm: y = g * x / max(||x||, eps) over rows, g one value.
+# ---------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _scale_norm_fwd_rows(x, w, y, rnorm, eps, lo, hi):
+    """Rows lo..hi-1 on the calling thread (as ``_dyt_fwd_rows``): rnorm[i] = 1 /
+    max(||x_i||, eps) in the accumulation type, the squares summed as the row norms'
+    (``_run_sums``); y = x * rnorm * g, rounded once."""
+    g, eps_, zero = ld(w, 0), acc(x, eps), acc(x, 0.0)
+    for i in range(lo, hi):
+        xr, yr = x[i], y[i]
+        norm = acc(x, np.sqrt(_run_sums(xr, zero, True)[1]))
+        r = acc(x, 1.0) / (eps_ if norm < eps_ else norm)  # (not max(): a NaN norm stays NaN)
+        if rnorm is not None:  # (None: not wanted, where no gradient is recorded)
+            rnorm[i] = r
+        for j in range(xr.shape[0]):
+            st(yr, j, ld(xr, j) * r * g)
+
+
+@njit(**_JIT)
+def _scale_norm_fwd(x, w, y, rnorm, eps):
+    n = x.shape[0]
+    per = _rows_per_task(n)
+    for t in prange((n + per - 1) // per):
+        _scale_norm_fwd_rows(x, w, y, rnorm, eps, t * per, min(n, (t + 1) * per))
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _scale_norm_bwd_rows(dy, x, w, rnorm, dx, dots, eps, lo, hi):
+    """Rows lo..hi-1: with r = rnorm and S = sum(dy * x) (``_grad_sums``, float64),
+    dx = g * (r * dy - x * r^3 * S) where the norm was above eps, g * r * dy where it
+    was clamped (r constant there); dots[i] = r * S, the row's sum(dy * x * r), whose
+    total is g's gradient."""
+    g, zero = ld(w, 0), acc(x, 0.0)
+    # clamped where r reached 1 / eps: the reference's test, in the accumulation type
+    limit = acc(x, 1.0 / eps) if eps > 0 else acc(x, np.inf)
+    for i in range(lo, hi):
+        xr, dyr, dxr = x[i], dy[i], dx[i]
+        r = rnorm[i]
+        s = _grad_sums(dyr, xr, zero, None, zero)[0]
+        dots[i] = s * r
+        c3 = r * r * r * acc(x, s) if r < limit or not eps > 0 else zero
+        for j in range(xr.shape[0]):
+            st(dxr, j, g * (r * ld(dyr, j) - ld(xr, j) * c3))
+
+
+@njit(**_JIT)
+def _scale_norm_bwd(dy, x, w, rnorm, dx, dots, eps):
+    n = x.shape[0]
+    per = _rows_per_task(n)
+    for t in prange((n + per - 1) // per):
+        _scale_norm_bwd_rows(dy, x, w, rnorm, dx, dots, eps, t * per, min(n, (t + 1) * per))
+
+
+@njit(cache=True, nogil=True)
+def _scale_norm_fwd_at(n, d, x, tx, w, tw, y, rnorm, ts, eps, threaded):
+    """``_scale_norm_fwd`` by address: x and y (n, d) of ``tx``'s dtype, w (1,) of
+    ``tw``'s, rnorm (n,) of ``ts``'s; ``threaded`` as ``_dyt_fwd_at``'s."""
+    arrays = (at(x, tx, (n, d)), at(w, tw, (1,)), at(y, tx, (n, d)), at(rnorm, ts, (n,)))
+    if threaded is None:
+        _scale_norm_fwd_rows(*arrays, eps, 0, n)
+    else:
+        _scale_norm_fwd(*arrays, eps)
+
+
+@njit(cache=True, nogil=True)
+def _scale_norm_bwd_at(n, d, dy, ty, x, tx, w, tw, rnorm, ts, dx, dots, td, eps, threaded):
+    """``_scale_norm_bwd`` by address: dy of ``ty``'s dtype, x and dx of ``tx``'s, w of
+    ``tw``'s, rnorm of ``ts``'s, dots (n,) of ``td``'s (float64)."""
+    arrays = (at(dy, ty, (n, d)), at(x, tx, (n, d)), at(w, tw, (1,)), at(rnorm, ts, (n,)), at(dx, tx, (n, d)),
+              at(dots, td, (n,)))
+    if threaded is None:
+        _scale_norm_bwd_rows(*arrays, eps, 0, n)
+    else:
+        _scale_norm_bwd(*arrays, eps)
 
 
 # ---------------------------------------------------------------------------
@@ -1957,16 +2066,44 @@ def dyt_backward(dy, x, alpha, weight, bias):
     dx = torch.empty_like(xk) if serial else _empty_like(xk)
     blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK  # (``_row_blocks`` without numba's dispatch)
     part = torch.empty(3, blocks, d, dtype=acc)
+    # the gradients, written by the kernel (each a Python indexing of part costs ~1 µs)
+    dalpha = torch.empty_like(alpha)
+    dw = None if weight is None else weight.new_empty(d)
+    db = None if bias is None else bias.new_empty(d)
     w = None if weight is None else weight.contiguous()
     tx = _TOKENS[xk.dtype]
+    tw = tx if w is None else _TOKENS[w.dtype]
     _dyt_bwd_at(n, d, blocks, dyk.data_ptr(), _TOKENS[dyk.dtype], xk.data_ptr(), tx, alpha.data_ptr(),
-                _TOKENS[alpha.dtype], None if w is None else w.data_ptr(), tx if w is None else _TOKENS[w.dtype],
-                dx.data_ptr(), part.data_ptr(), _TOKENS[acc], None if serial else True)
-    if blocks == 1:  # one block's sums are the gradients (``_param_grad``'s 1-D part)
-        part = part[:, 0]
-        dalpha = part[2].to(torch.float64).sum()
-    else:
-        dalpha_terms = torch.empty(d, dtype=torch.float64)
-        _sum_chunks(_np(part[2]), _np(dalpha_terms))
-        dalpha = dalpha_terms.sum()
-    return dx, dalpha.reshape(alpha.shape).to(alpha.dtype), _param_grad(part[0], weight), _param_grad(part[1], bias)
+                _TOKENS[alpha.dtype], None if w is None else w.data_ptr(), tw, dx.data_ptr(), part.data_ptr(),
+                _TOKENS[acc], dalpha.data_ptr(), None if dw is None else dw.data_ptr(),
+                None if db is None else db.data_ptr(), tx if db is None else _TOKENS[db.dtype],
+                None if serial else True)
+    return dx, dalpha, dw, db
+
+
+def scale_norm_forward(x, weight, eps, stats=True):
+    # (as ``dyt_forward``: by address, one thread for work that fits one core; rnorm
+    # None without ``stats``, where no gradient is recorded)
+    x = x.contiguous()
+    n, d = x.shape
+    serial = n * d < _ONE_THREAD_BELOW
+    if not serial:
+        _threads(n * d)
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x) if serial else _empty_like(x)
+    rnorm = (x.new_empty(n) if acc is x.dtype else torch.empty(n, dtype=acc)) if stats else None
+    _scale_norm_fwd_at(n, d, x.data_ptr(), _TOKENS[x.dtype], weight.data_ptr(), _TOKENS[weight.dtype], y.data_ptr(),
+                       None if rnorm is None else rnorm.data_ptr(), _TOKENS[acc], float(eps), None if serial else True)
+    return y, rnorm
+
+
+def scale_norm_backward(dy, x, weight, rnorm, eps):
+    xk, dyk, rnorm = x.contiguous(), dy.contiguous(), rnorm.contiguous()
+    n, d = xk.shape
+    serial = n * d < _ONE_THREAD_BELOW or _threads(n * d) == 1
+    dx = torch.empty_like(xk) if serial else _empty_like(xk)
+    dots = torch.empty(n, dtype=torch.float64)  # per row: in order below, whatever the threads
+    _scale_norm_bwd_at(n, d, dyk.data_ptr(), _TOKENS[dyk.dtype], xk.data_ptr(), _TOKENS[xk.dtype], weight.data_ptr(),
+                       _TOKENS[weight.dtype], rnorm.data_ptr(), _TOKENS[rnorm.dtype], dx.data_ptr(), dots.data_ptr(),
+                       _TOKENS[torch.float64], float(eps), None if serial else True)
+    return dx, dots.sum().reshape(weight.shape).to(weight.dtype)
