@@ -1,5 +1,6 @@
 """DyT and ScaleNorm against the float64 reference and their torch spelling."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -55,6 +56,29 @@ def test_dyt_saturates_and_propagates_nan(backend):
     assert y[0, 0] == 0 and torch.signbit(y[0, 1]) and y[0, 2] == 1e-30
     assert y[0, 3] == 1 and y[0, 4] == -1 and y[0, 5] == 1 and y[0, 6] == -1
     assert y[0, 7].isnan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dyt_tanh_of_every_value(backend, dtype):
+    """tanh, DyT without affine, of every finite float16 and bfloat16 value (and of 2^16
+    float32 ones spread over every exponent) against tanh correctly rounded: the same
+    value, or (in float16/bfloat16, whose kernels compute tanh in float32) its neighbour
+    one ulp away, in at most 1 of 10^4 values; signed zeros and subnormals kept."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    if dtype == torch.float32:  # the high 16 bits of float32 values, a random low half
+        low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
+        x = ((bits << 16) | low).view(torch.float32)
+    else:
+        x = bits.to(torch.int16).view(dtype)
+    x = x[x.isfinite()]
+    y = AF.dyt(x[None], torch.ones(1, dtype=dtype))[0]
+    exact = torch.tanh(x.double()).to(dtype)
+    assert torch.equal(torch.signbit(y), torch.signbit(exact))
+    if dtype == torch.float32:
+        assert (y != exact).sum() <= len(x) // 10**4  # halfway cases of a 0.5-ulp tanh
+    ints = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    apart = (y.view(ints).int() - exact.view(ints).int()).abs()  # in ulps: tanh keeps the sign
+    assert apart.max() <= 1 and (apart > 0).sum() <= len(x) // 10**4, (x[apart > 0], y[apart > 0])
 
 
 @fixture_ok
