@@ -29,6 +29,17 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture
+def python_path(monkeypatch):
+    """Every call on the Python path: the C++ eager path (``addnorm/csrc/eager.cpp``)
+    turned off, for tests of the kernels' threaded loops at small sizes."""
+    from addnorm import ops
+
+    for entry in vars(ops).values():
+        if isinstance(entry, ops._Entry) and entry.cpp_name:
+            monkeypatch.setattr(entry, "cpp", None)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "native_rule: keep the rule that runs small inputs on torch's own kernel"

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.skipif(not addnorm.backends()["numba"], reason="numba i
 
 
 @pytest.fixture
-def threads(monkeypatch):
+def threads(monkeypatch, python_path):
     """torch's thread count restored after the test, and every kernel threaded however
-    small its work (below ``_ONE_THREAD_BELOW`` elements they run on one thread)."""
+    small its work (below ``_ONE_THREAD_BELOW`` elements they run on one thread, and DyT
+    and ScaleNorm on the C++ eager path: off here)."""
     from addnorm.kernels import cpu
 
     monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
@@ -73,9 +74,11 @@ ELEMENTWISE_CASES = {  # p: a parameter row, serving as each one-value and per-c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_thread_and_tasks_across_threads_give_the_same_bits(name, dtype, monkeypatch):
     """DyT and ScaleNorm run a call below ``_ONE_THREAD_BELOW`` elements on the calling
-    thread, a larger one in tasks of rows across threads: the same bits either way,
-    forward and backward (parameter gradients from many row blocks, added in a fixed
-    order), and the float64 reference's values within rounding."""
+    thread (on the C++ eager path where it is built), a larger one in tasks of rows
+    across threads: the same bits either way, forward and backward (parameter gradients
+    from many row blocks, added in a fixed order), and the float64 reference's values
+    within rounding."""
+    from addnorm import ops
     from addnorm.kernels import cpu
 
     fn = ELEMENTWISE_CASES[name]
@@ -86,6 +89,7 @@ def test_one_thread_and_tasks_across_threads_give_the_same_bits(name, dtype, mon
     with addnorm.backend("numba"):
         serial = _grads(fn, x, p)
         monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
+        monkeypatch.setattr(getattr(ops, name), "cpp", None)
         torch.set_num_threads(2)
         try:
             threaded = _grads(fn, x, p)

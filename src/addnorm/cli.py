@@ -1,4 +1,5 @@
-"""The ``addnorm`` command: ``info`` (versions, backends, CPU, GPU), ``bench`` and ``lab``."""
+"""The ``addnorm`` command: ``info`` (versions, backends, CPU, GPU), ``build`` (the C++
+eager path), ``bench`` and ``lab``."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def info(console: Console) -> None:
     table.add_row("cpu", f"{cpu_model()} ({platform.machine()})")
     table.add_row("cpu cores", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})")
     table.add_row("cpu features", _cpu_flags())
+    from .kernels import cpp
+
+    table.add_row("C++ eager path", cpp.status())
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -69,10 +73,35 @@ def info(console: Console) -> None:
     console.print(table)
 
 
+def build_cpp(verbose: bool) -> int:
+    """``addnorm build``: the C++ eager path, built where missing; 1 where it cannot be."""
+    import time
+
+    from .kernels import cpp
+
+    if cpp.built() is not None:
+        print(f"addnorm: the C++ eager path is built: {cpp.built()}")
+        return 0
+    print("addnorm: building the C++ eager path (the extension and the numba kernels it calls; "
+          "~1-2 min once) ...", flush=True)
+    start = time.perf_counter()
+    try:
+        path = cpp.build(verbose)
+    except Exception as e:  # the compiler's or ninja's: say it, and that addnorm works without it
+        print(f"addnorm: the build failed ({type(e).__name__}: {e}); every call takes the Python "
+              "path (the same kernels, slower at small sizes)", file=sys.stderr)
+        return 1
+    print(f"addnorm: built {path} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="addnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends, CPU features, GPU if any")
+    build = sub.add_parser("build", help="compile the C++ eager path of small DyT/ScaleNorm calls "
+                           "(a C++ compiler and ninja; ~1-2 min once, then nothing)")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     bench = sub.add_parser("bench", help="addnorm vs torch eager vs torch.compile, same process")
     bench.add_argument("--quick", action="store_true", help="one shape per op, fewer rounds")
     bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -110,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.command == "info":
         info(console)
+    elif args.command == "build":
+        return build_cpp(args.verbose)
     elif args.command == "lab":
         from . import lab as L
 

@@ -173,7 +173,7 @@ class _Entry:
 
     registered: set = set()
 
-    def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None):
+    def __init__(self, op, fn, setup, backward, eager=None, lean=None, visible=None, cpp=None):
         if op not in _Entry.registered:  # an op can serve two entries (other eager kernels)
             op.register_autograd(backward, setup_context=setup)
             _Entry.registered.add(op)
@@ -214,10 +214,25 @@ class _Entry:
             {"forward": staticmethod(forward), "backward": staticmethod(function_backward)},
         )
         self._apply = _function_apply.__get__(None, function)
+        # the C++ eager path's function of this op (``cpp``: its name in csrc/eager.cpp),
+        # found on the first call; None: there is none
+        self.cpp_name = cpp
+        self.cpp = self._first_cpp if cpp else None
+
+    def _first_cpp(self, *args):
+        ext = _eager_cpp()
+        self.cpp = None if ext is None else getattr(ext, self.cpp_name)
+        return None if self.cpp is None else self.cpp(*args)
 
     def __call__(self, *args):
         if _traced(args):
             return self.op(*args)
+        if self.cpp is not None and args[-1] == "numba":
+            # the numba backend's kernels behind a C++ autograd node, for the calls it
+            # serves (small, plain, one dtype); None for the rest, which go on below
+            out = self.cpp(*args[:-1])
+            if out is not None:
+                return out
         if torch.is_grad_enabled():
             tensors = args[: self.tensors]
             for a in tensors:
@@ -229,6 +244,17 @@ class _Entry:
                     out = (out,) if type(out) is Tensor else out
                     return out + self.missing[len(out)]
         return self.lean(*args)
+
+
+def _eager_cpp():
+    """The C++ eager path's module (``kernels/cpp.py``), with the differentiable
+    backwards it calls back registered; None where it is not built or turned off."""
+    from .kernels import cpp
+
+    ext = cpp.module()
+    if ext is not None:
+        ext.register_math(_dyt_backward_math, _scale_norm_backward_math)
+    return ext
 
 
 # torch.autograd.Function.apply's C++ half, and what the Python half does before it
@@ -615,13 +641,18 @@ def _dyt_setup(ctx, inputs, output):
 def _dyt_backward(ctx, dy):
     x, alpha, weight, bias = ctx.saved_tensors
     if _differentiable_backward(dy):
-        dx, dalpha, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias)
-    else:
-        dx, dalpha, dw, db = _run(dyt_bwd, _dyt_bwd, dy, x, alpha, weight, bias, ctx.backend)
+        return (*_dyt_backward_math(dy, x, alpha, weight, bias), None)
+    dx, dalpha, dw, db = _run(dyt_bwd, _dyt_bwd, dy, x, alpha, weight, bias, ctx.backend)
     return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None), None
 
 
-dyt = _Entry(dyt_fwd, _dyt_fwd, _dyt_setup, _dyt_backward)
+def _dyt_backward_math(dy, x, alpha, weight, bias):
+    """DyT's backward as the reference's torch ops (differentiable; the C++ path's too)."""
+    dx, dalpha, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias)
+    return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None)
+
+
+dyt = _Entry(dyt_fwd, _dyt_fwd, _dyt_setup, _dyt_backward, cpp="dyt")
 
 
 def _scale_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -668,13 +699,19 @@ def _scale_norm_backward(ctx, dy, _drnorm):
     x, weight, rnorm = ctx.saved_tensors
     eps, backend = ctx.args
     if _differentiable_backward(dy):
-        rnorm = reference.scale_norm_forward(x, weight, eps)[1]
-        dx, dw = reference.scale_norm_backward(dy, x, weight, rnorm, eps)
+        dx, dw = _scale_norm_backward_math(dy, x, weight, eps)
     else:
         dx, dw = _run(scale_norm_bwd, _scale_norm_bwd, dy, x, weight, rnorm, eps, backend)
     return dx, dw, None, None
 
 
+def _scale_norm_backward_math(dy, x, weight, eps):
+    """ScaleNorm's backward as the reference's torch ops, its rnorm recomputed by them
+    (differentiable; the C++ path's too)."""
+    rnorm = reference.scale_norm_forward(x, weight, eps)[1]
+    return reference.scale_norm_backward(dy, x, weight, rnorm, eps)
+
+
 # rnorm a saved intermediate, not an output of the eager path's ``autograd.Function``
 scale_norm = _Entry(scale_norm_fwd, _scale_norm_fwd, _scale_norm_setup, _scale_norm_backward, lean=_scale_norm_lean,
-                    visible=1)
+                    visible=1, cpp="scale_norm")

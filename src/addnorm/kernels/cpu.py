@@ -2131,3 +2131,124 @@ def scale_norm_backward(dy, x, weight, rnorm, eps):
                        _TOKENS[weight.dtype], rnorm.data_ptr(), _TOKENS[rnorm.dtype], dx.data_ptr(), dots.data_ptr(),
                        _TOKENS[torch.float64], float(eps), None if serial else True)
     return dx, dots.sum().reshape(weight.shape).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------
+# C entry points: the serial kernels of DyT and ScaleNorm as C functions (numba cfuncs),
+# which the C++ eager path (``addnorm/csrc/eager.cpp``, loaded by ``kernels/cpp.py``)
+# calls by address, with no Python between the call and the kernel.  One function per op
+# and pass serves x of every dtype (its code: ``C_DTYPES``) with parameters of x's dtype,
+# an absent one a null address: numba compiles each combination into it (the by-address
+# entries above with constant tokens, pruned as there).  Compiled on first use
+# (``c_entry_points``), then loaded from numba's cache like every kernel here.
+# ---------------------------------------------------------------------------
+
+C_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # dtype code = index
+C_SERIAL_BELOW = _ONE_THREAD_BELOW  # the C++ path serves calls below this many elements
+_F32, _F64, _BF16, _F16 = (_TOKENS[t] for t in C_DTYPES)
+
+
+@njit(inline="always")
+def _dyt_fwd_c(t, n, d, x, alpha, w, b, y):
+    if w and b:
+        _dyt_fwd_at(n, d, x, t, alpha, t, w, t, b, t, y, None)
+    elif w:
+        _dyt_fwd_at(n, d, x, t, alpha, t, w, t, None, t, y, None)
+    elif b:
+        _dyt_fwd_at(n, d, x, t, alpha, t, None, t, b, t, y, None)
+    else:
+        _dyt_fwd_at(n, d, x, t, alpha, t, None, t, None, t, y, None)
+
+
+def dyt_forward_c(code, n, d, x, alpha, w, b, y):
+    """``dyt_forward`` on the calling thread: y (n, d) = w * tanh(alpha * x) + b."""
+    if code == 0:
+        _dyt_fwd_c(_F32, n, d, x, alpha, w, b, y)
+    elif code == 1:
+        _dyt_fwd_c(_F64, n, d, x, alpha, w, b, y)
+    elif code == 2:
+        _dyt_fwd_c(_BF16, n, d, x, alpha, w, b, y)
+    else:
+        _dyt_fwd_c(_F16, n, d, x, alpha, w, b, y)
+
+
+@njit(inline="always")
+def _dyt_bwd_c(t, s, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db):
+    # dw with a weight, db with a bias (``dyt_backward``'s)
+    if w and db:
+        _dyt_bwd_at(n, d, blocks, dy, t, x, t, alpha, t, w, t, dx, part, s, dalpha, dw, db, t, None)
+    elif w:
+        _dyt_bwd_at(n, d, blocks, dy, t, x, t, alpha, t, w, t, dx, part, s, dalpha, dw, None, t, None)
+    elif db:
+        _dyt_bwd_at(n, d, blocks, dy, t, x, t, alpha, t, None, t, dx, part, s, dalpha, None, db, t, None)
+    else:
+        _dyt_bwd_at(n, d, blocks, dy, t, x, t, alpha, t, None, t, dx, part, s, dalpha, None, None, t, None)
+
+
+def dyt_backward_c(code, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db):
+    """``dyt_backward`` on the calling thread, into dx, part (3, blocks, d) of the
+    accumulation type, dalpha, and dw (with w) and db (non-null: wanted)."""
+    if code == 0:
+        _dyt_bwd_c(_F32, _F32, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db)
+    elif code == 1:
+        _dyt_bwd_c(_F64, _F64, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db)
+    elif code == 2:
+        _dyt_bwd_c(_BF16, _F32, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db)
+    else:
+        _dyt_bwd_c(_F16, _F32, n, d, blocks, dy, x, alpha, w, dx, part, dalpha, dw, db)
+
+
+@njit(inline="always")
+def _scale_norm_fwd_c(t, s, n, d, x, w, y, rnorm, eps):
+    if rnorm:
+        _scale_norm_fwd_at(n, d, x, t, w, t, y, rnorm, s, eps, None)
+    else:
+        _scale_norm_fwd_at(n, d, x, t, w, t, y, None, s, eps, None)
+
+
+def scale_norm_forward_c(code, n, d, x, w, y, rnorm, eps):
+    """``scale_norm_forward`` on the calling thread; rnorm (n,) of the accumulation type,
+    null where no gradient is recorded."""
+    if code == 0:
+        _scale_norm_fwd_c(_F32, _F32, n, d, x, w, y, rnorm, eps)
+    elif code == 1:
+        _scale_norm_fwd_c(_F64, _F64, n, d, x, w, y, rnorm, eps)
+    elif code == 2:
+        _scale_norm_fwd_c(_BF16, _F32, n, d, x, w, y, rnorm, eps)
+    else:
+        _scale_norm_fwd_c(_F16, _F32, n, d, x, w, y, rnorm, eps)
+
+
+def scale_norm_backward_c(code, n, d, dy, x, w, rnorm, dx, dots, eps):
+    """``scale_norm_backward``'s kernel on the calling thread: dx, and dots (n,) in
+    float64, whose sum is g's gradient."""
+    if code == 0:
+        _scale_norm_bwd_at(n, d, dy, _F32, x, _F32, w, _F32, rnorm, _F32, dx, dots, _F64, eps, None)
+    elif code == 1:
+        _scale_norm_bwd_at(n, d, dy, _F64, x, _F64, w, _F64, rnorm, _F64, dx, dots, _F64, eps, None)
+    elif code == 2:
+        _scale_norm_bwd_at(n, d, dy, _BF16, x, _BF16, w, _BF16, rnorm, _F32, dx, dots, _F64, eps, None)
+    else:
+        _scale_norm_bwd_at(n, d, dy, _F16, x, _F16, w, _F16, rnorm, _F32, dx, dots, _F64, eps, None)
+
+
+_i64, _f64 = types.int64, types.float64
+C_SIGNATURES = {  # what eager.cpp declares for each
+    "dyt_forward": types.void(*[_i64] * 8),
+    "dyt_backward": types.void(*[_i64] * 13),
+    "scale_norm_forward": types.void(*[_i64] * 7, _f64),
+    "scale_norm_backward": types.void(*[_i64] * 9, _f64),
+}
+
+
+def c_entry_points() -> dict[str, int]:
+    """The C entry points' addresses by name, compiled (or loaded from numba's cache).
+    Their code can reach a parallel loop (``_sum_chunks``'s, not taken at their sizes),
+    which links against numba's threading layer: launched first, as loading a cached
+    dispatcher with such a loop does (a cfunc loaded from the cache has no hook for it:
+    "Symbol not found: allocate_sched")."""
+    numba.np.ufunc.parallel._launch_threads()
+    return {
+        name: numba.cfunc(sig, cache=True, nogil=True)(globals()[name + "_c"]).address
+        for name, sig in C_SIGNATURES.items()
+    }

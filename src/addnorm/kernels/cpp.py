@@ -1,0 +1,119 @@
+"""The C++ eager path (``addnorm/csrc/eager.cpp``): built once per machine, loaded on the
+first call that can use it.
+
+A small DyT or ScaleNorm call in Python costs more than its kernel (an
+``autograd.Function`` alone ~3 µs); the extension runs the same numba kernels, through
+their C entry points (``cpu.c_entry_points``), behind a C++ autograd node.  It needs a
+C++ compiler and ninja, and it is built by ``addnorm build`` (``make install`` runs it)
+with ``torch.utils.cpp_extension`` into ``addnorm/_build/<key>`` beside the package
+(or ``~/.cache/addnorm/build/<key>`` where the package's folder is read-only), ``key``
+naming the source, torch's and Python's versions.  Without a build every call takes the
+Python path: the same kernels and results, slower at small sizes.
+``ADDNORM_EAGER_CPP=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+NAME = "addnorm_eager"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "eager.cpp"
+_FLAGS = ["-O2"]
+
+
+def _key() -> str:
+    text = SOURCE.read_bytes() + f"{torch.__version__} {sys.version} {_FLAGS}".encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _folders() -> list[Path]:
+    """Where a build may lie, the package's own folder first."""
+    return [SOURCE.parent.parent / "_build" / _key(),
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "addnorm" / "build" / _key()]
+
+
+def _library(folder: Path) -> Path:
+    return folder / f"{NAME}.so"
+
+
+def built() -> Path | None:
+    """The built extension of this source for this torch and Python, or None."""
+    return next((_library(f) for f in _folders() if _library(f).exists()), None)
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension (~40 s on 2 cores, once), and the numba kernels it calls
+    (~1 min, once), at the same time; the path of the library.  Raises what the
+    compiler or ninja raised."""
+    from torch.utils import cpp_extension
+
+    from . import cpu
+
+    for folder in _folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            break
+    else:
+        raise OSError(f"no writable folder for the build among {[str(f) for f in _folders()]}")
+    failure = []
+
+    def compile_library():
+        try:
+            cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=_FLAGS, build_directory=str(folder),
+                               verbose=verbose, is_python_module=True)
+        except BaseException as e:  # raised below, on the calling thread
+            failure.append(e)
+
+    compiling = threading.Thread(target=compile_library, name="addnorm-build")
+    compiling.start()  # the compiler runs in its own process while numba compiles here
+    cpu.c_entry_points()
+    compiling.join()
+    if failure:
+        raise failure[0]
+    return _library(folder)
+
+
+_lock = threading.Lock()
+_module = None  # the loaded extension; False: none to load
+
+
+def module():
+    """The extension with its kernels registered, loaded once; None where it is not
+    built or turned off."""
+    global _module
+    if _module is None:
+        with _lock:
+            if _module is None:
+                _module = _load() or False
+    return _module or None
+
+
+def _load():
+    path = built()
+    if path is None or os.environ.get("ADDNORM_EAGER_CPP", "1") == "0":
+        return None
+    from . import cpu
+
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    ext.register_kernels(cpu.c_entry_points(), cpu.C_SERIAL_BELOW, cpu._ROW_BLOCK)
+    return ext
+
+
+def status() -> str:
+    """One line for ``addnorm info``."""
+    if os.environ.get("ADDNORM_EAGER_CPP", "1") == "0":
+        return "off (ADDNORM_EAGER_CPP=0)"
+    path = built()
+    return f"built ({path})" if path else "not built: `addnorm build` compiles it (a C++ compiler, ~1-2 min once)"

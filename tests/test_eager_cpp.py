@@ -1,0 +1,216 @@
+"""The C++ eager path (csrc/eager.cpp): built here, serving small DyT and ScaleNorm calls,
+bit for bit what the Python path computes, in every autograd mode it meets.
+
+The other test files meet the path wherever they call these ops small on the numba
+backend (against torch and the float64 reference); this one pins down that it is there,
+which calls it takes and turns down, and that both paths agree."""
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import addnorm
+import addnorm.functional as AF
+from addnorm import ops
+from addnorm.kernels import cpp
+from conftest import DTYPES
+
+pytestmark = pytest.mark.skipif(not addnorm.backends()["numba"], reason="numba is not installed")
+
+COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+def test_built_where_a_compiler_is():
+    """`make test` builds it first (`addnorm build`): a failed build fails here, not
+    silently slower."""
+    if not COMPILER:
+        pytest.skip("no C++ compiler or ninja: the Python path serves every call")
+    assert cpp.built() is not None, cpp.status()
+    assert cpp.module() is not None
+
+
+needs_cpp = pytest.mark.skipif(cpp.module() is None, reason="the C++ eager path is not built")
+
+OPS = {
+    "dyt": lambda x, p, w, b: AF.dyt(x, p, w, b),
+    "dyt_plain": lambda x, p, w, b: AF.dyt(x, p),
+    "dyt_weight": lambda x, p, w, b: AF.dyt(x, p, w),
+    "dyt_bias": lambda x, p, w, b: AF.dyt(x, p, None, b),
+    "scale_norm": lambda x, p, w, b: AF.scale_norm(x, p),
+}
+
+
+def _node(y):
+    """The name of the node that made y, past the views of the input's shape."""
+    fn = y.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+def _inputs(shape, dtype, seed, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread).to(dtype)
+    p = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    w = torch.randn(d, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(d, generator=g, dtype=torch.float64).to(dtype)
+    return x, p, w, b
+
+
+def _run(name, inputs, dy_seed=1):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y = OPS[name](*leaves)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.dtype)
+    y.backward(dy)
+    return _node(y), [y.detach()] + [t.grad for t in leaves]
+
+
+@needs_cpp
+@settings(max_examples=40)
+@given(
+    name=st.sampled_from(sorted(OPS)),
+    rows=st.lists(st.integers(0, 9), max_size=2),
+    d=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_same_bits_as_the_python_path(name, rows, d, dtype, seed):
+    inputs = _inputs((*rows, d), dtype, seed)
+    with addnorm.backend("numba"):
+        node, ours = _run(name, inputs)
+        entries = [e for e in vars(ops).values() if isinstance(e, ops._Entry) and e.cpp_name]
+        saved = [e.cpp for e in entries]
+        try:
+            for e in entries:
+                e.cpp = None
+            python_node, theirs = _run(name, inputs)
+        finally:
+            for e, c in zip(entries, saved):
+                e.cpp = c
+    assert node == "CppFunction" and python_node != "CppFunction"
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["dyt", "scale_norm"])
+def test_which_calls_it_serves(name):
+    from addnorm.kernels import cpu
+
+    x, p, w, b = _inputs((4, 64), torch.float32, 0)
+    leaf = x.clone().requires_grad_()
+    with addnorm.backend("numba"):
+        assert _node(OPS[name](leaf, p, w, b)) == "CppFunction"
+        # turned down, to the Python path: work worth threads, mixed dtypes
+        big = torch.randn(cpu.C_SERIAL_BELOW // 64, 64, requires_grad=True)
+        assert _node(OPS[name](big, p, w, b)) != "CppFunction"
+        half = leaf.detach().bfloat16().requires_grad_()  # float32 parameters beside it
+        assert _node(OPS[name](half, p, w, b)) != "CppFunction"
+    with addnorm.backend("torch"):  # another backend: not ours to serve
+        assert _node(OPS[name](leaf, p, w, b)) != "CppFunction"
+    with torch.no_grad():
+        y = OPS[name](leaf, p, w, b)
+    assert y.grad_fn is None and not y.requires_grad
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["dyt", "scale_norm"])
+def test_gradcheck_and_gradgradcheck_through_it(name):
+    """float64, on the C++ node; its double backward is the reference's torch ops, called
+    back from C++ (create_graph=True)."""
+    x, p, w, b = _inputs((3, 7), torch.float64, 2)
+    leaves = [t.clone().requires_grad_() for t in (x, p, w, b)]
+    assert _node(OPS[name](*leaves)) == "CppFunction"
+    fn = OPS[name]
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@needs_cpp
+def test_batched_gradient_and_transforms():
+    """vmap over autograd.grad of a graph recorded on the C++ node (a batched incoming
+    gradient: the reference's ops), and torch.func over the op (the reference's ops, as
+    on the Python path) equal the plain loop."""
+    x, p, w, b = _inputs((2, 5), torch.float32, 3)
+    xl = x.clone().requires_grad_()
+    y = AF.dyt(xl, p, w, b)
+    assert _node(y) == "CppFunction"
+    basis = torch.eye(y.numel()).reshape(-1, *y.shape)
+    (jac,) = torch.autograd.grad(y, xl, basis, is_grads_batched=True, retain_graph=True)
+    rows = [torch.autograd.grad(y, xl, e, retain_graph=True)[0] for e in basis]
+    torch.testing.assert_close(jac, torch.stack(rows))
+    grad = torch.func.grad(lambda t: AF.dyt(t, p, w, b).sum())(x)
+    torch.testing.assert_close(grad, torch.stack(rows).sum(0))
+
+
+@needs_cpp
+def test_inplace_change_of_a_saved_input_is_caught():
+    x, p, w, b = _inputs((2, 8), torch.float32, 4)
+    xl = x.clone().requires_grad_()
+    h = xl * 1.0
+    y = AF.dyt(h, p, w, b)
+    assert _node(y) == "CppFunction"
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_cpp
+def test_backward_twice_needs_retain_graph():
+    x, p, w, b = _inputs((2, 8), torch.float32, 5)
+    xl = x.clone().requires_grad_()
+    y = AF.scale_norm(xl, p)
+    y.sum().backward(retain_graph=True)
+    first = xl.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(xl.grad, 2 * first)
+    y = AF.scale_norm(xl, p)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+@needs_cpp
+def test_threads_and_forked_children():
+    """Python threads at once, and a child forked after the path was loaded, compute what
+    the parent computes."""
+    x, p, w, b = _inputs((16, 64), torch.float32, 6)
+    expected = _run("dyt", (x, p, w, b))[1]
+    results = [None] * 4
+
+    def work(i):
+        results[i] = _run("dyt", (x, p, w, b))[1]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert all(torch.equal(a, e) for a, e in zip(r, expected))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        node, child = pool.apply(_run, ("dyt", (x, p, w, b)))
+    assert node == "CppFunction"
+    assert all(torch.equal(a, e) for a, e in zip(child, expected))
+
+
+def test_turned_off_by_the_environment():
+    code = ("import torch, addnorm.functional as AF; from addnorm.kernels import cpp;"
+            "x = torch.randn(2, 8, requires_grad=True);"
+            "print(cpp.status().split()[0], type(AF.dyt(x, torch.ones(1)).grad_fn).__name__)")
+    env = dict(os.environ, ADDNORM_EAGER_CPP="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["off", "dyt_fwdBackward"]
