@@ -214,3 +214,30 @@ def test_turned_off_by_the_environment():
     env = dict(os.environ, ADDNORM_EAGER_CPP="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["off", "dyt_fwdBackward"]
+
+
+@needs_cpp
+def test_backward_under_a_dispatch_mode_is_made_of_torch_ops():
+    """A dispatch mode watching the backward (FlopCounterMode, a tracer) sees torch ops,
+    never a kernel reading memory behind its back: the reference's backward, called back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    x, p, w, b = _inputs((3, 16), torch.float32, 7)
+    xl = x.clone().requires_grad_()
+    y = AF.dyt(xl, p, w, b)
+    assert _node(y) == "CppFunction"
+    dy = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, xl, dy, retain_graph=True)
+    with Seen() as mode:
+        (got,) = torch.autograd.grad(y, xl, dy)
+    assert "tanh" in mode.ops
+    torch.testing.assert_close(got, expected)

@@ -12,9 +12,9 @@
 // turns down, for which it returns None: another device, dtype or layout, parameters of
 // another dtype than x, work that is worth threads (serial_below elements and more).
 
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
-#include <array>
 #include <cstdint>
 
 namespace {
@@ -75,13 +75,15 @@ c10::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? c10::optiona
 
 bool optional_plain(const Tensor& p, at::ScalarType t) { return !p.defined() || plain(p, t); }
 
-// Whether a backward must be made of torch ops (ops.py's ``_differentiable_backward``):
-// autograd records it (create_graph=True), a functorch transform runs, or the gradient is
-// no plain tensor (vmap's batched one).
-bool differentiable(const Tensor& dy) {
+// Whether a backward must be made of torch ops (ops.py's ``_differentiable_backward``,
+// and what its ``_traced`` hands to the custom op): autograd records it
+// (create_graph=True), a functorch transform runs, a dispatch mode watches (FakeTensorMode,
+// FlopCounterMode: no kernel can read a fake tensor, and a mode sees only torch ops), or
+// the gradient is no plain tensor (vmap's batched one).
+bool needs_math(const Tensor& dy) {
   return torch::GradMode::is_enabled() ||
          c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         !plain(dy, dy.scalar_type());
+         c10::impl::TorchDispatchModeTLS::stack_len() > 0 || !plain(dy, dy.scalar_type());
 }
 
 py::object as_py(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
@@ -129,7 +131,7 @@ struct DyT : public torch::autograd::Function<DyT> {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &alpha = saved[1], &w = saved[2], &b = saved[3];
     Tensor dy = grads[0];
-    if (differentiable(dy)) return call_math(dyt_backward_math, dy, x, alpha, w, b);
+    if (needs_math(dy)) return call_math(dyt_backward_math, dy, x, alpha, w, b);
     dy = dy.to(x.scalar_type()).contiguous();
     const int64_t n = x.size(0), d = x.size(1), blocks = (n + kernels.row_block - 1) / kernels.row_block;
     Tensor dx = torch::empty_like(x), dalpha = torch::empty_like(alpha);
@@ -183,7 +185,7 @@ struct ScaleNorm : public torch::autograd::Function<ScaleNorm> {
     const Tensor &x = saved[0], &g = saved[1], &rnorm = saved[2];
     const double eps = ctx->saved_data["eps"].toDouble();
     Tensor dy = grads[0];
-    if (differentiable(dy)) {
+    if (needs_math(dy)) {
       variable_list out = call_math(scale_norm_backward_math, dy, x, g, eps);
       return {out[0], out[1], Tensor()};
     }

@@ -56,6 +56,13 @@ def build(verbose: bool = False) -> Path:
 
     from . import cpu
 
+    try:  # pip's ninja (a dependency), whose folder is on PATH only in an activated venv
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass  # a ninja on PATH, or torch says there is none
+
     for folder in _folders():
         try:
             folder.mkdir(parents=True, exist_ok=True)
