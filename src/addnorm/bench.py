@@ -231,7 +231,14 @@ def header() -> str:
 
     return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
             f" | torch {torch.__version__}, numba {numba.__version__}, addnorm {addnorm.__version__}"
-            f" | backend {_backend_name()}, numba threading layer {_threading_layer()}")
+            f" | backend {_backend_name()}, numba threading layer {_threading_layer()}"
+            f" | C++ eager path {_eager_cpp()}")
+
+
+def _eager_cpp() -> str:
+    from .kernels import cpp
+
+    return cpp.status().split(" (")[0].split(":")[0]  # "built", "not built", "off"
 
 
 def _threading_layer() -> str:
