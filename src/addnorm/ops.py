@@ -43,7 +43,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 
 from . import reference
 from ._backend import kernel
-from .reference import acc_dtype
+from .reference import acc_dtype, memory_format  # (functional reads ops.memory_format)
 
 _NONE = 0  # length of the empty tensor that stands for an absent output
 
@@ -54,15 +54,6 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _or_empty(t: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return _empty(like, dtype) if t is None else t.contiguous()
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """channels-last in, channels-last out; anything else comes back contiguous."""
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _param_grads(weight: Tensor | None, bias: Tensor | None, like: Tensor):

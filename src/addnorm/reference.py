@@ -65,6 +65,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout every backend's output takes after x: channels-last in, channels-last
+    out; anything else comes back contiguous."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 # ---------------------------------------------------------------------------
 # The one piece of math every norm shares: standardization over some dims.
 # ---------------------------------------------------------------------------

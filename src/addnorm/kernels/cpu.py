@@ -55,11 +55,10 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 from .. import _backend
-from ..ops import memory_format
 from . import _numba_cache  # noqa: F401  (locks numba's cache index before anything compiles)
 from . import _torch_threads
 from .. import reference
-from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, row_norm_out_dtype
+from ..reference import ROUNDING, TORCH_ORDER, acc_dtype, memory_format, row_norm_out_dtype
 
 
 def _choose_threading_layer() -> None:

@@ -46,8 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import memory_format
-from ..reference import CAST_ONCE, ROUNDING, acc_dtype, row_norm_out_dtype
+from ..reference import CAST_ONCE, ROUNDING, acc_dtype, memory_format, row_norm_out_dtype
 
 _MAX_BLOCK = 16384  # values of a row held at once; longer rows loop over blocks of it
 _MAX_ROWS = 64  # rows a forward program takes at most, where rows are narrow
