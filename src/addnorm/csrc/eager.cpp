@@ -5,12 +5,14 @@
 // ~3 µs, and the whole forward of a DyT over 64 values recording its graph ~12 µs, where
 // torch's four ops (w * tanh(a * x) + b) take ~8.  Here the same numba kernels (the C
 // entry points at the end of kernels/cpu.py, compiled by numba as C functions and handed
-// over by address) run behind torch's C++ autograd::Function: ~1.6 µs for that DyT under
-// no_grad, ~3.8 recording its graph.  Python keeps the rest: the argument checks before
-// the call (functional), the differentiable backward (create_graph=True, a batched or
-// wrapped gradient: the reference's torch ops, called back), and every call this file
-// turns down, for which it returns None: another device, dtype or layout, parameters of
-// another dtype than x, work that is worth threads (serial_below elements and more).
+// over by address) run behind torch's C++ autograd::Function: this file's call of that
+// DyT takes ~1.6 µs under no_grad and ~3.8 recording its graph, the whole functional call
+// ~4.5 and ~6.5 (torch's ops ~5.7 and ~7.6; 2-core AMD EPYC).  Python keeps the rest:
+// the argument checks before the call (functional), the differentiable backward
+// (create_graph=True, a batched or wrapped gradient, a dispatch mode: the reference's
+// torch ops, called back), and every call this file turns down, for which it returns
+// None: another device, dtype or layout, parameters of another dtype than x, work that
+// is worth threads (serial_below elements and more).
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
@@ -36,13 +38,14 @@ struct Kernels {
   DytBackward dyt_backward = nullptr;
   ScaleNormForward scale_norm_forward = nullptr;
   ScaleNormBackward scale_norm_backward = nullptr;
-  int64_t serial_below = 0;  // elements: kernels/cpu.py's _ONE_THREAD_BELOW
+  int64_t serial_below = 0;  // elements: kernels/cpu.py's C_SERIAL_BELOW
   int64_t row_block = 32;    // rows per partial sum of DyT's parameter gradients (_ROW_BLOCK)
 };
 Kernels kernels;
 
 // The reference's differentiable backward of each op, called with the incoming gradient
-// and the saved tensors (kernels/cpp.py); held for the life of the process.
+// and the saved tensors (ops.py's ``_dyt_backward_math``, ``_scale_norm_backward_math``,
+// set by ``register_math``); held for the life of the process.
 py::object* dyt_backward_math = nullptr;
 py::object* scale_norm_backward_math = nullptr;
 
