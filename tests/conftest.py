@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -29,15 +30,28 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture
-def python_path(monkeypatch):
+@contextlib.contextmanager
+def python_path_only():
     """Every call on the Python path: the C++ eager path (``addnorm/csrc/eager.cpp``)
-    turned off, for tests of the kernels' threaded loops at small sizes."""
+    turned off in each op that has one, and back as it was after."""
     from addnorm import ops
 
-    for entry in vars(ops).values():
-        if isinstance(entry, ops._Entry) and entry.cpp_name:
-            monkeypatch.setattr(entry, "cpp", None)
+    entries = [e for e in vars(ops).values() if isinstance(e, ops._Entry) and e.cpp_name]
+    saved = [e.cpp for e in entries]
+    for e in entries:
+        e.cpp = None
+    try:
+        yield
+    finally:
+        for e, c in zip(entries, saved):
+            e.cpp = c
+
+
+@pytest.fixture
+def python_path():
+    """``python_path_only`` for a whole test: the kernels' threaded loops at small sizes."""
+    with python_path_only():
+        yield
 
 
 def pytest_configure(config):

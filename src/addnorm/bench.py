@@ -229,16 +229,12 @@ def header() -> str:
     """What a number depends on, printed before any number."""
     import numba
 
+    from .kernels import cpp
+
     return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
             f" | torch {torch.__version__}, numba {numba.__version__}, addnorm {addnorm.__version__}"
             f" | backend {_backend_name()}, numba threading layer {_threading_layer()}"
-            f" | C++ eager path {_eager_cpp()}")
-
-
-def _eager_cpp() -> str:
-    from .kernels import cpp
-
-    return cpp.status().split(" (")[0].split(":")[0]  # "built", "not built", "off"
+            f" | C++ eager path {cpp.state()}")
 
 
 def _threading_layer() -> str:

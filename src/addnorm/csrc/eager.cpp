@@ -135,7 +135,7 @@ struct DyT : public torch::autograd::Function<DyT> {
     const Tensor &x = saved[0], &alpha = saved[1], &w = saved[2], &b = saved[3];
     Tensor dy = grads[0];
     if (needs_math(dy)) return call_math(dyt_backward_math, dy, x, alpha, w, b);
-    dy = dy.to(x.scalar_type()).contiguous();
+    dy = dy.contiguous();  // (autograd gives it the output's dtype)
     const int64_t n = x.size(0), d = x.size(1), blocks = (n + kernels.row_block - 1) / kernels.row_block;
     Tensor dx = torch::empty_like(x), dalpha = torch::empty_like(alpha);
     Tensor part = torch::empty({3, blocks, d}, x.options().dtype(acc_type(x.scalar_type())));
@@ -192,7 +192,7 @@ struct ScaleNorm : public torch::autograd::Function<ScaleNorm> {
       variable_list out = call_math(scale_norm_backward_math, dy, x, g, eps);
       return {out[0], out[1], Tensor()};
     }
-    dy = dy.to(x.scalar_type()).contiguous();
+    dy = dy.contiguous();  // (autograd gives it the output's dtype)
     const int64_t n = x.size(0), d = x.size(1);
     Tensor dx = torch::empty_like(x);
     Tensor dots = torch::empty({n}, x.options().dtype(at::kDouble));  // per row, summed in order below

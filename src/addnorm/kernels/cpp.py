@@ -35,8 +35,13 @@ def _key() -> str:
 
 def _folders() -> list[Path]:
     """Where a build may lie, the package's own folder first."""
-    return [SOURCE.parent.parent / "_build" / _key(),
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "addnorm" / "build" / _key()]
+    key = _key()
+    return [SOURCE.parent.parent / "_build" / key,
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "addnorm" / "build" / key]
+
+
+def _off() -> bool:
+    return os.environ.get("ADDNORM_EAGER_CPP", "1") == "0"
 
 
 def _library(folder: Path) -> Path:
@@ -106,8 +111,8 @@ def module():
 
 
 def _load():
-    path = built()
-    if path is None or os.environ.get("ADDNORM_EAGER_CPP", "1") == "0":
+    path = None if _off() else built()
+    if path is None:
         return None
     from . import cpu
 
@@ -118,9 +123,15 @@ def _load():
     return ext
 
 
+def state() -> str:
+    """"off" (``ADDNORM_EAGER_CPP=0``), "built" or "not built": the bench's header."""
+    return "off" if _off() else "built" if built() else "not built"
+
+
 def status() -> str:
     """One line for ``addnorm info``."""
-    if os.environ.get("ADDNORM_EAGER_CPP", "1") == "0":
-        return "off (ADDNORM_EAGER_CPP=0)"
-    path = built()
-    return f"built ({path})" if path else "not built: `addnorm build` compiles it (a C++ compiler, ~1-2 min once)"
+    return {
+        "off": "off (ADDNORM_EAGER_CPP=0)",
+        "built": f"built ({built()})",
+        "not built": "not built: `addnorm build` compiles it (a C++ compiler, ~1-2 min once)",
+    }[state()]
