@@ -64,8 +64,9 @@ def test_a_retired_backend_stops_being_the_default(monkeypatch):
             pass
 
 
-def test_ops_run_on_the_chosen_backend(monkeypatch):
-    """The op really calls the backend's kernel: a spy backend records the call."""
+def test_ops_run_on_the_chosen_backend(monkeypatch, python_path):
+    """The op really calls the backend's kernel: a spy backend records the call (on the
+    Python path: the C++ eager path calls numba's kernels by address)."""
     calls = []
     real = _backend.reference.row_norm_forward
 

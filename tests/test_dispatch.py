@@ -33,6 +33,16 @@ def _ours(name, monkeypatch):
     for attr in ("eager", "lean"):
         real = getattr(entry, attr)
         monkeypatch.setattr(entry, attr, lambda *a, real=real: calls.append(1) or real(*a))
+    if entry.cpp is not None:  # the C++ eager path: ours too, where it serves the call
+        real_cpp = entry.cpp
+
+        def cpp(*args):
+            out = real_cpp(*args)
+            if out is not None:
+                calls.append(1)
+            return out
+
+        monkeypatch.setattr(entry, "cpp", cpp)
     return calls
 
 

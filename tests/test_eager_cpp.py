@@ -1,5 +1,6 @@
-"""The C++ eager path (csrc/eager.cpp): built here, serving small DyT and ScaleNorm calls,
-bit for bit what the Python path computes, in every autograd mode it meets.
+"""The C++ eager path (csrc/eager.cpp): built here, serving small DyT, ScaleNorm and
+RMSNorm (and add+RMSNorm) calls, bit for bit what the Python path computes, in every
+autograd mode it meets.
 
 The other test files meet the path wherever they call these ops small on the numba
 backend (against torch and the float64 reference); this one pins down that it is there,
@@ -38,43 +39,61 @@ def test_built_where_a_compiler_is():
 
 needs_cpp = pytest.mark.skipif(cpp.module() is None, reason="the C++ eager path is not built")
 
+# each op of (x, p, w, b): p DyT's alpha or ScaleNorm's g, b doubling as add+RMSNorm's
+# residual (of x's shape there); every casting mode, with and without a weight
 OPS = {
     "dyt": lambda x, p, w, b: AF.dyt(x, p, w, b),
     "dyt_plain": lambda x, p, w, b: AF.dyt(x, p),
     "dyt_weight": lambda x, p, w, b: AF.dyt(x, p, w),
     "dyt_bias": lambda x, p, w, b: AF.dyt(x, p, None, b),
     "scale_norm": lambda x, p, w, b: AF.scale_norm(x, p),
+    "rms_norm": lambda x, p, w, b: AF.rms_norm(x, x.shape[-1:], w, 1e-6),
+    "rms_norm_plain": lambda x, p, w, b: AF.rms_norm(x, x.shape[-1:]),
+    "rms_norm_llama": lambda x, p, w, b: AF.rms_norm(x, x.shape[-1:], w, casting_mode="llama"),
+    "rms_norm_gemma": lambda x, p, w, b: AF.rms_norm(x, x.shape[-1:], w, offset=1.0, casting_mode="gemma"),
+    "rms_norm_none": lambda x, p, w, b: AF.rms_norm(x, x.shape[-1:], w, casting_mode="none"),
+    "add_rms_norm": lambda x, p, w, b: AF.add_rms_norm(x, b, x.shape[-1:], w, 1e-5),
+    "add_rms_norm_plain": lambda x, p, w, b: AF.add_rms_norm(x, b, x.shape[-1:], casting_mode="llama"),
 }
+RESIDUAL = {"add_rms_norm", "add_rms_norm_plain"}
 
 
 def _node(y):
-    """The name of the node that made y, past the views of the input's shape."""
+    """The name of the node that made y, past the views of the input's shape; None: none."""
     fn = y.grad_fn
+    if fn is None:
+        return None
     while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
         fn = fn.next_functions[0][0]
     return type(fn).__name__
 
 
-def _inputs(shape, dtype, seed, spread=2.0):
+def _inputs(shape, dtype, seed, spread=2.0, residual=False):
+    """(x, p, w, b); b of x's shape where it is a residual"""
     g = torch.Generator().manual_seed(seed)
     d = shape[-1]
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread).to(dtype)
     p = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(dtype)
     w = torch.randn(d, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(d, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape if residual else d, generator=g, dtype=torch.float64).to(dtype)
     return x, p, w, b
 
 
-def _run(name, inputs, dy_seed=1):
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    y = OPS[name](*leaves)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.dtype)
-    y.backward(dy)
-    return _node(y), [y.detach()] + [t.grad for t in leaves]
+def _run(name, inputs, dy_seed=1, wanted=(True, True, True, True)):
+    """The op's outputs and the gradients of the ``wanted`` inputs, with the name of the
+    node that made its first output."""
+    leaves = [t.clone().requires_grad_(bool(want)) for t, want in zip(inputs, wanted)]
+    out = OPS[name](*leaves)
+    out = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(dy_seed)
+    dys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in out]
+    if out[0].requires_grad:
+        torch.autograd.backward(out, dys)
+    return _node(out[0]), [y.detach() for y in out] + [t.grad for t in leaves]
 
 
 @needs_cpp
-@settings(max_examples=40)
+@settings(max_examples=100)
 @given(
     name=st.sampled_from(sorted(OPS)),
     rows=st.lists(st.integers(0, 9), max_size=2),
@@ -83,17 +102,18 @@ def _run(name, inputs, dy_seed=1):
     seed=st.integers(0, 2**16),
 )
 def test_same_bits_as_the_python_path(name, rows, d, dtype, seed):
-    inputs = _inputs((*rows, d), dtype, seed)
+    inputs = _inputs((*rows, d), dtype, seed, residual=name in RESIDUAL)
+    # which inputs need a gradient: all, or one (a norm's weight alone, over a frozen trunk)
+    wanted = [True] * 4 if seed % 3 else [i == seed % 4 for i in range(4)]
     with addnorm.backend("numba"):
-        node, ours = _run(name, inputs)
+        node, ours = _run(name, inputs, wanted=wanted)
         with python_path_only():
-            python_node, theirs = _run(name, inputs)
+            python_node, theirs = _run(name, inputs, wanted=wanted)
+    if node is None:  # no input that the op reads needs a gradient: nothing recorded
+        assert python_node is None
+        return
     assert node == "CppFunction" and python_node != "CppFunction"
-    for a, b in zip(ours, theirs):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape
-            assert torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+    _same_bits(ours, theirs)
 
 
 @needs_cpp
@@ -117,33 +137,97 @@ def test_which_calls_it_serves(name):
     assert y.grad_fn is None and not y.requires_grad
 
 
+def _same_bits(ours, theirs):
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+
+
 @needs_cpp
-@pytest.mark.parametrize("name", ["dyt", "scale_norm"])
+@pytest.mark.parametrize("name", ["dyt", "rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("wanted", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 0, 1, 0), (0, 0, 1, 1)])
+def test_the_gradients_asked_for(name, wanted):
+    """Each input's gradient alone and in pairs (a norm's weight over a frozen trunk, a
+    residual stream alone), as the Python path gives them: the node maps autograd's
+    inputs, of which an absent one is none, to the kernel's outputs."""
+    inputs = _inputs((5, 33), torch.float32, 8, residual=name in RESIDUAL)
+    with addnorm.backend("numba"):
+        node, ours = _run(name, inputs, wanted=wanted)
+        with python_path_only():
+            _, theirs = _run(name, inputs, wanted=wanted)
+    assert node in ("CppFunction", None)
+    _same_bits(ours, theirs)
+
+
+@needs_cpp
+def test_which_rms_norm_calls_it_serves():
+    from addnorm.kernels import cpu
+
+    x, _, w, res = _inputs((4, 64), torch.float32, 0, residual=True)
+    leaf = x.clone().requires_grad_()
+    with addnorm.backend("numba"):
+        assert _node(AF.rms_norm(leaf, (64,), w)) == "CppFunction"
+        # a decoding step as a model passes it: (batch, tokens, d), as it is
+        step = torch.randn(1, 1, 4096, requires_grad=True)
+        assert _node(AF.rms_norm(step, (4096,), torch.ones(4096))) == "CppFunction"
+        y, r = AF.add_rms_norm(leaf, res, (64,), w)
+        assert _node(y) == "CppFunction" and r.grad_fn is y.grad_fn
+        # a normalized shape of two dims: as rows of its 64 values
+        assert _node(AF.rms_norm(leaf.reshape(4, 8, 8), (8, 8), w.reshape(8, 8))) == "CppFunction"
+        # turned down, to the Python path: work worth threads, a float32 weight beside
+        # bfloat16 input, LayerNorm (whose small calls run torch's kernel but here)
+        big = torch.randn(cpu.C_SERIAL_BELOW // 64, 64, requires_grad=True)
+        assert _node(AF.rms_norm(big, (64,), w)) != "CppFunction"
+        half = leaf.detach().bfloat16().requires_grad_()
+        assert _node(AF.rms_norm(half, (64,), w)) != "CppFunction"
+        assert _node(AF.layer_norm(leaf, (64,), w)) != "CppFunction"
+    with addnorm.backend("torch"):
+        assert _node(AF.rms_norm(leaf, (64,), w)) != "CppFunction"
+    with torch.no_grad():
+        y, r = AF.add_rms_norm(leaf, res, (64,), w)
+    assert y.grad_fn is None and r.grad_fn is None
+    with torch.inference_mode():  # an inference tensor normalized with a trainable weight
+        frozen = x.clone()
+    wl = w.clone().requires_grad_()
+    with addnorm.backend("numba"):
+        y = AF.rms_norm(frozen, (64,), wl)
+    assert _node(y) == "CppFunction"
+    y.sum().backward()
+    assert wl.grad is not None and torch.isfinite(wl.grad).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["dyt", "scale_norm", "rms_norm", "rms_norm_gemma", "add_rms_norm",
+                                  "add_rms_norm_plain"])
 def test_gradcheck_and_gradgradcheck_through_it(name):
     """float64, on the C++ node; its double backward is the reference's torch ops, called
     back from C++ (create_graph=True)."""
-    x, p, w, b = _inputs((3, 7), torch.float64, 2)
+    x, p, w, b = _inputs((3, 7), torch.float64, 2, residual=name in RESIDUAL)
     leaves = [t.clone().requires_grad_() for t in (x, p, w, b)]
-    assert _node(OPS[name](*leaves)) == "CppFunction"
+    out = OPS[name](*leaves)
+    assert _node(out[0] if isinstance(out, tuple) else out) == "CppFunction"
     fn = OPS[name]
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @needs_cpp
-def test_batched_gradient_and_transforms():
+@pytest.mark.parametrize("name", ["dyt", "rms_norm"])
+def test_batched_gradient_and_transforms(name):
     """vmap over autograd.grad of a graph recorded on the C++ node (a batched incoming
     gradient: the reference's ops), and torch.func over the op (the reference's ops, as
     on the Python path) equal the plain loop."""
     x, p, w, b = _inputs((2, 5), torch.float32, 3)
     xl = x.clone().requires_grad_()
-    y = AF.dyt(xl, p, w, b)
+    y = OPS[name](xl, p, w, b)
     assert _node(y) == "CppFunction"
     basis = torch.eye(y.numel()).reshape(-1, *y.shape)
     (jac,) = torch.autograd.grad(y, xl, basis, is_grads_batched=True, retain_graph=True)
     rows = [torch.autograd.grad(y, xl, e, retain_graph=True)[0] for e in basis]
     torch.testing.assert_close(jac, torch.stack(rows))
-    grad = torch.func.grad(lambda t: AF.dyt(t, p, w, b).sum())(x)
+    grad = torch.func.grad(lambda t: OPS[name](t, p, w, b).sum())(x)
     torch.testing.assert_close(grad, torch.stack(rows).sum(0))
 
 

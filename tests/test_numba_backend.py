@@ -114,10 +114,12 @@ def test_thread_count_follows_torch(threads):
             assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
 
 
-def test_small_work_runs_on_the_calling_thread_alone(monkeypatch):
+def test_small_work_runs_on_the_calling_thread_alone(monkeypatch, python_path):
     """Below ``_ONE_THREAD_BELOW`` elements the forward and the backward run their rows on
     the calling thread, without numba's parallel loop (numba's thread count is then moot
-    and left as it is); above it both run parallel loops on torch's thread count."""
+    and left as it is); above it both run parallel loops on torch's thread count.  (On
+    the Python path, whose wrappers this watches: the C++ eager path calls the serial
+    kernels alone.)"""
     import numba
 
     from addnorm.kernels import cpu

@@ -147,7 +147,7 @@ class _Entry:
     tensors) called straight, inside an ``autograd.Function`` with the op's own setup and
     backward when a gradient is wanted, or ``lean`` (``eager`` without the statistics,
     where the kernel can skip them) when none is.  All paths run the same kernels and
-    the same backward.  An entry with ``cpp`` (DyT, ScaleNorm) first offers a plain eager
+    the same backward.  An entry with ``cpp`` (DyT, ScaleNorm, the row norms) first offers a plain eager
     call on the numba backend to its C++ eager path (``csrc/eager.cpp``: small calls, the
     same kernels behind a C++ autograd node), which serves it or returns None.
 
@@ -246,7 +246,7 @@ def _eager_cpp():
 
     ext = cpp.module()
     if ext is not None:
-        ext.register_math(_dyt_backward_math, _scale_norm_backward_math)
+        ext.register_math(_dyt_backward_math, _scale_norm_backward_math, _row_norm_gradients)
     return ext
 
 
@@ -376,18 +376,9 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     needs, has_residual = ctx.needs_input_grad, ctx.has_residual
     # the kernels compute only what autograd asks for: dx (x's and the residual's), dw, db
     wanted = [needs[0] or (has_residual and needs[1]), needs[2], needs[3]]
-    dr = dr if has_residual else None
     offset, rms, cast, backend = ctx.args
-    if _differentiable_backward(dy, dr):
-        _, mean, _, rstd = reference.standardize(r, (-1,), ctx.eps, centered=not rms)
-        if cast & reference.ROUNDING == reference.CAST_EACH:
-            rstd = reference.round_to(rstd, r.dtype)
-        dx, dw, db = reference.row_norm_backward(
-            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, cast, bias, wanted
-        )
-    else:
-        args = (dy, dr, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted)
-        dx, dw, db = _run(row_norm_bwd, _row_norm_grads, *args)
+    dx, dw, db = _row_norm_gradients(dy, dr if has_residual else None, r, weight, bias, mean, rstd, ctx.eps, offset,
+                                     rms, cast, backend, wanted)
     return (
         _present(dx, needs[0]),
         _present(dx, has_residual and needs[1]),
@@ -401,8 +392,25 @@ def _row_norm_backward(ctx, dy, dr, _dmean, _drstd):
     )
 
 
+def _row_norm_gradients(dy, dr, r, weight, bias, mean, rstd, eps, offset, rms, cast, backend, wanted):
+    """-> (dx, dw, db), None where absent or not ``wanted``: the backward of a recorded
+    forward, on the rows r it normalized (x + residual where there was one), from its
+    autograd.Function and from the C++ eager path's node (``csrc/eager.cpp``).  The
+    kernel, or where the backward must be differentiable the reference's torch ops."""
+    if _differentiable_backward(dy, dr):
+        _, mean, _, rstd = reference.standardize(r, (-1,), eps, centered=not rms)
+        if cast & reference.ROUNDING == reference.CAST_EACH:
+            rstd = reference.round_to(rstd, r.dtype)
+        return reference.row_norm_backward(
+            dy, dr, r, weight, None if rms else mean.squeeze(-1), rstd.squeeze(-1), offset, rms, cast, bias, wanted
+        )
+    args = (dy, dr, r, weight, bias, mean, rstd, offset, rms, cast, backend, wanted)
+    return _run(row_norm_bwd, _row_norm_grads, *args)
+
+
 row_norm = _Entry(
-    row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean, visible=2
+    row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean, visible=2,
+    cpp="row_norm",
 )
 
 

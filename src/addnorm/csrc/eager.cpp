@@ -1,5 +1,5 @@
-// The eager CPU path of a small DyT or ScaleNorm call, in C++: the autograd node and the
-// kernel call without Python between them.
+// The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, in C++:
+// the autograd node and the kernel call without Python between them.
 //
 // In Python a small call pays for its layers: an autograd.Function's C apply alone costs
 // ~3 µs, and the whole forward of a DyT over 64 values recording its graph ~12 µs, where
@@ -7,12 +7,17 @@
 // entry points at the end of kernels/cpu.py, compiled by numba as C functions and handed
 // over by address) run behind torch's C++ autograd::Function: this file's call of that
 // DyT takes ~1.6 µs under no_grad and ~3.8 recording its graph, the whole functional call
-// ~4.5 and ~6.5 (torch's ops ~5.7 and ~7.6; 2-core AMD EPYC).  Python keeps the rest:
-// the argument checks before the call (functional), the differentiable backward
-// (create_graph=True, a batched or wrapped gradient, a dispatch mode: the reference's
-// torch ops, called back), and every call this file turns down, for which it returns
-// None: another device, dtype or layout, parameters of another dtype than x, work that
-// is worth threads (serial_below elements and more).
+// ~4.5 and ~6.5 (torch's ops ~5.7 and ~7.6; 2-core AMD EPYC); an RMSNorm of one decoding
+// token (1, 4096) ~1.9 µs here, 4.7 the functional call, 6.4 the module (torch.nn's
+// 13.7), 9.2 the module recording its graph (16.4 before, torch.nn's 18.1).  Python keeps
+// the rest: the argument checks before the call (functional), the differentiable
+// backward (create_graph=True, a batched or wrapped gradient, a dispatch mode: the
+// reference's torch ops, called back), RMSNorm's whole backward (ops._row_norm_gradients,
+// called back: its kernel has 28 variants to compile, and forward+backward is already
+// 1.6x torch's), and every call this file turns down, for which it returns None: another
+// device, dtype or layout, parameters of another dtype than x, work that is worth
+// threads (serial_below elements and more), LayerNorm (whose small calls run torch's
+// kernel: functional's rule).
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
@@ -32,14 +37,21 @@ using DytBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_
 using ScaleNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
 using ScaleNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                    int64_t, double);
+using RmsNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                double, double, int64_t, int64_t);
 
 struct Kernels {
   DytForward dyt_forward = nullptr;
   DytBackward dyt_backward = nullptr;
   ScaleNormForward scale_norm_forward = nullptr;
   ScaleNormBackward scale_norm_backward = nullptr;
+  RmsNormForward rms_norm_forward = nullptr;
   int64_t serial_below = 0;  // elements: kernels/cpu.py's C_SERIAL_BELOW
   int64_t row_block = 32;    // rows per partial sum of DyT's parameter gradients (_ROW_BLOCK)
+  // values per vector of torch's CPU sum of float32 and of float64 (RMSNorm's
+  // torch-order sums, kernels/cpu.py's ``_torch_lanes``); 0: none matched, the kernel's
+  // own order
+  int64_t float_lanes = 0, double_lanes = 0;
 };
 Kernels kernels;
 
@@ -48,6 +60,7 @@ Kernels kernels;
 // set by ``register_math``); held for the life of the process.
 py::object* dyt_backward_math = nullptr;
 py::object* scale_norm_backward_math = nullptr;
+py::object* row_norm_backward_math = nullptr;
 
 // dtype code of the C entry points (kernels/cpu.py's ``C_DTYPES``), -1: not served here
 int dtype_code(at::ScalarType t) {
@@ -91,6 +104,10 @@ bool needs_math(const Tensor& dy) {
 
 py::object as_py(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 py::object as_py(double v) { return py::float_(v); }
+py::object as_py(bool v) { return py::bool_(v); }
+py::object as_py(int64_t v) { return py::int_(v); }
+py::object as_py(const char* v) { return py::str(v); }
+py::object as_py(const std::vector<bool>& v) { return py::cast(v); }
 
 // math(args...) in Python: a tuple of gradients, None for an absent one
 template <typename... Args>
@@ -212,28 +229,116 @@ py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
   return py::make_tuple(y, py::none());
 }
 
-void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t row_block) {
+// ---------------------------------------------------------------------------
+// RMSNorm, with or without the fused residual add: r = x + residual; y = r * rstd * (w + offset)
+// over rows of x's last dim, any leading shape; w (d,) or absent.  No LayerNorm: its small
+// calls run torch's own kernel (functional's rule) but where a backend is forced.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t torch_order = 4;  // reference.TORCH_ORDER: a bit of ``cast``
+constexpr int64_t rounding = 3;     // reference.ROUNDING: the others
+
+struct RmsOutputs {
+  Tensor y, r, rstd;
+};
+
+RmsOutputs rms_norm_run(const Tensor& x, const Tensor& residual, const Tensor& w, double eps, double offset,
+                        int64_t cast, bool stats) {
+  const int64_t d = x.size(-1), n = x.numel() / d;
+  RmsOutputs out{torch::empty_like(x), residual.defined() ? torch::empty_like(x) : Tensor(),
+                 stats ? torch::empty({n}, x.options().dtype(acc_type(x.scalar_type()))) : Tensor()};
+  kernels.rms_norm_forward(dtype_code(x.scalar_type()), n, d, address(x), address(residual), address(w),
+                           address(out.y), address(out.r), address(out.rstd), eps, offset, cast & rounding,
+                           !(cast & torch_order)           ? 0
+                           : x.scalar_type() == at::kDouble ? kernels.double_lanes
+                                                            : kernels.float_lanes);
+  return out;
+}
+
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  // outputs: y, and r where there is a residual
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& residual,
+                               const c10::optional<Tensor>& weight, double eps, double offset, int64_t cast) {
+    const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor());
+    RmsOutputs out = rms_norm_run(x, res, w, eps, offset, cast, true);
+    // the rows normalized; an input made under torch.inference_mode, normalized with a
+    // trainable weight, copied (autograd saves no inference tensor; ops._row_norm_setup)
+    Tensor source = res.defined() ? out.r : x;
+    if (source.is_inference()) source = source.clone();
+    ctx->save_for_backward({source, w, out.rstd});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["cast"] = cast;
+    if (!res.defined()) return {out.y};
+    return {out.y, out.r};
+  }
+
+  // ops._row_norm_gradients, in Python: the kernel, or the reference's torch ops where the
+  // backward must be differentiable (see needs_math)
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &source = saved[0], &w = saved[1], &rstd = saved[2];
+    // (needs_input_grad counts the tensor inputs present: x, the residual, the weight)
+    const bool has_residual = grads.size() > 1;
+    const bool needs_x = ctx->needs_input_grad(0), needs_res = has_residual && ctx->needs_input_grad(1);
+    const bool needs_w = w.defined() && ctx->needs_input_grad(has_residual ? 2 : 1);
+    const std::vector<bool> wanted = {needs_x || needs_res, needs_w, false};
+    variable_list g = call_math(row_norm_backward_math, grads[0], has_residual ? grads[1] : Tensor(), source, w,
+                                Tensor(), Tensor(), rstd, ctx->saved_data["eps"].toDouble(),
+                                ctx->saved_data["offset"].toDouble(), true, ctx->saved_data["cast"].toInt(),
+                                "numba", wanted);
+    return {needs_x ? g[0] : Tensor(), needs_res ? g[0] : Tensor(), g[1], Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ops.row_norm's eager contract, (y, r or None, None, None); None where this path does
+// not serve the call (LayerNorm, a bias, see the top of the file)
+py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
+                    const c10::optional<Tensor>& bias, double eps, double offset, bool rms, int64_t cast) {
+  const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor());
+  const at::ScalarType t = x.scalar_type();
+  if (kernels.rms_norm_forward == nullptr || !rms || bias.has_value() || dtype_code(t) < 0 ||
+      x.dim() == 0 || x.size(-1) == 0 || x.numel() >= kernels.serial_below || !x.is_contiguous() || !plain(x, t) ||
+      !optional_plain(w, t) || (w.defined() && (w.dim() != 1 || w.size(0) != x.size(-1) || !w.is_contiguous())) ||
+      !optional_plain(res, t) || (res.defined() && (res.sizes() != x.sizes() || !res.is_contiguous())))
+    return py::none();
+  if (recording({x, res, w})) {
+    variable_list out = RmsNorm::apply(x, residual, weight, eps, offset, cast);
+    return py::make_tuple(out[0], out.size() > 1 ? py::cast(out[1]) : py::none(), py::none(), py::none());
+  }
+  RmsOutputs out = rms_norm_run(x, res, w, eps, offset, cast, false);
+  return py::make_tuple(out.y, as_py(out.r), py::none(), py::none());
+}
+
+void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t row_block, int64_t float_lanes,
+                      int64_t double_lanes) {
   auto get = [&](const char* name) { return reinterpret_cast<void*>(addresses[name].cast<int64_t>()); };
   kernels.dyt_forward = reinterpret_cast<DytForward>(get("dyt_forward"));
   kernels.dyt_backward = reinterpret_cast<DytBackward>(get("dyt_backward"));
   kernels.scale_norm_forward = reinterpret_cast<ScaleNormForward>(get("scale_norm_forward"));
   kernels.scale_norm_backward = reinterpret_cast<ScaleNormBackward>(get("scale_norm_backward"));
+  kernels.rms_norm_forward = reinterpret_cast<RmsNormForward>(get("rms_norm_forward"));
+  kernels.float_lanes = float_lanes;
+  kernels.double_lanes = double_lanes;
   kernels.serial_below = serial_below;
   kernels.row_block = row_block;
 }
 
-void register_math(const py::object& dyt_math, const py::object& scale_norm_math) {
+void register_math(const py::object& dyt_math, const py::object& scale_norm_math, const py::object& row_norm_math) {
   // leaked on purpose: a backward may run while the interpreter shuts down
   dyt_backward_math = new py::object(dyt_math);
   scale_norm_backward_math = new py::object(scale_norm_math);
+  row_norm_backward_math = new py::object(row_norm_math);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "addnorm's eager CPU path of small DyT and ScaleNorm calls (addnorm/csrc/eager.cpp)";
+  m.doc() = "addnorm's eager CPU path of small DyT, ScaleNorm and RMSNorm calls (addnorm/csrc/eager.cpp)";
   m.def("dyt", &dyt, "DyT's eager forward, recording its C++ autograd node where a gradient is wanted; None: not served");
   m.def("scale_norm", &scale_norm, "ScaleNorm's eager forward, as dyt's; (y, None) or None");
+  m.def("row_norm", &row_norm, "RMSNorm's eager forward (with or without the residual add), as dyt's; "
+        "(y, r or None, None, None) or None");
   m.def("register_kernels", &register_kernels);
   m.def("register_math", &register_math);
 }

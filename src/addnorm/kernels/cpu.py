@@ -2133,7 +2133,8 @@ def scale_norm_backward(dy, x, weight, rnorm, eps):
 
 
 # ---------------------------------------------------------------------------
-# C entry points: the serial kernels of DyT and ScaleNorm as C functions (numba cfuncs),
+# C entry points: the serial kernels of DyT, ScaleNorm and RMSNorm's forward as C
+# functions (numba cfuncs),
 # which the C++ eager path (``addnorm/csrc/eager.cpp``, loaded by ``kernels/cpp.py``)
 # calls by address, with no Python between the call and the kernel.  One function per op
 # and pass serves x of every dtype (its code: ``C_DTYPES``) with parameters of x's dtype,
@@ -2231,8 +2232,55 @@ def scale_norm_backward_c(code, n, d, dy, x, w, rnorm, dx, dots, eps):
         _scale_norm_bwd_at(n, d, dy, _F16, x, _F16, w, _F16, rnorm, _F32, dx, dots, _F64, eps, None)
 
 
+@njit(inline="always")
+def _rms_norm_rows_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes):
+    # the by-address entry's serial call: the same ``_row_norm_fwd_rows`` specializations
+    # as the Python path's, shared in numba's cache
+    _row_norm_fwd_at(n, d, x, t, res, w, t, None, t, y, t, r_out, None, rstd_out, s, eps, offset, cast, lanes, None)
+
+
+@njit(inline="always")
+def _rms_norm_lanes_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes):
+    if lanes:
+        _rms_norm_rows_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+    else:
+        _rms_norm_rows_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, None)
+
+
+@njit(inline="always")
+def _rms_norm_fwd_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes):
+    # residual and weight each present or absent (a null address: None), for numba to
+    # compile each combination
+    if res and w:
+        _rms_norm_lanes_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+    elif res:
+        _rms_norm_lanes_c(t, s, n, d, x, res, None, y, r_out, rstd_out, eps, offset, cast, lanes)
+    elif w:
+        _rms_norm_lanes_c(t, s, n, d, x, None, w, y, None, rstd_out, eps, offset, cast, lanes)
+    else:
+        _rms_norm_lanes_c(t, s, n, d, x, None, None, y, None, rstd_out, eps, offset, cast, lanes)
+
+
+def rms_norm_forward_c(code, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes):
+    """``row_norm_forward`` of RMSNorm on the calling thread: y (and r_out = x + res with
+    a residual) of (n, d) rows, the weight of x's dtype or absent; rstd_out null: no
+    statistics wanted; ``cast`` the rounding bits of ``reference``'s, ``lanes`` as
+    ``_torch_mean_square``'s (0: the kernel's own order).  Only RMSNorm: a small
+    LayerNorm runs torch's kernel (``functional``'s rule) but where a backend is forced,
+    and each variant here is 8 kernels to compile (~2 s each)."""
+    if code == 0:
+        _rms_norm_fwd_c(_F32, _F32, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+    elif code == 1:
+        _rms_norm_fwd_c(_F64, _F64, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+    elif code == 2:
+        _rms_norm_fwd_c(_BF16, _F32, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+    else:
+        _rms_norm_fwd_c(_F16, _F32, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
+
+
 _i64, _f64 = types.int64, types.float64
 C_SIGNATURES = {  # what eager.cpp declares for each
+    "rms_norm_forward": types.void(*[_i64] * 9, _f64, _f64, _i64, _i64),
     "dyt_forward": types.void(*[_i64] * 8),
     "dyt_backward": types.void(*[_i64] * 13),
     "scale_norm_forward": types.void(*[_i64] * 7, _f64),
@@ -2240,14 +2288,14 @@ C_SIGNATURES = {  # what eager.cpp declares for each
 }
 
 
-def c_entry_points() -> dict[str, int]:
-    """The C entry points' addresses by name, compiled (or loaded from numba's cache).
-    Their code can reach a parallel loop (``_sum_chunks``'s, not taken at their sizes),
-    which links against numba's threading layer: launched first, as loading a cached
-    dispatcher with such a loop does (a cfunc loaded from the cache has no hook for it:
-    "Symbol not found: allocate_sched")."""
+def c_entry_points(names=None) -> dict[str, int]:
+    """The C entry points' addresses by name (``names``, or all), compiled (or loaded from
+    numba's cache).  Their code can reach a parallel loop (``_sum_chunks``'s, not taken
+    at their sizes), which links against numba's threading layer: launched first, as
+    loading a cached dispatcher with such a loop does (a cfunc loaded from the cache has
+    no hook for it: "Symbol not found: allocate_sched")."""
     numba.np.ufunc.parallel._launch_threads()
     return {
-        name: numba.cfunc(sig, cache=True, nogil=True)(globals()[name + "_c"]).address
-        for name, sig in C_SIGNATURES.items()
+        name: numba.cfunc(C_SIGNATURES[name], cache=True, nogil=True)(globals()[name + "_c"]).address
+        for name in (C_SIGNATURES if names is None else names)
     }
