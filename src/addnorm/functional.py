@@ -506,9 +506,9 @@ def _channel_layout(x: Tensor) -> Tensor:
 
 def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cast=reference.CAST_ONCE):
     # The common call, checked at once, inline (a helper's call costs ~0.15 µs, each
-    # tensor attribute read ~0.05): a plain CPU tensor normalized over its last dim (a
-    # one-int tuple, as torch.nn's modules keep it), parameters and residual of its dtype
-    # and shape, a float eps (or RMSNorm's None).  Each condition is one
+    # tensor attribute read ~0.05): a plain CPU tensor normalized over its last dim (an
+    # int, or a one-int tuple as torch.nn's modules keep it), parameters and residual of
+    # its dtype and shape, a float eps (or RMSNorm's None).  Each condition is one
     # ``_checked_row_call`` accepts, which checks anything else, errors included; a
     # decoding step's RMSNorm spends ~1.3 µs less here than there.
     xs = dtype = None
@@ -517,7 +517,9 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         xs, dtype = x.shape, x.dtype
         if eps is None and rms:
             eps = rms_eps(eps, dtype)
-    d = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else None
+    # (an int, as torch takes it and patched families pass it, or a torch.Size: x.shape[-1:])
+    ns = normalized_shape
+    d = ns if type(ns) is int else ns[0] if type(ns) in _SHAPES and len(ns) == 1 else None
     if not (
         xs
         and type(d) is int
@@ -555,6 +557,9 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
         return (y if rows else y.reshape(*xs)), None
     # (``*xs``: a torch.Size argument costs ~1 µs more than its ints)
     return (y, r) if rows else (y.reshape(*xs), r.reshape(*xs))
+
+
+_SHAPES = (tuple, torch.Size)
 
 
 def _row_norm_math(*args):
