@@ -147,9 +147,10 @@ class _Entry:
     tensors) called straight, inside an ``autograd.Function`` with the op's own setup and
     backward when a gradient is wanted, or ``lean`` (``eager`` without the statistics,
     where the kernel can skip them) when none is.  All paths run the same kernels and
-    the same backward.  An entry with ``cpp`` (DyT, ScaleNorm, the row norms) first offers a plain eager
-    call on the numba backend to its C++ eager path (``csrc/eager.cpp``: small calls, the
-    same kernels behind a C++ autograd node), which serves it or returns None.
+    the same backward.  An entry with ``cpp`` (DyT, ScaleNorm, the row norms: RMSNorm's
+    calls) first offers a plain eager call on the numba backend to its C++ eager path
+    (``csrc/eager.cpp``: small calls, the same kernels behind a C++ autograd node), which
+    serves it or returns None.
 
     The ``autograd.Function`` has the old-style ``forward(ctx, *args)``: with a separate
     ``setup_context``, ``Function.apply`` binds the arguments through

@@ -1,7 +1,7 @@
 """The C++ eager path (``addnorm/csrc/eager.cpp``): built once per machine, loaded on the
 first call that can use it.
 
-A small DyT or ScaleNorm call in Python costs more than its kernel (an
+A small DyT, ScaleNorm or RMSNorm call in Python costs more than its kernel (an
 ``autograd.Function`` alone ~3 µs); the extension runs the same numba kernels, through
 their C entry points (``cpu.c_entry_points``), behind a C++ autograd node.  It needs a
 C++ compiler and ninja, and it is built by ``addnorm build`` (``make install`` runs it)
@@ -90,7 +90,7 @@ def build(verbose: bool = False) -> Path:
     compiling = threading.Thread(target=compile_library, name="addnorm-build")
     compiling.start()  # the compiler runs in its own process while numba compiles here
     # numba compiles on one core: RMSNorm's 32 kernels in a second process beside the
-    # others' (2 cores: ~85 s where one process took ~125), both into numba's cache
+    # others' (2 cores: ~95 s where one process took ~125), both into numba's cache
     package_root = str(SOURCE.parent.parent.parent)  # this addnorm, wherever it was imported from
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     helper = subprocess.Popen([sys.executable, "-c", _COMPILE_ROWS], env=env)
