@@ -293,6 +293,20 @@ def test_turned_off_by_the_environment():
 
 
 @needs_cpp
+def test_a_cold_numba_cache_leaves_small_calls_on_the_python_path(tmp_path):
+    """Where numba's cache lacks the C entry points (another NUMBA_CACHE_DIR, an edit of
+    kernels/cpu.py), the first small call does not compile them all (~1.5 min): it says
+    so once and takes the Python path, which compiles only the kernel it runs."""
+    code = ("import torch, addnorm.functional as AF;"
+            "x = torch.randn(2, 8, requires_grad=True);"
+            "print(type(AF.rms_norm(x, 8).grad_fn).__name__, type(AF.dyt(x, torch.ones(1)).grad_fn).__name__)")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["row_norm_fwdBackward", "dyt_fwdBackward"]
+    assert out.stderr.count("`addnorm build` compiles them") == 1
+
+
+@needs_cpp
 def test_backward_under_a_dispatch_mode_is_made_of_torch_ops():
     """A dispatch mode watching the backward (FlopCounterMode, a tracer) sees torch ops,
     never a kernel reading memory behind its back: the reference's backward, called back."""

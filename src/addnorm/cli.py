@@ -80,9 +80,7 @@ def build_cpp(verbose: bool) -> int:
     from .kernels import cpp
 
     if cpp.built() is not None:
-        from .kernels import cpu
-
-        cpu.c_entry_points()  # the numba kernels it calls: loaded from numba's cache, or compiled anew
+        cpp.compile_kernels()  # the numba kernels it calls: in numba's cache, or compiled anew
         print(f"addnorm: the C++ eager path is built: {cpp.built()}")
         return 0
     print("addnorm: building the C++ eager path (the extension and the numba kernels it calls; "

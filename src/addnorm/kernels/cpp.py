@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,14 +90,7 @@ def build(verbose: bool = False) -> Path:
 
     compiling = threading.Thread(target=compile_library, name="addnorm-build")
     compiling.start()  # the compiler runs in its own process while numba compiles here
-    # numba compiles on one core: RMSNorm's 32 kernels in a second process beside the
-    # others' (2 cores: ~95 s where one process took ~125), both into numba's cache
-    package_root = str(SOURCE.parent.parent.parent)  # this addnorm, wherever it was imported from
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    helper = subprocess.Popen([sys.executable, "-c", _COMPILE_ROWS], env=env)
-    cpu.c_entry_points([name for name in cpu.C_SIGNATURES if name not in _ROWS])
-    helper.wait()
-    cpu.c_entry_points()  # all, now from the cache (compiled here where the helper failed)
+    compile_kernels()
     compiling.join()
     if failure:
         raise failure[0]
@@ -106,13 +100,28 @@ def build(verbose: bool = False) -> Path:
 _ROWS = ("rms_norm_forward",)
 _COMPILE_ROWS = f"from addnorm.kernels import cpu; cpu.c_entry_points({_ROWS!r})"
 
+
+def compile_kernels() -> None:
+    """The numba kernels the extension calls (``cpu.c_entry_points``), compiled into
+    numba's cache where they are not there.  numba compiles on one core: RMSNorm's 32
+    kernels in a second process beside the others' (2 cores, with g++ beside them:
+    ~95 s where one process took ~125)."""
+    from . import cpu
+
+    package_root = str(SOURCE.parent.parent.parent)  # this addnorm, wherever it was imported from
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    helper = subprocess.Popen([sys.executable, "-c", _COMPILE_ROWS], env=env)
+    cpu.c_entry_points([name for name in cpu.C_SIGNATURES if name not in _ROWS])
+    helper.wait()
+    cpu.c_entry_points()  # all, now from the cache (compiled here where the helper failed)
+
 _lock = threading.Lock()
 _module = None  # the loaded extension; False: none to load
 
 
 def module():
     """The extension with its kernels registered, loaded once; None where it is not
-    built or turned off."""
+    built, its numba kernels are not in numba's cache, or it is turned off."""
     global _module
     if _module is None:
         with _lock:
@@ -127,11 +136,19 @@ def _load():
         return None
     from . import cpu
 
+    addresses = cpu.c_entry_points(cached_only=True)
+    if addresses is None:
+        # numba's cache lacks them: after an edit of kernels/cpu.py, or with another
+        # NUMBA_CACHE_DIR than the build's; compiling them here would stall a call ~1.5 min
+        warnings.warn("addnorm: the C++ eager path's numba kernels are not in numba's cache (after an "
+                      "edit of kernels/cpu.py, or with another NUMBA_CACHE_DIR): small calls take the "
+                      "Python path; `addnorm build` compiles them (~1.5 min)", RuntimeWarning, stacklevel=2)
+        return None
     spec = importlib.util.spec_from_file_location(NAME, path)
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     lanes = [cpu._torch_lanes(t) or 0 for t in (torch.float32, torch.float64)]  # 0: the kernel's own order
-    ext.register_kernels(cpu.c_entry_points(), cpu.C_SERIAL_BELOW, cpu._ROW_BLOCK, *lanes)
+    ext.register_kernels(addresses, cpu.C_SERIAL_BELOW, cpu._ROW_BLOCK, *lanes)
     return ext
 
 

@@ -2288,14 +2288,27 @@ C_SIGNATURES = {  # what eager.cpp declares for each
 }
 
 
-def c_entry_points(names=None) -> dict[str, int]:
+def c_entry_points(names=None, cached_only: bool = False) -> dict[str, int] | None:
     """The C entry points' addresses by name (``names``, or all), compiled (or loaded from
-    numba's cache).  Their code can reach a parallel loop (``_sum_chunks``'s, not taken
-    at their sizes), which links against numba's threading layer: launched first, as
-    loading a cached dispatcher with such a loop does (a cfunc loaded from the cache has
-    no hook for it: "Symbol not found: allocate_sched")."""
+    numba's cache); with ``cached_only``, None unless every one is in numba's cache (they
+    take ~1.5 min to compile: ``addnorm build``'s work, never a first call's).  Their code
+    can reach a parallel loop (``_sum_chunks``'s, not taken at their sizes), which links
+    against numba's threading layer: launched first, as loading a cached dispatcher with
+    such a loop does (a cfunc loaded from the cache has no hook for it: "Symbol not
+    found: allocate_sched")."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
     numba.np.ufunc.parallel._launch_threads()
-    return {
-        name: numba.cfunc(C_SIGNATURES[name], cache=True, nogil=True)(globals()[name + "_c"]).address
-        for name in (C_SIGNATURES if names is None else names)
-    }
+    functions = {}
+    for name in C_SIGNATURES if names is None else names:
+        # numba.cfunc(signature, cache=True, nogil=True), with a look into the cache first
+        f = CFunc(globals()[name + "_c"], sigutils.normalize_signature(C_SIGNATURES[name]), locals={},
+                  options={"nogil": True})
+        f.enable_caching()
+        if cached_only and f._cache.load_overload(f._sig, f._targetdescr.target_context) is None:
+            return None
+        functions[name] = f
+    for f in functions.values():
+        f.compile()  # from the cache, or compiled
+    return {name: f.address for name, f in functions.items()}
