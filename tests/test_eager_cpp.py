@@ -232,6 +232,39 @@ def test_batched_gradient_and_transforms(name):
 
 
 @needs_cpp
+def test_checkpointing_and_saved_tensor_hooks():
+    """Activation checkpointing (both kinds) and saved-tensor hooks (offloading) see the
+    C++ nodes' saved tensors as they see any node's, and give the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, p, w, _ = _inputs((4, 64), torch.float32, 9)
+    lin = torch.nn.Linear(64, 64)
+    leaves = [x.requires_grad_(), p.requires_grad_(), w.requires_grad_()]
+
+    def block(t):
+        return AF.dyt(AF.rms_norm(lin(t), 64, w), p, w) * 2
+
+    def grads(run):
+        for t in leaves:
+            t.grad = None
+        run().sum().backward()
+        return [t.grad.clone() for t in leaves]
+
+    assert _node(AF.rms_norm(x, 64, w)) == "CppFunction"
+    expected = grads(lambda: block(x))
+    for reentrant in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(grads(lambda: checkpoint(block, x, use_reentrant=reentrant)),
+                                                     expected))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t.clone(), lambda t: t):
+        y = AF.rms_norm(x, 64, w)
+    assert packed == [(4, 64), (64,), (4,)]  # x, the weight, rstd
+    with torch.autograd.graph.save_on_cpu():
+        got = grads(lambda: block(x))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@needs_cpp
 def test_inplace_change_of_a_saved_input_is_caught():
     x, p, w, b = _inputs((2, 8), torch.float32, 4)
     xl = x.clone().requires_grad_()
@@ -259,15 +292,16 @@ def test_backward_twice_needs_retain_graph():
 
 
 @needs_cpp
-def test_threads_and_forked_children():
+@pytest.mark.parametrize("name", ["dyt", "add_rms_norm"])
+def test_threads_and_forked_children(name):
     """Python threads at once, and a child forked after the path was loaded, compute what
     the parent computes."""
-    x, p, w, b = _inputs((16, 64), torch.float32, 6)
-    expected = _run("dyt", (x, p, w, b))[1]
+    x, p, w, b = _inputs((16, 64), torch.float32, 6, residual=name in RESIDUAL)
+    expected = _run(name, (x, p, w, b))[1]
     results = [None] * 4
 
     def work(i):
-        results[i] = _run("dyt", (x, p, w, b))[1]
+        results[i] = _run(name, (x, p, w, b))[1]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
@@ -275,12 +309,12 @@ def test_threads_and_forked_children():
     for t in threads:
         t.join()
     for r in results:
-        assert all(torch.equal(a, e) for a, e in zip(r, expected))
+        _same_bits(r, expected)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
-        node, child = pool.apply(_run, ("dyt", (x, p, w, b)))
+        node, child = pool.apply(_run, (name, (x, p, w, b)))
     assert node == "CppFunction"
-    assert all(torch.equal(a, e) for a, e in zip(child, expected))
+    _same_bits(child, expected)
 
 
 def test_turned_off_by_the_environment():
