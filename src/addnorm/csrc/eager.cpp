@@ -274,7 +274,8 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 
   // ops._row_norm_gradients, in Python: the kernel, or the reference's torch ops where the
-  // backward must be differentiable (see needs_math)
+  // backward must be differentiable (its _differentiable_backward decides, as needs_math
+  // does for the other nodes)
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const Tensor &source = saved[0], &w = saved[1], &rstd = saved[2];
@@ -325,6 +326,7 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t r
 }
 
 void register_math(const py::object& dyt_math, const py::object& scale_norm_math, const py::object& row_norm_math) {
+  if (dyt_backward_math != nullptr) return;  // once: each op's first call registers them
   // leaked on purpose: a backward may run while the interpreter shuts down
   dyt_backward_math = new py::object(dyt_math);
   scale_norm_backward_math = new py::object(scale_norm_math);
