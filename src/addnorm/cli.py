@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="addnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends, CPU features, GPU if any")
-    build = sub.add_parser("build", help="compile the C++ eager path of small DyT/ScaleNorm calls "
+    build = sub.add_parser("build", help="compile the C++ eager path of small DyT, ScaleNorm and RMSNorm calls "
                            "(a C++ compiler and ninja; ~1-2 min once, then nothing)")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     bench = sub.add_parser("bench", help="addnorm vs torch eager vs torch.compile, same process")

@@ -242,7 +242,8 @@ class _Entry:
 
 def _eager_cpp():
     """The C++ eager path's module (``kernels/cpp.py``), with the differentiable
-    backwards it calls back registered; None where it is not built or turned off."""
+    backwards it calls back registered; None where it is not built, its numba kernels
+    are not in numba's cache, or it is turned off."""
     from .kernels import cpp
 
     ext = cpp.module()

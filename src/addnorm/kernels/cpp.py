@@ -115,6 +115,7 @@ def compile_kernels() -> None:
     helper.wait()
     cpu.c_entry_points()  # all, now from the cache (compiled here where the helper failed)
 
+
 _lock = threading.Lock()
 _module = None  # the loaded extension; False: none to load
 

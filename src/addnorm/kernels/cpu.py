@@ -2134,13 +2134,13 @@ def scale_norm_backward(dy, x, weight, rnorm, eps):
 
 # ---------------------------------------------------------------------------
 # C entry points: the serial kernels of DyT, ScaleNorm and RMSNorm's forward as C
-# functions (numba cfuncs),
-# which the C++ eager path (``addnorm/csrc/eager.cpp``, loaded by ``kernels/cpp.py``)
-# calls by address, with no Python between the call and the kernel.  One function per op
-# and pass serves x of every dtype (its code: ``C_DTYPES``) with parameters of x's dtype,
-# an absent one a null address: numba compiles each combination into it (the by-address
-# entries above with constant tokens, pruned as there).  Compiled on first use
-# (``c_entry_points``), then loaded from numba's cache like every kernel here.
+# functions (numba cfuncs), which the C++ eager path (``addnorm/csrc/eager.cpp``, loaded
+# by ``kernels/cpp.py``) calls by address, with no Python between the call and the
+# kernel.  One function per op and pass serves x of every dtype (its code: ``C_DTYPES``)
+# with parameters of x's dtype, an absent one a null address: numba compiles each
+# combination into it (the by-address entries above with constant tokens, pruned as
+# there).  Compiled by ``addnorm build`` (``c_entry_points``), then loaded from numba's
+# cache like every kernel here.
 # ---------------------------------------------------------------------------
 
 C_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # dtype code = index
