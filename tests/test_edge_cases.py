@@ -167,6 +167,43 @@ def test_nan_and_inf_stay_in_their_row(backend, kind, dtype):
     assert ours[1].isnan().all()
 
 
+CHANNEL_NORMS = {
+    "group_norm": lambda f, x, w, b: f.group_norm(x, 4, w, b),
+    "batch_norm_train": lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True),
+    "batch_norm_eval": lambda f, x, w, b: f.batch_norm(x, w.new_zeros(8), w.new_ones(8), w, b, False),
+    "instance_norm": lambda f, x, w, b: f.instance_norm(x, None, None, w, b),
+}
+
+
+@pytest.mark.parametrize("kind", CHANNEL_NORMS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_stay_where_torch_puts_them_in_channel_norms(backend, kind, layout, dtype):
+    """A NaN or an Inf in x, a NaN weight and a bias that a half dtype rounds to Inf: ours
+    is NaN, Inf and finite where torch's is, and close to it elsewhere.  The NaN weight is
+    a float32 one with the bits 0x7FFFFFFF, which a bfloat16 rounding without its NaN case
+    carries into -0 (the channels-last kernels round without it where the map's
+    coefficients, from x's own statistics, are finite)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 4, 4, generator=g)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 5, 0, 0] = float("inf")
+    x = x.to(dtype).contiguous(memory_format=layout)
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    w[6] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    b[7] = 3.397e38  # above bfloat16's largest value and the next one's midpoint: Inf
+    w, b = w.to(pdt), b.to(pdt)
+    ours, theirs = CHANNEL_NORMS[kind](AF, x, w, b), CHANNEL_NORMS[kind](F, x, w, b)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.isinf(), theirs.isinf()) and torch.equal(ours.sign(), theirs.sign())
+    assert ours[:, 6].isnan().all()
+    assert ours[:, 7].isinf().any() == (dtype in (torch.float16, torch.bfloat16))
+    finite = theirs.isfinite()
+    assert finite.any()
+    torch.testing.assert_close(ours[finite].double(), theirs[finite].double(), rtol=2e-2, atol=2e-2)
+
+
 def test_nan_in_add_norm_residual(backend):
     x, r = torch.randn(3, 8), torch.randn(3, 8)
     r[0, 0] = float("nan")

@@ -327,7 +327,12 @@ def _inlined(x: Tensor) -> bool:
 # autograd records the graph: at 2^13 forward+backward 0.9x, at 2^14 1.1x-2.7x in every
 # pass), ours runs both passes below 1024 spatial
 # positions ("group_norm_ours"); above, torch's forward with our backward where autograd
-# records the graph ("group_norm_torch_forward"), and torch's kernel where it does not.
+# records the graph ("group_norm_torch_forward"), and torch's kernel where it does not;
+# but float16/bfloat16 recording a graph run ours at every spatial size: there our forward
+# kernel (half outputs as x * scale + shift, bfloat16 stores without the NaN select where
+# the statistics are finite) is 1.0x-1.5x torch's at 1024-16384 spatial positions (2-32
+# samples; 0.94x-1.0x at 4x320x64x64, where both stream from memory), and the path skips
+# the float32 parameter copies torch's forward is given (``ops._group_norm_fwd_aten``).
 # From 8M elements ours runs, but one sample (a VAE decoder's 1x128x512x512) keeps torch's
 # forward, where ours runs 0.6x-1.0x, and torch's backward but where it is slow as above
 # ("group_norm_torch").  Everything else below 8M elements (contiguous inputs, float64)
@@ -415,7 +420,9 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
         return "group_norm_torch_forward" if recorded and half and d % 16 else "group_norm_torch"
     spatial = positions // num_groups // n
     if recorded:
-        if half or positions >= 1 << 14:
+        if half:
+            return "group_norm_ours"
+        if positions >= 1 << 14:
             return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
         return "group_norm"
     return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm"
