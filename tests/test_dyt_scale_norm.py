@@ -103,3 +103,27 @@ def test_scale_norm(backend, d, dtype, tiny, seed):
         scale = 1e5 * 4 if tiny else None  # rnorm up to 1/eps amplifies rounding
         assert_close(o, t, r, dtype, what=name, floor_ulps=4.0 * (6 * d if name == "dweight" else 1),
                      scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_norm_puts_nan_where_torch_does(backend, dtype):
+    """A NaN in a row makes the row NaN, an Inf its own place (the others times 1 / Inf),
+    as torch's ops do; a NaN g every value, also a float32 g with the bits 0x7FFFFFFF,
+    which a bfloat16 rounding without its NaN case carries into -0 (the stores skip that
+    case only in rows whose norm, and g, are finite)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, generator=g).to(dtype)  # 300: several vectors and a tail
+    x[1, 7] = float("nan")
+    x[2, 250] = float("inf")
+    w = torch.tensor([1.5], dtype=dtype)
+    acc = R.acc_dtype(dtype)
+    nan_g = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32).to(acc)
+    for weight in (w, nan_g):
+        y = AF.scale_norm(x, weight)
+        expected = (x.to(acc) * (weight.to(acc) / x.to(acc).norm(dim=-1, keepdim=True).clamp_min(1e-5))).to(dtype)
+        assert torch.equal(y.isnan(), expected.isnan())
+        if weight is w:
+            assert y[1].isnan().all() and y[2, 250].isnan() and not y[2, :250].isnan().any()
+            assert torch.isfinite(y[[0, 3]]).all()
+        else:
+            assert y.isnan().all()

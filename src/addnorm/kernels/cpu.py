@@ -13,7 +13,9 @@ How the kernels are built:
   arithmetic in either): ``ld`` widens them to float32 exactly, ``st`` rounds to
   nearest-even on the way out, bit-equal to torch's own conversions (NaN included).
   bfloat16 in integer selects that keep the loops vectorized; float16 by LLVM's own
-  ``half`` conversions, which the CPU does in vector registers (F16C on x86).
+  ``half`` conversions, which the CPU does in vector registers (F16C on x86).  Where no
+  value can be NaN (statistics of x that are finite: x holds no NaN or Inf), the
+  stores are ``st_number``, without bfloat16's NaN select (~1/4 of a store loop).
 * Every reduction is blocked: a block of values (``_BLOCK`` along a contiguous run,
   ``_CL_BLOCK`` channels-last rows) is summed in the accumulation type, in vector lanes,
   and the block sums are added in float64, so the error does not grow with the length
@@ -1730,7 +1732,8 @@ def _total_into(part, out):
 def _scale_norm_fwd_rows(x, w, y, rnorm, eps, lo, hi):
     """Rows lo..hi-1 on the calling thread (as ``_dyt_fwd_rows``): rnorm[i] = 1 /
     max(||x_i||, eps) in the accumulation type, the squares summed as the row norms'
-    (``_run_sums``); y = x * rnorm * g, rounded once."""
+    (``_run_sums``); y = x * rnorm * g, rounded once.  A finite norm holds no NaN or
+    Inf, so with a finite g no y is NaN: the stores skip bfloat16's NaN select."""
     g, eps_, zero = ld(w, 0), acc(x, eps), acc(x, 0.0)
     for i in range(lo, hi):
         xr, yr = x[i], y[i]
@@ -1738,8 +1741,12 @@ def _scale_norm_fwd_rows(x, w, y, rnorm, eps, lo, hi):
         r = acc(x, 1.0) / (eps_ if norm < eps_ else norm)  # (not max(): a NaN norm stays NaN)
         if rnorm is not None:  # (None: not wanted, where no gradient is recorded)
             rnorm[i] = r
-        for j in range(xr.shape[0]):
-            st(yr, j, ld(xr, j) * r * g)
+        if np.isfinite(norm) and np.isfinite(g):
+            for j in range(xr.shape[0]):
+                st_number(yr, j, ld(xr, j) * r * g)
+        else:
+            for j in range(xr.shape[0]):
+                st(yr, j, ld(xr, j) * r * g)
 
 
 @njit(**_JIT)
