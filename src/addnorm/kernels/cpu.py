@@ -1730,23 +1730,57 @@ def _total_into(part, out):
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _scale_norm_fwd_rows(x, w, y, rnorm, eps, lo, hi):
-    """Rows lo..hi-1 on the calling thread (as ``_dyt_fwd_rows``): rnorm[i] = 1 /
-    max(||x_i||, eps) in the accumulation type, the squares summed as the row norms'
-    (``_run_sums``); y = x * rnorm * g, rounded once.  A finite norm holds no NaN or
-    Inf, so with a finite g no y is NaN: the stores skip bfloat16's NaN select."""
+    """Rows lo..hi-1 on the calling thread (as ``_dyt_fwd_rows``): each row's rnorm =
+    1 / max(||x_i||, eps) in the accumulation type, the squares summed as the row norms'
+    (``_run_sums``), then y = x * (rnorm * g), rounded once.  Narrow float16/bfloat16
+    rows go in chunks, as the row norms' (``_chunk_rows``): the chunk's norms, then its
+    rows scaled in one call (bfloat16 65536x64 659 -> 494 µs, 4096x256 117 -> 89); float32
+    and wide rows one by one (float32 65536x64 470 against 584 chunked)."""
     g, eps_, zero = ld(w, 0), acc(x, eps), acc(x, 0.0)
+    per = max(1, min(hi - lo, _chunk_rows(x))) if narrow(x) else 1
+    if per == 1:
+        for i in range(lo, hi):
+            s, numbers = _row_scale(x[i], g, eps_, zero, rnorm, i)
+            _scale_row(x[i], y[i], s, numbers)
+        return
+    scale = scratch(x, per)
+    numbers = np.empty(per, dtype=np.bool_)
+    for c0 in range(lo, hi, per):
+        c1 = min(hi, c0 + per)
+        for i in range(c0, c1):
+            scale[i - c0], numbers[i - c0] = _row_scale(x[i], g, eps_, zero, rnorm, i)
+        _scaled_rows(x, y, scale, numbers, c0, c1)
+
+
+@njit(inline="always")
+def _row_scale(xr, g, eps_, zero, rnorm, i):
+    """(rnorm * g, whether no y of the row can be NaN) of ScaleNorm's row xr, with rnorm[i]
+    = rnorm stored where wanted.  A finite norm holds no NaN or Inf, so with a finite g no
+    y is NaN: the row's stores may skip bfloat16's NaN select."""
+    norm = acc(xr, np.sqrt(_run_sums(xr, zero, True)[1]))
+    r = acc(xr, 1.0) / (eps_ if norm < eps_ else norm)  # (not max(): a NaN norm stays NaN)
+    if rnorm is not None:  # (None: not wanted, where no gradient is recorded)
+        rnorm[i] = r
+    return r * g, np.isfinite(norm) and np.isfinite(g)
+
+
+@njit(inline="always")
+def _scale_row(xr, yr, s, numbers):
+    """yr = xr * s, rounded once; ``numbers``: no value is NaN (``_row_scale``)."""
+    if numbers:
+        for j in range(xr.shape[0]):
+            st_number(yr, j, ld(xr, j) * s)
+    else:
+        for j in range(xr.shape[0]):
+            st(yr, j, ld(xr, j) * s)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _scaled_rows(x, y, scale, numbers, lo, hi):
+    """``_scale_row`` on rows lo..hi-1, scale[i - lo] and numbers[i - lo] each: a chunk of
+    narrow rows in one call."""
     for i in range(lo, hi):
-        xr, yr = x[i], y[i]
-        norm = acc(x, np.sqrt(_run_sums(xr, zero, True)[1]))
-        r = acc(x, 1.0) / (eps_ if norm < eps_ else norm)  # (not max(): a NaN norm stays NaN)
-        if rnorm is not None:  # (None: not wanted, where no gradient is recorded)
-            rnorm[i] = r
-        if np.isfinite(norm) and np.isfinite(g):
-            for j in range(xr.shape[0]):
-                st_number(yr, j, ld(xr, j) * r * g)
-        else:
-            for j in range(xr.shape[0]):
-                st(yr, j, ld(xr, j) * r * g)
+        _scale_row(x[i], y[i], scale[i - lo], numbers[i - lo])
 
 
 @njit(**_JIT)
