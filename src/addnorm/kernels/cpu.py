@@ -251,14 +251,19 @@ def _ld(a, i):
     return lambda a, i: a[i]
 
 
+def _bfloat16_store(bits):
+    """The store of a float32 value as the bfloat16 ``bits`` (an intrinsic) round it."""
+
+    def store_bfloat16(a, i, v):
+        a[i] = np.uint16(bits(np.float32(v)))
+
+    return store_bfloat16
+
+
 @overload(st, inline="always")
 def _st(a, i, v):
     if a.dtype == types.uint16:
-
-        def store_bfloat16(a, i, v):
-            a[i] = np.uint16(_bfloat16_bits(np.float32(v)))
-
-        return store_bfloat16
+        return _bfloat16_store(_bfloat16_bits)
     if a.dtype == types.int16:
 
         def store_float16(a, i, v):
@@ -275,11 +280,7 @@ def _st(a, i, v):
 @overload(st_number, inline="always")
 def _st_number(a, i, v):
     if a.dtype == types.uint16:
-
-        def store_bfloat16(a, i, v):
-            a[i] = np.uint16(_bfloat16_number_bits(np.float32(v)))
-
-        return store_bfloat16
+        return _bfloat16_store(_bfloat16_number_bits)
     return lambda a, i, v: st(a, i, v)
 
 
