@@ -28,7 +28,7 @@ demo: build
 	@echo "open lab-out/report.html in a browser; claims.json, runs.jsonl and the plots lie beside it"
 
 test: build
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 bench: build
 	$(VENV)/bin/addnorm bench --out bench-out

@@ -13,6 +13,11 @@ from conftest import DTYPES
 from helpers import R, as64, assert_close, grads, leaf, rstd_scale
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The GroupNorm kernels (InstanceNorm runs them too) compile on their first calls, ~1 min
+# cold for the dtypes and layouts below: these tests run on one pytest-xdist worker
+# (``make test``: --dist loadgroup), so that the other does not compile the same kernels
+# beside it.
+gn_kernels = pytest.mark.xdist_group("group_norm_kernels")
 
 
 @st.composite
@@ -74,6 +79,7 @@ def _check(case, ours_fn, torch_fn, ref_fn, x, *params, stat_view=None):
         assert_close(a, t, r, dt, what=name, floor_ulps=ulps, scale=amplified)
 
 
+@gn_kernels
 @fixture_ok
 @given(case=channel_cases())
 def test_group_norm(backend, case):
@@ -86,6 +92,7 @@ def test_group_norm(backend, case):
            stat_view=lambda x: x.reshape(x.shape[0], G, -1))
 
 
+@gn_kernels
 @fixture_ok
 @given(case=channel_cases(), threads=st.integers(2, 5))
 def test_group_norm_split_over_threads(monkeypatch, case, threads):
@@ -125,6 +132,7 @@ def test_batch_norm(backend, case, training):
         assert_close(ours, theirs, ref, case["dtype"], what="running stat", floor_ulps=4)
 
 
+@gn_kernels
 @fixture_ok
 @given(case=channel_cases(), use_input_stats=st.booleans(), track=st.booleans())
 def test_instance_norm(backend, case, use_input_stats, track):
