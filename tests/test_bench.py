@@ -71,7 +71,11 @@ class _AtenCalls(list):
         return self._mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("index", range(len(M.cases(quick=True))))
+@pytest.mark.parametrize("index", [
+    # the UNet's cases compile the GroupNorm kernels: on the worker of the other tests that do
+    pytest.param(i, marks=pytest.mark.xdist_group("group_norm_kernels") if case[0] == "unet" else ())
+    for i, case in enumerate(M.cases(quick=True))
+])
 def test_model_benchmark_compares_equal_models(index):
     """Both sides of each whole-model case have the same parameters and compute the same
     function (the norms' rounding aside)."""
