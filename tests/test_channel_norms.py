@@ -18,6 +18,7 @@ fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 # (``make test``: --dist loadgroup), so that the other does not compile the same kernels
 # beside it.
 gn_kernels = pytest.mark.xdist_group("group_norm_kernels")
+bn_kernels = pytest.mark.xdist_group("batch_norm_kernels")  # the same for BatchNorm's
 
 
 @st.composite
@@ -110,6 +111,7 @@ def test_group_norm_split_over_threads(monkeypatch, case, threads):
         test_group_norm.hypothesis.inner_test(None, case)
 
 
+@bn_kernels
 @fixture_ok
 @given(case=channel_cases(), training=st.booleans())
 def test_batch_norm(backend, case, training):

@@ -93,6 +93,7 @@ def _run(name, inputs, dy_seed=1, wanted=(True, True, True, True)):
 
 
 @needs_cpp
+@pytest.mark.xdist_group("row_norm_kernels")  # one xdist worker compiles them (as test_row_norms)
 @settings(max_examples=100)
 @given(
     name=st.sampled_from(sorted(OPS)),

@@ -175,7 +175,10 @@ CHANNEL_NORMS = {
 }
 
 
-@pytest.mark.parametrize("kind", CHANNEL_NORMS)
+@pytest.mark.parametrize("kind", [  # on the xdist worker that compiles the same kernels
+    pytest.param(k, marks=pytest.mark.xdist_group("batch_norm_kernels" if k.startswith("batch") else "group_norm_kernels"))
+    for k in CHANNEL_NORMS
+])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_stay_where_torch_puts_them_in_channel_norms(backend, kind, layout, dtype):

@@ -90,6 +90,7 @@ def _ours(case, x, res, w, b, fn_module=AF):
     return fn_module.add_layer_norm(x, res, n, w, b, eps)
 
 
+@pytest.mark.xdist_group("row_norm_kernels")  # one xdist worker compiles them (as test_eager_cpp)
 @fixture_ok
 @given(case=row_norm_cases())
 def test_row_norm_forward_and_backward(backend, case):
