@@ -1343,15 +1343,16 @@ def _group_norm_cl_fwd_split(x, w, b, y, mean_out, var_out, coef, part, groups, 
     for t in prange(n * chunks):
         i, k, lo, hi = _sample_chunk(t, chunks, length)
         _column_moments(x[i], lo, hi, part[i, k, 0], part[i, k, 1])
+    numbers = np.empty(n, dtype=np.bool_)  # per sample, once: not in each of its chunks
     for i in range(n):
         mean, m2 = _merged_chunks(part[i], length)
         _cl_group_affine(x, mean, m2, length, w, b, mean_out[i], var_out[i], coef[i, 0], coef[i, 1], coef[i, 2],
                          groups, eps_)
+        numbers[i] = _finite_map(coef[i, 1], coef[i, 2])
     for t in prange(n * chunks):
         i, _, lo, hi = _sample_chunk(t, chunks, length)
-        numbers = _finite_map(coef[i, 1], coef[i, 2])
         for l in range(lo, hi):
-            _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2], numbers)
+            _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2], numbers[i])
 
 
 @njit(inline="always")
