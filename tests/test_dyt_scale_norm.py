@@ -50,6 +50,31 @@ def test_dyt(backend, batch, d, dtype, affine, alpha, spread, seed):
         assert_close(o, t, r, dtype, what=name, floor_ulps=ulps, scale=abs(alpha) * 4)
 
 
+@pytest.mark.parametrize("dtype, affine", [(torch.float32, True), (torch.bfloat16, False)])
+@fixture_ok
+@given(rows=st.integers(1, 70), d=st.integers(1, 300), threads=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_dyt_backward_split_over_columns_gives_the_serial_bits(monkeypatch, dtype, affine, rows, d, threads, seed):
+    """numba's DyT backward across threads runs a task per block of rows and, where
+    there are fewer blocks than threads (a few wide rows), per range of its columns:
+    every sum still runs over its block's rows in order, so each gradient has the bits
+    of the one-thread kernel, which ``test_dyt`` holds to the reference and torch."""
+    from addnorm.kernels import cpu
+
+    g = torch.Generator().manual_seed(seed)
+    x, dy = (torch.randn(rows, d, generator=g, dtype=torch.float64).mul(2).to(dtype) for _ in range(2))
+    a = torch.tensor([0.7], dtype=dtype)
+    w, b = (torch.randn(d, generator=g, dtype=torch.float64).to(dtype) if affine else None for _ in range(2))
+    serial = cpu.dyt_backward(dy, x, a, w, b)
+    monkeypatch.setattr(cpu, "_ONE_THREAD_BELOW", 0)
+    monkeypatch.setattr(cpu, "_threads", lambda work: threads)
+    split = cpu.dyt_backward(dy, x, a, w, b)
+    for name, s, p in zip(("dx", "dalpha", "dweight", "dbias"), serial, split):
+        assert (s is None) == (p is None), name
+        if s is not None:
+            assert torch.equal(s.view(torch.int16 if dtype is torch.bfloat16 else torch.int32),
+                               p.view(torch.int16 if dtype is torch.bfloat16 else torch.int32)), name
+
+
 def test_dyt_saturates_and_propagates_nan(backend):
     x = torch.tensor([[0.0, -0.0, 1e-30, 50.0, -50.0, float("inf"), float("-inf"), float("nan")]])
     y = AF.dyt(x, torch.tensor([1.0]))

@@ -1647,18 +1647,21 @@ def _dyt_fwd(x, alpha, w, b, y):
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k0, k1):
-    """dx on the rows of blocks k0..k1-1 of ``_ROW_BLOCK`` rows, and each block k's sums
-    (in the accumulation type, added in float64 and in order by ``_sum_chunks``):
-    part[0, k] of dy * t (dw), part[1, k] of dy (db), part[2, k] of dy * w * x * (1 - t^2)
-    (dalpha); on the calling thread."""
-    n, d = x.shape
+def _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k0, k1, j0, j1):
+    """dx on columns j0..j1-1 of the rows of blocks k0..k1-1 of ``_ROW_BLOCK`` rows, and
+    there each block k's sums (in the accumulation type, added in float64 and in order
+    by ``_sum_chunks``): part[0, k] of dy * t (dw), part[1, k] of dy (db), part[2, k] of
+    dy * w * x * (1 - t^2) (dalpha); on the calling thread.  Each sum runs over its
+    block's rows in order, whatever the columns: the same bits from any split."""
+    n = x.shape[0]
     a = ld(alpha, 0)
     for k in range(k0, k1):
-        part[:, k] = 0.0
+        part[:, k, j0:j1] = 0.0
         for i in range(k * _ROW_BLOCK, min(n, (k + 1) * _ROW_BLOCK)):
             xr, dyr, dxr = x[i], dy[i], dx[i]
-            for j in range(d):
+            # unsigned: numba then leaves out the negative-index wraparound, which kept
+            # the loop from vectorizing (6x slower) where it cannot see j >= 0
+            for j in range(np.uintp(j0), np.uintp(j1)):
                 xv = ld(xr, j)
                 t = tanh(x, a * xv)
                 g = ld(dyr, j)
@@ -1671,10 +1674,14 @@ def _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k0, k1):
 
 
 @njit(**_JIT)
-def _dyt_bwd(dy, x, alpha, w, dx, part):
-    """``_dyt_bwd_blocks``, a block per task across threads."""
-    for k in prange(part.shape[1]):
-        _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k, k + 1)
+def _dyt_bwd(dy, x, alpha, w, dx, part, columns):
+    """``_dyt_bwd_blocks`` across threads, a task per block and each of its ``columns``
+    ranges of columns (more than one where there are fewer blocks than threads: a few
+    wide rows, 8 x 16384, were one task on one thread)."""
+    d = x.shape[1]
+    for t in prange(part.shape[1] * columns):
+        k, c = t // columns, t % columns
+        _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k, k + 1, c * d // columns, (c + 1) * d // columns)
 
 
 @njit(cache=True, nogil=True)
@@ -1696,13 +1703,14 @@ def _dyt_bwd_at(n, d, blocks, dy, ty, x, tx, alpha, ta, w, tw, dx, part, tp, dal
     blocks, d) of ``tp``'s (the accumulation type); then the gradients from its sums,
     in float64 in a fixed order: dw (d,) of ``tw``'s dtype and db (d,) of ``tb``'s
     (``_sum_chunks``; None: not wanted), dalpha (1,) of ``ta``'s (``_total_into``).
-    ``threaded`` as ``_dyt_fwd_at``'s."""
+    ``threaded`` None: on the calling thread; else across threads in that many column
+    ranges per block (``_dyt_bwd``)."""
     sums = at(part, tp, (3, blocks, d))
     arrays = (at(dy, ty, (n, d)), at(x, tx, (n, d)), at(alpha, ta, (1,)), at(w, tw, (d,)), at(dx, tx, (n, d)), sums)
     if threaded is None:
-        _dyt_bwd_blocks(*arrays, 0, blocks)
+        _dyt_bwd_blocks(*arrays, 0, blocks, 0, d)
     else:
-        _dyt_bwd(*arrays)
+        _dyt_bwd(*arrays, threaded)
     if dw is not None:  # (numba prunes a branch on an argument's None, not on a local's)
         _sum_chunks(sums[0], at(dw, tw, (d,)))
     if db is not None:
@@ -2205,10 +2213,12 @@ def dyt_forward(x, alpha, weight, bias):
 def dyt_backward(dy, x, alpha, weight, bias):
     xk, dyk = x.contiguous(), dy.contiguous()
     n, d = xk.shape
-    serial = n * d < _ONE_THREAD_BELOW or _threads(n * d) == 1
+    threads = 1 if n * d < _ONE_THREAD_BELOW else _threads(n * d)
+    serial = threads == 1
     acc = acc_dtype(xk.dtype)
     dx = torch.empty_like(xk) if serial else _empty_like(xk)
     blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK  # (``_row_blocks`` without numba's dispatch)
+    columns = -(-threads // max(1, blocks))  # column ranges per block: a task for every thread
     part = torch.empty(3, blocks, d, dtype=acc)
     # the gradients, written by the kernel (each a Python indexing of part costs ~1 µs)
     dalpha = torch.empty_like(alpha)
@@ -2221,7 +2231,7 @@ def dyt_backward(dy, x, alpha, weight, bias):
                 _TOKENS[alpha.dtype], None if w is None else w.data_ptr(), tw, dx.data_ptr(), part.data_ptr(),
                 _TOKENS[acc], dalpha.data_ptr(), None if dw is None else dw.data_ptr(),
                 None if db is None else db.data_ptr(), tx if db is None else _TOKENS[db.dtype],
-                None if serial else True)
+                None if serial else columns)
     return dx, dalpha, dw, db
 
 
