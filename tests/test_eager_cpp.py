@@ -120,15 +120,20 @@ def test_same_bits_as_the_python_path(name, rows, d, dtype, seed):
 @needs_cpp
 @pytest.mark.parametrize("name", ["dyt", "scale_norm"])
 def test_which_calls_it_serves(name):
-    from addnorm.kernels import cpu
+    from addnorm.kernels import _torch_threads, cpu
 
     x, p, w, b = _inputs((4, 64), torch.float32, 0)
     leaf = x.clone().requires_grad_()
     with addnorm.backend("numba"):
         assert _node(OPS[name](leaf, p, w, b)) == "CppFunction"
-        # turned down, to the Python path: work worth threads, mixed dtypes
+        # DyT's work worth threads: turned down, to the Python path; ScaleNorm's rows go
+        # to torch's threads here (where torch runs on OpenMP), below 32 MB
         big = torch.randn(cpu.C_SERIAL_BELOW // 64, 64, requires_grad=True)
-        assert _node(OPS[name](big, p, w, b)) != "CppFunction"
+        served = name == "scale_norm" and _torch_threads.openmp_runtime() is not None
+        assert (_node(OPS[name](big, p, w, b)) == "CppFunction") == served
+        huge = torch.empty(cpu._FRESH_MMAP_BYTES // 4 // 64, 64).requires_grad_()
+        assert _node(OPS[name](huge, p, w, b)) != "CppFunction"
+        # mixed dtypes: turned down
         half = leaf.detach().bfloat16().requires_grad_()  # float32 parameters beside it
         assert _node(OPS[name](half, p, w, b)) != "CppFunction"
     with addnorm.backend("torch"):  # another backend: not ours to serve
@@ -136,6 +141,55 @@ def test_which_calls_it_serves(name):
     with torch.no_grad():
         y = OPS[name](leaf, p, w, b)
     assert y.grad_fn is None and not y.requires_grad
+
+
+_FORK_CASE: dict = {}  # what a forked child of ``test_scale_norm_across_threads...`` reads
+
+
+def _scale_norm_in_forked_child():
+    """In a child forked after torch's threads ran: ScaleNorm forward and backward of the
+    parent's tensors (no torch op here that would share out work: GNU OpenMP cannot
+    start a team in a forked child, torch's own ops hang there), compared in numpy.
+    -> (the node's name, whether y, dx and dg have the parent's bits)."""
+    import numpy as np
+
+    c = _FORK_CASE
+    y = AF.scale_norm(c["x"], c["g"])
+    dx, dg = torch.autograd.grad(y, (c["x"], c["g"]), c["dy"])
+    same = [np.array_equal(a.detach().numpy(), b.numpy()) for a, b in zip((y, dx, dg), c["expected"])]
+    return _node(y), same
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(8, 16384), (3, 30000), (5100, 13), (1, 70000)])
+def test_scale_norm_across_threads_gives_the_python_paths_bits(shape):
+    """ScaleNorm from ``C_SERIAL_BELOW`` elements on: its rows shared out to torch's
+    OpenMP threads by the extension (fewer rows than threads, rows of odd lengths), the
+    same bits as the Python path's threaded kernels.  A child forked after those threads
+    ran, where OpenMP cannot start them (a team started there would hang), turns such
+    calls down to the Python path, whose kernels run on its one thread there: the same
+    bits again."""
+    from addnorm.kernels import _torch_threads
+
+    if _torch_threads.openmp_runtime() is None:
+        pytest.skip("torch runs on no OpenMP runtime here: the Python path serves these calls")
+    inputs = _inputs(shape, torch.float32, 11)
+    wanted = (True, True, False, False)
+    with addnorm.backend("numba"):
+        node, ours = _run("scale_norm", inputs, wanted=wanted)
+        with python_path_only():
+            python_node, theirs = _run("scale_norm", inputs, wanted=wanted)
+    assert node == "CppFunction" and python_node != "CppFunction"
+    _same_bits(ours, theirs)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
+    _FORK_CASE.update(x=inputs[0].clone().requires_grad_(), g=inputs[1].clone().requires_grad_(), dy=dy,
+                      expected=ours[:3])  # y, then the gradients of x and g
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child_node, same = pool.apply_async(_scale_norm_in_forked_child).get(120)
+    finally:
+        _FORK_CASE.clear()
+    assert child_node != "CppFunction" and same == [True, True, True]  # the Python path's, on one thread
 
 
 def _same_bits(ours, theirs):

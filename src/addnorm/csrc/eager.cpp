@@ -16,8 +16,10 @@
 // called back: its kernel has 28 variants to compile, and forward+backward is already
 // 1.6x torch's), and every call this file turns down, for which it returns None: another
 // device, dtype or layout, parameters of another dtype than x, work that is worth
-// threads (serial_below elements and more), LayerNorm (whose small calls run torch's
-// kernel: functional's rule).
+// threads (serial_below elements and more; but ScaleNorm's below 32 MB, whose rows this
+// file shares out to torch's threads: there the Python path's autograd.Function cost
+// ~7 µs of a 20 µs call), LayerNorm (whose small calls run torch's kernel: functional's
+// rule).
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
@@ -47,6 +49,14 @@ struct Kernels {
   ScaleNormBackward scale_norm_backward = nullptr;
   RmsNormForward rms_norm_forward = nullptr;
   int64_t serial_below = 0;  // elements: kernels/cpu.py's C_SERIAL_BELOW
+  // bytes of x from which ScaleNorm takes the Python path (kernels/cpu.py's
+  // _FRESH_MMAP_BYTES: there its outputs come on huge pages)
+  int64_t python_from = 0;
+  const int64_t* forked = nullptr;  // non-zero in a child forked from this process (_torch_threads)
+  // torch's OpenMP runtime (null where there is none): ``over_rows``
+  void (*omp_parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*omp_thread_num)() = nullptr;
+  int (*omp_num_threads)() = nullptr;
   int64_t row_block = 32;    // rows per partial sum of DyT's parameter gradients (_ROW_BLOCK)
   // values per vector of torch's CPU sum of float32 and of float64 (RMSNorm's
   // torch-order sums, kernels/cpu.py's ``_torch_lanes``); 0: none matched, the kernel's
@@ -183,11 +193,51 @@ py::object dyt(const Tensor& x, const Tensor& alpha, const c10::optional<Tensor>
 // ScaleNorm: y = g * x / max(||x||, eps) over rows x (n, d); g (1,).
 // ---------------------------------------------------------------------------
 
+// Whether f(lo, hi) over rows can go across threads here (``over_rows``)
+bool threaded() { return kernels.omp_parallel != nullptr && !*kernels.forked; }
+
+// f(lo, hi) on rows [0, n) of d values: at once on this thread below serial_below
+// elements, else a contiguous range of rows on each of torch's threads: a team started by
+// GOMP_parallel of the OpenMP runtime torch runs on (its threads, already awake, as
+// numba's kernels do: kernels/_torch_threads.py).  (at::parallel_for would run serially:
+// its OpenMP loop is inline in torch's headers, and this file is built without -fopenmp,
+// whose runtime could be another than torch's.)  Not in a forked child, where OpenMP has
+// no threads to start (torch's own ops hang there).
+template <typename F>
+void over_rows(int64_t n, int64_t d, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (n * d < kernels.serial_below || threads <= 1 || !threaded()) {
+    f(0, n);
+    return;
+  }
+  struct Task {
+    const F* f;
+    int64_t n;
+  } task{&f, n};
+  kernels.omp_parallel(
+      [](void* data) {
+        const Task& t = *static_cast<Task*>(data);
+        const int64_t i = kernels.omp_thread_num(), k = kernels.omp_num_threads();
+        const int64_t lo = t.n * i / k, hi = t.n * (i + 1) / k;
+        if (lo < hi) (*t.f)(lo, hi);
+      },
+      &task, static_cast<unsigned>(threads), 0);
+}
+
+// t's storage from row lo on, rows of d values
+int64_t row_address(const Tensor& t, int64_t lo, int64_t d) {
+  return t.defined() ? address(t) + lo * d * static_cast<int64_t>(t.element_size()) : 0;
+}
+
 Tensor scale_norm_run(const Tensor& x, const Tensor& g, double eps, Tensor* rnorm) {
   Tensor y = torch::empty_like(x);
-  if (rnorm != nullptr) *rnorm = torch::empty({x.size(0)}, x.options().dtype(acc_type(x.scalar_type())));
-  kernels.scale_norm_forward(dtype_code(x.scalar_type()), x.size(0), x.size(1), address(x), address(g), address(y),
-                             rnorm != nullptr ? address(*rnorm) : 0, eps);
+  const int64_t n = x.size(0), d = x.size(1), code = dtype_code(x.scalar_type());
+  if (rnorm != nullptr) *rnorm = torch::empty({n}, x.options().dtype(acc_type(x.scalar_type())));
+  const Tensor r = rnorm != nullptr ? *rnorm : Tensor();
+  over_rows(n, d, [&](int64_t lo, int64_t hi) {
+    kernels.scale_norm_forward(code, hi - lo, d, row_address(x, lo, d), address(g), row_address(y, lo, d),
+                               row_address(r, lo, 1), eps);
+  });
   return y;
 }
 
@@ -213,8 +263,11 @@ struct ScaleNorm : public torch::autograd::Function<ScaleNorm> {
     const int64_t n = x.size(0), d = x.size(1);
     Tensor dx = torch::empty_like(x);
     Tensor dots = torch::empty({n}, x.options().dtype(at::kDouble));  // per row, summed in order below
-    kernels.scale_norm_backward(dtype_code(x.scalar_type()), n, d, address(dy), address(x), address(g),
-                                address(rnorm), address(dx), address(dots), eps);
+    const int64_t code = dtype_code(x.scalar_type());
+    over_rows(n, d, [&](int64_t lo, int64_t hi) {
+      kernels.scale_norm_backward(code, hi - lo, d, row_address(dy, lo, d), row_address(x, lo, d), address(g),
+                                  row_address(rnorm, lo, 1), row_address(dx, lo, d), row_address(dots, lo, 1), eps);
+    });
     return {dx, dots.sum().reshape(g.sizes()).to(g.scalar_type()), Tensor()};
   }
 };
@@ -223,7 +276,9 @@ struct ScaleNorm : public torch::autograd::Function<ScaleNorm> {
 py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
   const at::ScalarType t = x.scalar_type();
   if (kernels.scale_norm_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 ||
-      x.numel() >= kernels.serial_below || !x.is_contiguous() || !plain(x, t) || !plain(g, t) || g.numel() != 1)
+      (x.numel() >= kernels.serial_below && !threaded()) ||
+      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from || !x.is_contiguous() ||
+      !plain(x, t) || !plain(g, t) || g.numel() != 1)
     return py::none();
   Tensor y = recording({x, g}) ? ScaleNorm::apply(x, g, eps) : scale_norm_run(x, g, eps, nullptr);
   return py::make_tuple(y, py::none());
@@ -311,8 +366,8 @@ py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, cons
   return py::make_tuple(out.y, as_py(out.r), py::none(), py::none());
 }
 
-void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t row_block, int64_t float_lanes,
-                      int64_t double_lanes) {
+void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t python_from, int64_t forked,
+                      int64_t row_block, int64_t float_lanes, int64_t double_lanes) {
   auto get = [&](const char* name) { return reinterpret_cast<void*>(addresses[name].cast<int64_t>()); };
   kernels.dyt_forward = reinterpret_cast<DytForward>(get("dyt_forward"));
   kernels.dyt_backward = reinterpret_cast<DytBackward>(get("dyt_backward"));
@@ -322,6 +377,13 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t r
   kernels.float_lanes = float_lanes;
   kernels.double_lanes = double_lanes;
   kernels.serial_below = serial_below;
+  kernels.python_from = python_from;
+  kernels.forked = reinterpret_cast<const int64_t*>(forked);
+  if (addresses.contains("GOMP_parallel")) {
+    kernels.omp_parallel = reinterpret_cast<decltype(kernels.omp_parallel)>(get("GOMP_parallel"));
+    kernels.omp_thread_num = reinterpret_cast<int (*)()>(get("omp_get_thread_num"));
+    kernels.omp_num_threads = reinterpret_cast<int (*)()>(get("omp_get_num_threads"));
+  }
   kernels.row_block = row_block;
 }
 

@@ -3,7 +3,9 @@ first call that can use it.
 
 A small DyT, ScaleNorm or RMSNorm call in Python costs more than its kernel (an
 ``autograd.Function`` alone ~3 µs); the extension runs the same numba kernels, through
-their C entry points (``cpu.c_entry_points``), behind a C++ autograd node.  It needs a
+their C entry points (``cpu.c_entry_points``), behind a C++ autograd node (ScaleNorm's
+larger calls too, their rows across torch's OpenMP threads: ``_load`` hands it the
+runtime's functions).  It needs a
 C++ compiler and ninja, and it is built by ``addnorm build`` (``make install`` runs it)
 with ``torch.utils.cpp_extension`` into ``addnorm/_build/<key>`` beside the package
 (or ``~/.cache/addnorm/build/<key>`` where the package's folder is read-only), ``key``
@@ -14,6 +16,7 @@ Python path: the same kernels and results, slower at small sizes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -135,7 +138,7 @@ def _load():
     path = None if _off() else built()
     if path is None:
         return None
-    from . import cpu
+    from . import _torch_threads, cpu
 
     addresses = cpu.c_entry_points(cached_only=True)
     if addresses is None:
@@ -149,7 +152,15 @@ def _load():
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     lanes = [cpu._torch_lanes(t) or 0 for t in (torch.float32, torch.float64)]  # 0: the kernel's own order
-    ext.register_kernels(addresses, cpu.C_SERIAL_BELOW, cpu._ROW_BLOCK, *lanes)
+    # the flag a forked child finds set (``_torch_threads``'s, set there on every layer):
+    # the extension's threads are torch's OpenMP ones, which a forked child cannot start
+    os.register_at_fork(after_in_child=_torch_threads._after_fork)
+    forked = ctypes.addressof(_torch_threads._STATE) + ctypes.sizeof(ctypes.c_int64)
+    runtime = _torch_threads.openmp_runtime()  # the threads ScaleNorm's rows go to, where there are
+    if runtime is not None:
+        addresses = dict(addresses, **{f: ctypes.cast(getattr(runtime, f), ctypes.c_void_p).value
+                                       for f in _torch_threads._OPENMP})
+    ext.register_kernels(addresses, cpu.C_SERIAL_BELOW, cpu._FRESH_MMAP_BYTES, forked, cpu._ROW_BLOCK, *lanes)
     return ext
 
 
