@@ -483,7 +483,15 @@ def _group_norm_grads(dy, x, weight, bias, mean, var, num_groups, eps, backend):
     return dx, _present(dw, weight is not None), _present(db, bias is not None), None, None, None
 
 
-group_norm = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward)
+def _group_norm_eager(x, weight, bias, num_groups, eps, backend):
+    """``_group_norm_fwd`` for the eager path: numba's kernel's outputs as they are (y in
+    x's layout, the statistics fresh: ~1.5 µs of layout checks less a call)."""
+    if backend == "numba":
+        return kernel(backend, "group_norm_forward")(x, weight, bias, num_groups, eps)
+    return _group_norm_fwd(x, weight, bias, num_groups, eps, backend)
+
+
+group_norm = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward, _group_norm_eager)
 
 
 def _group_norm_fwd_aten(
