@@ -181,6 +181,19 @@ def test_scale_norm_across_threads_gives_the_python_paths_bits(shape):
             python_node, theirs = _run("scale_norm", inputs, wanted=wanted)
     assert node == "CppFunction" and python_node != "CppFunction"
     _same_bits(ours, theirs)
+    results = [None] * 3  # Python threads at once, each starting its own team
+
+    def work(i):
+        with addnorm.backend("numba"):
+            results[i] = _run("scale_norm", inputs, wanted=wanted)[1]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        _same_bits(r, ours)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
     _FORK_CASE.update(x=inputs[0].clone().requires_grad_(), g=inputs[1].clone().requires_grad_(), dy=dy,
                       expected=ours[:3])  # y, then the gradients of x and g
