@@ -21,14 +21,21 @@
 // ~7 µs of a 20 µs call), LayerNorm (whose small calls run torch's kernel: functional's
 // rule).
 
+// the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
+// frontend (modules, optimizers, data loaders) and took most of the compiler's ~30 s
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/generated/variable_factories.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 
 namespace {
 
-using torch::Tensor;
+using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -107,7 +114,7 @@ bool optional_plain(const Tensor& p, at::ScalarType t) { return !p.defined() || 
 // FlopCounterMode: no kernel can read a fake tensor, and a mode sees only torch ops), or
 // the gradient is no plain tensor (vmap's batched one).
 bool needs_math(const Tensor& dy) {
-  return torch::GradMode::is_enabled() ||
+  return c10::GradMode::is_enabled() ||
          c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
          c10::impl::TorchDispatchModeTLS::stack_len() > 0 || !plain(dy, dy.scalar_type());
 }
@@ -130,7 +137,7 @@ variable_list call_math(const py::object* math, const Args&... args) {
 }
 
 bool recording(std::initializer_list<Tensor> inputs) {
-  if (!torch::GradMode::is_enabled()) return false;
+  if (!c10::GradMode::is_enabled()) return false;
   for (const Tensor& t : inputs)
     if (t.defined() && t.requires_grad()) return true;
   return false;

@@ -59,7 +59,7 @@ def built() -> Path | None:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension (~35 s on 2 cores, once), and the numba kernels it calls
+    """Compile the extension (~20 s on 2 cores, once), and the numba kernels it calls
     (~1.5 min, once), at the same time; the path of the library.  Raises what the
     compiler or ninja raised."""
     from torch.utils import cpp_extension
