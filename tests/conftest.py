@@ -73,3 +73,15 @@ def kernels_at_every_size(request, monkeypatch):
         # and GroupNorm's rule, which can pick torch's forward kernel at any size
         monkeypatch.setattr(functional, "_group_norm_rule", lambda *args: "group_norm")
         monkeypatch.setattr(functional, "_TWIN_OFF_CPU", {})
+
+
+@pytest.fixture(autouse=True)
+def no_backend_left_forced():
+    """``with addnorm.backend(...)`` is process-wide: a test that leaves a backend forced
+    (one entered and left in several threads at once, say) fails here, not some later
+    test on its worker."""
+    from addnorm._backend import _Choice
+
+    yield
+    left, _Choice.forced = _Choice.forced, None
+    assert left is None, f"a backend was left forced: {left!r}"

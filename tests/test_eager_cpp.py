@@ -184,14 +184,14 @@ def test_scale_norm_across_threads_gives_the_python_paths_bits(shape):
     results = [None] * 3  # Python threads at once, each starting its own team
 
     def work(i):
-        with addnorm.backend("numba"):
-            results[i] = _run("scale_norm", inputs, wanted=wanted)[1]
+        results[i] = _run("scale_norm", inputs, wanted=wanted)[1]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with addnorm.backend("numba"):  # (process-wide: entered here, not in each thread)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     for r in results:
         _same_bits(r, ours)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
