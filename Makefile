@@ -4,9 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch is pinned to its CPU build: unpinned, pip pulls several GB of CUDA wheels.
-# --no-compile: no .pyc for every file of every package at install (torch's thousands:
-# ~25 s of a ~60 s install on 2 cores); Python writes those of the modules it imports
-PIPFLAGS := --disable-pip-version-check --no-compile -c constraints.txt
+PIPFLAGS := --disable-pip-version-check -c constraints.txt
 STAMP  := $(VENV)/.installed
 
 .PHONY: install build demo test bench clean
