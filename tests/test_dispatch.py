@@ -258,7 +258,7 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     records the graph, but float16/bfloat16 recording a graph runs ours at every spatial
     size.  From 8M elements ours runs, but for one sample (torch's forward).  Everything
     else runs torch's kernel."""
-    ours = _ours("group_norm", monkeypatch)
+    ours = _ours("group_norm_y", monkeypatch)
     hybrid = _ours("group_norm_aten_forward", monkeypatch)
     half = dtype is not torch.float32
 
@@ -363,7 +363,7 @@ def test_group_norm_gives_a_bias_gradient_without_a_weight(monkeypatch, layout):
     """torch's CPU GroupNorm backward fails for the bias's gradient when there is no
     weight (torch 2.13); addnorm's runs its own kernel there and gives it (and torch's,
     which computes the same forward, where autograd records nothing)."""
-    ours = _ours("group_norm", monkeypatch)
+    ours = _ours("group_norm_y", monkeypatch)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=layout).requires_grad_()
     b = torch.randn(8, requires_grad=True)
     dy = torch.randn(2, 8, 4, 4)

@@ -143,6 +143,21 @@ def test_which_calls_it_serves(name):
     assert y.grad_fn is None and not y.requires_grad
 
 
+def _in_threads(count, fn):
+    """fn() in ``count`` Python threads at once: their results."""
+    results = [None] * count
+
+    def work(i):
+        results[i] = fn()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 _FORK_CASE: dict = {}  # what a forked child of ``test_scale_norm_across_threads...`` reads
 
 
@@ -181,17 +196,8 @@ def test_scale_norm_across_threads_gives_the_python_paths_bits(shape):
             python_node, theirs = _run("scale_norm", inputs, wanted=wanted)
     assert node == "CppFunction" and python_node != "CppFunction"
     _same_bits(ours, theirs)
-    results = [None] * 3  # Python threads at once, each starting its own team
-
-    def work(i):
-        results[i] = _run("scale_norm", inputs, wanted=wanted)[1]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
     with addnorm.backend("numba"):  # (process-wide: entered here, not in each thread)
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _in_threads(3, lambda: _run("scale_norm", inputs, wanted=wanted)[1])  # each its own team
     for r in results:
         _same_bits(r, ours)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
@@ -366,17 +372,7 @@ def test_threads_and_forked_children(name):
     the parent computes."""
     x, p, w, b = _inputs((16, 64), torch.float32, 6, residual=name in RESIDUAL)
     expected = _run(name, (x, p, w, b))[1]
-    results = [None] * 4
-
-    def work(i):
-        results[i] = _run(name, (x, p, w, b))[1]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
+    for r in _in_threads(4, lambda: _run(name, (x, p, w, b))[1]):
         _same_bits(r, expected)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:

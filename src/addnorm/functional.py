@@ -879,7 +879,7 @@ def group_norm(
     # forced (our kernels everywhere) or anything traces (the op: our kernels)
     hybrid = key == "group_norm_torch_forward" and _Choice.forced is None and input.is_cpu
     y, _, _ = _forward(
-        None if foreign else ops.group_norm_aten_forward if hybrid else ops.group_norm,
+        None if foreign else ops.group_norm_aten_forward if hybrid else ops.group_norm_y,
         reference.group_norm_forward,
         _channel_layout(input), weight, bias, num_groups, float(eps),
     )
