@@ -285,7 +285,6 @@ def install() -> bool:
     layer.openmp_vendor = NAME
     sys.modules[layer.__name__] = layer
     numba.config.THREADING_LAYER = "omp"
-    os.register_at_fork(after_in_child=_after_fork)
     return True
 
 
@@ -296,3 +295,14 @@ def installed() -> bool:
 
 def _after_fork() -> None:
     _STATE[1] = 1
+
+
+# set in every child forked after this import, whichever layer numba runs: the layer
+# here reads it, and so does the C++ eager path, which starts teams of torch's threads
+# itself (``forked_flag``)
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def forked_flag() -> int:
+    """The address of the int64 that is non-zero in a child forked from this process."""
+    return ctypes.addressof(_STATE) + ctypes.sizeof(ctypes.c_int64)

@@ -152,10 +152,8 @@ def _load():
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
     lanes = [cpu._torch_lanes(t) or 0 for t in (torch.float32, torch.float64)]  # 0: the kernel's own order
-    # the flag a forked child finds set (``_torch_threads``'s, set there on every layer):
     # the extension's threads are torch's OpenMP ones, which a forked child cannot start
-    os.register_at_fork(after_in_child=_torch_threads._after_fork)
-    forked = ctypes.addressof(_torch_threads._STATE) + ctypes.sizeof(ctypes.c_int64)
+    forked = _torch_threads.forked_flag()
     runtime = _torch_threads.openmp_runtime()  # the threads ScaleNorm's rows go to, where there are
     if runtime is not None:
         addresses = dict(addresses, **{f: ctypes.cast(getattr(runtime, f), ctypes.c_void_p).value
