@@ -88,7 +88,10 @@ def test_dyt_tanh_of_every_value(backend, dtype):
     """tanh, DyT without affine, of every finite float16 and bfloat16 value (and of 2^16
     float32 ones spread over every exponent) against tanh correctly rounded: the same
     value, or (in float16/bfloat16, whose kernels compute tanh in float32) its neighbour
-    one ulp away, in at most 1 of 10^4 values; signed zeros and subnormals kept."""
+    one ulp away, in at most 1 of 10^4 values; signed zeros and subnormals kept.  The
+    torch backend's float32 DyT is torch.tanh itself, bit for bit, held to torch's own
+    bound of 1 ulp: how many values it misses depends on the CPU (MKL picks its code by
+    CPU: 31 of these 98,048 on an Intel Xeon, fewer than 10 on an AMD EPYC)."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
     if dtype == torch.float32:  # the high 16 bits of float32 values, a random low half
         low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
@@ -99,11 +102,13 @@ def test_dyt_tanh_of_every_value(backend, dtype):
     y = AF.dyt(x[None], torch.ones(1, dtype=dtype))[0]
     exact = torch.tanh(x.double()).to(dtype)
     assert torch.equal(torch.signbit(y), torch.signbit(exact))
-    if dtype == torch.float32:
-        assert (y != exact).sum() <= len(x) // 10**4  # halfway cases of a 0.5-ulp tanh
     ints = {torch.float32: torch.int32}.get(dtype, torch.int16)
     apart = (y.view(ints).int() - exact.view(ints).int()).abs()  # in ulps: tanh keeps the sign
-    assert apart.max() <= 1 and (apart > 0).sum() <= len(x) // 10**4, (x[apart > 0], y[apart > 0])
+    assert apart.max() <= 1
+    if backend == "torch" and dtype == torch.float32:
+        assert torch.equal(y, torch.tanh(x))
+    else:  # float32: the halfway cases of a 0.5-ulp tanh
+        assert (apart > 0).sum() <= len(x) // 10**4, (x[apart > 0], y[apart > 0])
 
 
 @fixture_ok
