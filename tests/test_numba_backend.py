@@ -536,6 +536,48 @@ def test_a_caller_compiled_over_a_cached_parallel_kernel_runs_from_the_cache(tmp
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout == runs[2].stdout
 
+_COMPILE_TOGETHER = """
+import os, sys, time
+import numpy as np
+from numba.core import event
+from addnorm.kernels import cpu
+
+compiled = []
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__name__)
+    def on_end(self, ev):
+        pass
+
+event.register("numba:compile", Compiles())
+folder, me = sys.argv[1], sys.argv[2]
+open(os.path.join(folder, "ready-" + me), "w").close()
+while len([f for f in os.listdir(folder) if f.startswith("ready-")]) < 2:  # both start together
+    time.sleep(0.001)
+out = np.empty(300, dtype=np.float32)
+cpu._sum_chunks(np.ones((5, 300)), out)
+print(compiled.count("_sum_chunks"), float(out.sum()))
+"""
+
+
+def test_two_processes_that_want_one_specialization_compile_it_once(tmp_path):
+    """``_numba_cache`` part 3: two processes started together on an empty cache, each
+    running the same kernel for the same types, compile it once between them: the
+    second waits for the first's compile and loads it from the cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = [subprocess.Popen([sys.executable, "-c", _COMPILE_TOGETHER, str(tmp_path), str(i)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, outs):
+        assert run.returncode == 0, err[-2000:]
+    compiles, sums = zip(*(out.split() for out, _ in outs))
+    assert sorted(compiles) == ["0", "1"] and sums == ("1500.0", "1500.0"), outs
+
+
 ROW_CASES = {
     "layer_norm": lambda x, r, w, b: AF.layer_norm(x, x.shape[-1:], w, b),
     "add_layer_norm": lambda x, r, w, b: AF.add_layer_norm(x, r, x.shape[-1:], w, b)[0],
