@@ -75,6 +75,55 @@ def test_dyt_backward_split_over_columns_gives_the_serial_bits(monkeypatch, dtyp
                                p.view(torch.int16 if dtype is torch.bfloat16 else torch.int32)), name
 
 
+@pytest.mark.skipif("not __import__('addnorm.kernels.cpu').kernels.cpu.TORCH_FLOAT32_TANH",
+                    reason="torch here has no MKL vsTanh: numba's float32 DyT has its own tanh")
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (1, 2048), (2, 2049), (1, 5000), (33, 64), (700, 3),
+                                   (64, 1024), (5, 20000), (3000, 40)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_float32_dyt_is_torchs_formula_bit_for_bit(shape, affine):
+    """numba's float32 DyT forward takes torch's own tanh (MKL's vsTanh) on chunks of its
+    rows and rounds the affine as torch does: whatever the chunks (rows shorter and longer
+    than one, a call's rows split over threads, the C++ eager path's small calls), y is
+    torch's ``tanh(alpha * x) * w + b``, bit for bit, with or without a graph recorded,
+    NaN, infinities, signed zeros and subnormals included."""
+    import addnorm
+
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    x = torch.randn(shape, generator=g) * 3
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-41])
+    every = x.view(-1)[::97]  # a view: one value in 97 made special
+    every.copy_(special[torch.arange(len(every)) % len(special)])
+    a = torch.tensor([0.7])
+    w, b = (torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)) if affine else (None, None)
+    expected = torch.tanh(a * x) if w is None else torch.tanh(a * x) * w + b
+    with addnorm.backend("numba"):
+        with torch.no_grad():
+            plain = AF.dyt(x, a, w, b)
+        recorded = AF.dyt(x.clone().requires_grad_(), a, w, b)
+    for y in (plain, recorded.detach()):
+        assert torch.equal(y.view(torch.int32), expected.view(torch.int32))
+
+
+def test_float32_tanh_without_mkl_is_ours():
+    """Where torch has no vsTanh, the float32 DyT's chunks call our own ``tanh`` (a C
+    function of vsTanh's signature): within 0.5 ulp, as the kernels' inline tanh."""
+    import ctypes
+
+    from addnorm.kernels import cpu
+
+    own = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)(cpu._own_float32_tanh())
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
+    x = ((bits << 16) | low).view(torch.float32)
+    x = x[x.isfinite()].contiguous()
+    y = torch.empty_like(x)
+    own(len(x), x.data_ptr(), y.data_ptr())
+    exact = torch.tanh(x.double()).float()
+    apart = (y.view(torch.int32) - exact.view(torch.int32)).abs()
+    assert apart.max() <= 1 and (apart > 0).sum() <= len(x) // 10**4
+    assert torch.equal(torch.signbit(y), torch.signbit(exact))
+
+
 def test_dyt_saturates_and_propagates_nan(backend):
     x = torch.tensor([[0.0, -0.0, 1e-30, 50.0, -50.0, float("inf"), float("-inf"), float("nan")]])
     y = AF.dyt(x, torch.tensor([1.0]))
@@ -88,10 +137,13 @@ def test_dyt_tanh_of_every_value(backend, dtype):
     """tanh, DyT without affine, of every finite float16 and bfloat16 value (and of 2^16
     float32 ones spread over every exponent) against tanh correctly rounded: the same
     value, or (in float16/bfloat16, whose kernels compute tanh in float32) its neighbour
-    one ulp away, in at most 1 of 10^4 values; signed zeros and subnormals kept.  The
-    torch backend's float32 DyT is torch.tanh itself, bit for bit, held to torch's own
-    bound of 1 ulp: how many values it misses depends on the CPU (MKL picks its code by
-    CPU: 31 of these 98,048 on an Intel Xeon, fewer than 10 on an AMD EPYC)."""
+    one ulp away, in at most 1 of 10^4 values; signed zeros and subnormals kept.  A
+    float32 DyT on torch's tanh (the torch backend's, and numba's where torch has MKL's
+    vsTanh: ``cpu.TORCH_FLOAT32_TANH``) is torch.tanh itself, bit for bit, held to
+    torch's own bound of 1 ulp: how many values it misses depends on the CPU (MKL picks
+    its code by CPU: 31 of these 98,048 on an Intel Xeon, fewer than 10 on an AMD EPYC)."""
+    from addnorm.kernels import cpu
+
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
     if dtype == torch.float32:  # the high 16 bits of float32 values, a random low half
         low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
@@ -105,7 +157,7 @@ def test_dyt_tanh_of_every_value(backend, dtype):
     ints = {torch.float32: torch.int32}.get(dtype, torch.int16)
     apart = (y.view(ints).int() - exact.view(ints).int()).abs()  # in ulps: tanh keeps the sign
     assert apart.max() <= 1
-    if backend == "torch" and dtype == torch.float32:
+    if dtype == torch.float32 and (backend == "torch" or cpu.TORCH_FLOAT32_TANH):
         assert torch.equal(y, torch.tanh(x))
     else:  # float32: the halfway cases of a 0.5-ulp tanh
         assert (apart > 0).sum() <= len(x) // 10**4, (x[apart > 0], y[apart > 0])

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from numba import prange, types
 from numba.core import cgutils
-from llvmlite import ir
+from llvmlite import binding as llvm, ir
 from numba.extending import intrinsic, overload
 
 from .. import _backend
@@ -126,6 +126,10 @@ def njit(*args, **options):
 
 
 _FASTMATH = {"reassoc"}
+# DyT's kernels also let LLVM fuse a multiply and an add into one FMA: its tanh is a
+# Horner chain of them, and without "contract" each step was a multiply and an add on
+# the vector ports (1.43 against 0.93 ns a float32 value on one core of the Intel Xeon)
+_FASTMATH_FMA = _FASTMATH | {"contract"}
 _JIT = {"parallel": True, "cache": True, "fastmath": _FASTMATH, "nogil": True}
 _BLOCK = 512  # values of a contiguous run summed in float32 lanes before a float64 add
 _CL_BLOCK = 128  # channels-last rows summed per channel before a float64 add
@@ -1580,7 +1584,8 @@ def tanh(a, v):
     by one of their ulps in ~4 of 10^5 float16 and ~7 of 10^6 bfloat16 outputs against
     the float64 tanh.  ~2.2x as fast as the float64 steps (0.46 against 1.05 ns a value
     on one core of the 2-core AMD EPYC), where DyT's float16/bfloat16 rows spent most of
-    their time."""
+    their time.  DyT's float32 forward takes torch's own tanh where torch has it
+    (``_tanh_f32``); its backward and the other dtypes take this one."""
 
 
 @overload(tanh, inline="always")
@@ -1620,11 +1625,97 @@ def _tanh(a, v):
     return tanh_half
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+# DyT's float32 forward takes torch's own float32 tanh: MKL's ``vsTanh(n, src, dst)``
+# (VML's high-accuracy mode: within 1 ulp), which torch.tanh calls and torch's Linux x86
+# wheels export.  ~0.33 ns a value on one core of the Intel Xeon, against 0.93 ns for the
+# float64 steps of ``tanh`` above (1.43 without FMAs): there DyT's float32 forward ran at
+# 0.46x-0.96x torch's ``tanh(alpha * x) * w + b`` from 16K values.  Called on chunks of
+# the rows (``_dyt_fwd_rows_f32``), it gives torch's result bit for bit (vsTanh's bits do
+# not depend on the chunks).  The kernels call it by the symbol name below, which numba's
+# linker resolves in each process as it loads a kernel from the cache: no process's
+# address is baked into cached code.  Without MKL the name is ``tanh`` above, on chunks.
+_TANH_SYMBOL = "addnorm_float32_tanh"
+_TANH_CHUNK = 2048  # float32 values per call: 8 KB, in L1 with the x they came from
+_tanh_f32 = types.ExternalFunction(_TANH_SYMBOL, types.void(types.int32, types.voidptr, types.voidptr))
+
+
+def _torch_float32_tanh() -> int | None:
+    """The address of MKL's ``vsTanh`` in torch's own library, already loaded; None where
+    torch has no MKL (ARM, macOS) or does not export it (Windows)."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", name),
+                              mode=getattr(os, "RTLD_NOLOAD", 0))
+            return ctypes.cast(lib.vsTanh, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _own_float32_tanh() -> int:
+    """``tanh`` above as a C function of vsTanh's signature (compiled only where torch has
+    no vsTanh)."""
+
+    @numba.cfunc(types.void(types.int32, types.voidptr, types.voidptr), cache=True, nogil=True,
+                 fastmath=_FASTMATH_FMA, error_model="numpy")
+    def own_tanh(n, src, dst):
+        xs, ys = numba.carray(src, (n,), np.float32), numba.carray(dst, (n,), np.float32)
+        for j in range(n):
+            ys[j] = tanh(xs, xs[j])
+
+    return own_tanh.address
+
+
+llvm.add_symbol(_TANH_SYMBOL, _torch_float32_tanh() or _own_float32_tanh())
+TORCH_FLOAT32_TANH = _torch_float32_tanh() is not None  # DyT's float32 forward is torch's, bit for bit
+
+
 def _dyt_fwd_rows(x, alpha, w, b, y, lo, hi):
     """y = w * tanh(alpha * x) + b on rows lo..hi-1, on the calling thread: the body of
     each of ``_dyt_fwd``'s tasks, and the whole of a call too small to share (where
-    starting the parallel loop costs more than the rows)."""
+    starting the parallel loop costs more than the rows).  float32 with torch's tanh
+    (``_dyt_fwd_rows_f32``), other dtypes with ``tanh`` (``_dyt_fwd_rows_own``)."""
+
+
+@overload(_dyt_fwd_rows)
+def _dyt_fwd_rows_by_dtype(x, alpha, w, b, y, lo, hi):
+    if x.dtype == types.float32:
+        return lambda x, alpha, w, b, y, lo, hi: _dyt_fwd_rows_f32(x, alpha, w, b, y, lo, hi)
+    return lambda x, alpha, w, b, y, lo, hi: _dyt_fwd_rows_own(x, alpha, w, b, y, lo, hi)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dyt_fwd_rows_f32(x, alpha, w, b, y, lo, hi):
+    """``_dyt_fwd_rows`` of float32 rows, per chunk of whole rows (or of one long row's
+    columns): alpha * x into y, tanh of that in place (``_tanh_f32``), then y * w + b,
+    each step rounded as torch rounds it (``_FASTMATH`` fuses no multiply-add)."""
+    a = ld(alpha, 0)
+    d = x.shape[1]
+    rows = max(1, _TANH_CHUNK // max(1, d))  # 1 where a row is longer than a chunk
+    for i0 in range(lo, hi, rows):
+        i1 = min(hi, i0 + rows)
+        for j0 in range(0, d, _TANH_CHUNK):
+            j1 = min(d, j0 + _TANH_CHUNK)
+            for i in range(i0, i1):
+                xr, yr = x[i], y[i]
+                for j in range(np.uintp(j0), np.uintp(j1)):  # (unsigned: as in _dyt_bwd_blocks)
+                    yr[j] = a * xr[j]
+            first = y[i0, j0:]  # whole rows i0..i1-1, or one row's j0..j1-1: contiguous
+            _tanh_f32(np.int32((i1 - i0) * (j1 - j0)), first.ctypes, first.ctypes)
+            for i in range(i0, i1):
+                yr = y[i]
+                for j in range(np.uintp(j0), np.uintp(j1)):
+                    h = yr[j]
+                    if w is not None:
+                        h = h * ld(w, j)
+                    if b is not None:
+                        h = h + ld(b, j)
+                    yr[j] = h
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH_FMA)
+def _dyt_fwd_rows_own(x, alpha, w, b, y, lo, hi):
+    """``_dyt_fwd_rows`` with ``tanh`` inline."""
     a = ld(alpha, 0)
     for i in range(lo, hi):
         xr, yr = x[i], y[i]
@@ -1646,7 +1737,7 @@ def _dyt_fwd(x, alpha, w, b, y):
         _dyt_fwd_rows(x, alpha, w, b, y, t * per, min(n, (t + 1) * per))
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH_FMA)
 def _dyt_bwd_blocks(dy, x, alpha, w, dx, part, k0, k1, j0, j1):
     """dx on columns j0..j1-1 of the rows of blocks k0..k1-1 of ``_ROW_BLOCK`` rows, and
     there each block k's sums (in the accumulation type, added in float64 and in order
