@@ -126,10 +126,10 @@ def test_which_calls_it_serves(name):
     leaf = x.clone().requires_grad_()
     with addnorm.backend("numba"):
         assert _node(OPS[name](leaf, p, w, b)) == "CppFunction"
-        # DyT's work worth threads: turned down, to the Python path; ScaleNorm's rows go
-        # to torch's threads here (where torch runs on OpenMP), below 32 MB
+        # work worth threads: its rows go to torch's threads here (where torch runs on
+        # OpenMP), below 32 MB
         big = torch.randn(cpu.C_SERIAL_BELOW // 64, 64, requires_grad=True)
-        served = name == "scale_norm" and _torch_threads.openmp_runtime() is not None
+        served = _torch_threads.openmp_runtime() is not None
         assert (_node(OPS[name](big, p, w, b)) == "CppFunction") == served
         huge = torch.empty(cpu._FRESH_MMAP_BYTES // 4 // 64, 64).requires_grad_()
         assert _node(OPS[name](huge, p, w, b)) != "CppFunction"
@@ -158,57 +158,57 @@ def _in_threads(count, fn):
     return results
 
 
-_FORK_CASE: dict = {}  # what a forked child of ``test_scale_norm_across_threads...`` reads
+_FORK_CASE: dict = {}  # what a forked child of ``test_rows_across_threads...`` reads
 
 
-def _scale_norm_in_forked_child():
-    """In a child forked after torch's threads ran: ScaleNorm forward and backward of the
+def _in_forked_child():
+    """In a child forked after torch's threads ran: the op's forward and backward of the
     parent's tensors (no torch op here that would share out work: GNU OpenMP cannot
     start a team in a forked child, torch's own ops hang there), compared in numpy.
-    -> (the node's name, whether y, dx and dg have the parent's bits)."""
+    -> (the node's name, whether y and each input's gradient have the parent's bits)."""
     import numpy as np
 
     c = _FORK_CASE
-    y = AF.scale_norm(c["x"], c["g"])
-    dx, dg = torch.autograd.grad(y, (c["x"], c["g"]), c["dy"])
-    same = [np.array_equal(a.detach().numpy(), b.numpy()) for a, b in zip((y, dx, dg), c["expected"])]
+    y = OPS[c["name"]](*c["leaves"])
+    grads = torch.autograd.grad(y, [t for t in c["leaves"] if t.requires_grad], c["dy"])
+    same = [np.array_equal(a.detach().numpy(), b.numpy()) for a, b in zip((y, *grads), c["expected"])]
     return _node(y), same
 
 
 @needs_cpp
+@pytest.mark.parametrize("name, wanted", [("scale_norm", (True, True, False, False)), ("dyt", (True,) * 4)])
 @pytest.mark.parametrize("shape", [(8, 16384), (3, 30000), (5100, 13), (1, 70000)])
-def test_scale_norm_across_threads_gives_the_python_paths_bits(shape):
-    """ScaleNorm from ``C_SERIAL_BELOW`` elements on: its rows shared out to torch's
-    OpenMP threads by the extension (fewer rows than threads, rows of odd lengths), the
-    same bits as the Python path's threaded kernels.  A child forked after those threads
-    ran, where OpenMP cannot start them (a team started there would hang), turns such
-    calls down to the Python path, whose kernels run on its one thread there: the same
-    bits again."""
+def test_rows_across_threads_give_the_python_paths_bits(name, wanted, shape):
+    """DyT and ScaleNorm from ``C_SERIAL_BELOW`` elements on: their rows shared out to
+    torch's OpenMP threads by the extension (fewer rows than threads, rows of odd
+    lengths), DyT's backward by numba's threaded kernel, called back: the same bits as
+    the Python path's threaded kernels.  A child forked after those threads ran, where
+    OpenMP cannot start them (a team started there would hang), turns such calls down to
+    the Python path, whose kernels run on its one thread there: the same bits again."""
     from addnorm.kernels import _torch_threads
 
     if _torch_threads.openmp_runtime() is None:
         pytest.skip("torch runs on no OpenMP runtime here: the Python path serves these calls")
     inputs = _inputs(shape, torch.float32, 11)
-    wanted = (True, True, False, False)
     with addnorm.backend("numba"):
-        node, ours = _run("scale_norm", inputs, wanted=wanted)
+        node, ours = _run(name, inputs, wanted=wanted)
         with python_path_only():
-            python_node, theirs = _run("scale_norm", inputs, wanted=wanted)
+            python_node, theirs = _run(name, inputs, wanted=wanted)
     assert node == "CppFunction" and python_node != "CppFunction"
     _same_bits(ours, theirs)
     with addnorm.backend("numba"):  # (process-wide: entered here, not in each thread)
-        results = _in_threads(3, lambda: _run("scale_norm", inputs, wanted=wanted)[1])  # each its own team
+        results = _in_threads(3, lambda: _run(name, inputs, wanted=wanted)[1])  # each its own team
     for r in results:
         _same_bits(r, ours)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
-    _FORK_CASE.update(x=inputs[0].clone().requires_grad_(), g=inputs[1].clone().requires_grad_(), dy=dy,
-                      expected=ours[:3])  # y, then the gradients of x and g
+    leaves = [t.clone().requires_grad_(want) for t, want in zip(inputs, wanted)]
+    _FORK_CASE.update(name=name, leaves=leaves, dy=dy, expected=[ours[0], *(g for g in ours[1:] if g is not None)])
     try:
         with multiprocessing.get_context("fork").Pool(1) as pool:
-            child_node, same = pool.apply_async(_scale_norm_in_forked_child).get(120)
+            child_node, same = pool.apply_async(_in_forked_child).get(120)
     finally:
         _FORK_CASE.clear()
-    assert child_node != "CppFunction" and same == [True, True, True]  # the Python path's, on one thread
+    assert child_node != "CppFunction" and same == [True] * (1 + sum(wanted))  # the Python path's, on one thread
 
 
 def _same_bits(ours, theirs):

@@ -248,7 +248,7 @@ def _eager_cpp():
 
     ext = cpp.module()
     if ext is not None:
-        ext.register_math(_dyt_backward_math, _scale_norm_backward_math, _row_norm_gradients)
+        ext.register_math(_dyt_backward_math, _scale_norm_backward_math, _row_norm_gradients, _dyt_backward_threaded)
     return ext
 
 
@@ -665,6 +665,13 @@ def _dyt_backward(ctx, dy):
 def _dyt_backward_math(dy, x, alpha, weight, bias):
     """DyT's backward as the reference's torch ops (differentiable; the C++ path's too)."""
     dx, dalpha, dw, db = reference.dyt_backward(dy, x, alpha, weight, bias)
+    return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None)
+
+
+def _dyt_backward_threaded(dy, x, alpha, weight, bias):
+    """DyT's backward by numba's kernels across threads: the C++ path's node calls it for
+    calls worth threads (its own C entry runs on one)."""
+    dx, dalpha, dw, db = _dyt_bwd(dy, x, alpha, weight, bias, "numba")
     return dx, dalpha, _present(dw, weight is not None), _present(db, bias is not None)
 
 

@@ -16,9 +16,10 @@
 // called back: its kernel has 28 variants to compile, and forward+backward is already
 // 1.6x torch's), and every call this file turns down, for which it returns None: another
 // device, dtype or layout, parameters of another dtype than x, work that is worth
-// threads (serial_below elements and more; but ScaleNorm's below 32 MB, whose rows this
-// file shares out to torch's threads: there the Python path's autograd.Function cost
-// ~7 µs of a 20 µs call), LayerNorm (whose small calls run torch's kernel: functional's
+// threads (serial_below elements and more; but DyT's and ScaleNorm's below 32 MB, whose
+// rows this file shares out to torch's threads: there the Python path's
+// autograd.Function cost ~7 µs of a 20 µs call; DyT's backward there is numba's threaded
+// kernel, called back), LayerNorm (whose small calls run torch's kernel: functional's
 // rule).
 
 // the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
@@ -76,6 +77,7 @@ Kernels kernels;
 // and the saved tensors (ops.py's ``_dyt_backward_math``, ``_scale_norm_backward_math``,
 // set by ``register_math``); held for the life of the process.
 py::object* dyt_backward_math = nullptr;
+py::object* dyt_backward_threaded = nullptr;  // ops.py's ``_dyt_backward_threaded``: numba's, across threads
 py::object* scale_norm_backward_math = nullptr;
 py::object* row_norm_backward_math = nullptr;
 
@@ -144,60 +146,7 @@ bool recording(std::initializer_list<Tensor> inputs) {
 }
 
 // ---------------------------------------------------------------------------
-// DyT: y = w * tanh(alpha * x) + b over rows x (n, d); alpha (1,), w and b (d,) or absent.
-// ---------------------------------------------------------------------------
-
-Tensor dyt_run(const Tensor& x, const Tensor& alpha, const Tensor& w, const Tensor& b) {
-  Tensor y = torch::empty_like(x);
-  kernels.dyt_forward(dtype_code(x.scalar_type()), x.size(0), x.size(1), address(x), address(alpha), address(w),
-                      address(b), address(y));
-  return y;
-}
-
-// (an absent weight or bias travels as an empty optional: autograd takes an undefined
-// tensor among a node's inputs for a tensor, and fails on its device)
-struct DyT : public torch::autograd::Function<DyT> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& alpha,
-                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
-    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-    ctx->save_for_backward({x, alpha, w, b});
-    return dyt_run(x, alpha, w, b);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &alpha = saved[1], &w = saved[2], &b = saved[3];
-    Tensor dy = grads[0];
-    if (needs_math(dy)) return call_math(dyt_backward_math, dy, x, alpha, w, b);
-    dy = dy.contiguous();  // (autograd gives it the output's dtype)
-    const int64_t n = x.size(0), d = x.size(1), blocks = (n + kernels.row_block - 1) / kernels.row_block;
-    Tensor dx = torch::empty_like(x), dalpha = torch::empty_like(alpha);
-    Tensor part = torch::empty({3, blocks, d}, x.options().dtype(acc_type(x.scalar_type())));
-    Tensor dw = w.defined() ? torch::empty_like(w) : Tensor();
-    Tensor db = b.defined() ? torch::empty_like(b) : Tensor();
-    kernels.dyt_backward(dtype_code(x.scalar_type()), n, d, blocks, address(dy), address(x), address(alpha),
-                         address(w), address(dx), address(part), address(dalpha), address(dw), address(db));
-    return {dx, dalpha, dw, db};
-  }
-};
-
-// None where this path does not serve the call (see the top of the file)
-py::object dyt(const Tensor& x, const Tensor& alpha, const c10::optional<Tensor>& weight,
-               const c10::optional<Tensor>& bias) {
-  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-  const at::ScalarType t = x.scalar_type();
-  if (kernels.dyt_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 || x.numel() >= kernels.serial_below ||
-      !x.is_contiguous() || !plain(x, t) || !plain(alpha, t) || alpha.numel() != 1 || !optional_plain(w, t) ||
-      !optional_plain(b, t))
-    return py::none();
-  const Tensor wc = w.defined() ? w.contiguous() : w, bc = b.defined() ? b.contiguous() : b;
-  if ((wc.defined() && wc.numel() != x.size(1)) || (bc.defined() && bc.numel() != x.size(1))) return py::none();
-  if (recording({x, alpha, wc, bc})) return py::cast(DyT::apply(x, alpha, maybe(wc), maybe(bc)));
-  return py::cast(dyt_run(x, alpha, wc, bc));
-}
-
-// ---------------------------------------------------------------------------
-// ScaleNorm: y = g * x / max(||x||, eps) over rows x (n, d); g (1,).
+// Rows across torch's threads (DyT's and ScaleNorm's forward, ScaleNorm's backward).
 // ---------------------------------------------------------------------------
 
 // Whether f(lo, hi) over rows can go across threads here (``over_rows``)
@@ -235,6 +184,70 @@ void over_rows(int64_t n, int64_t d, const F& f) {
 int64_t row_address(const Tensor& t, int64_t lo, int64_t d) {
   return t.defined() ? address(t) + lo * d * static_cast<int64_t>(t.element_size()) : 0;
 }
+
+// ---------------------------------------------------------------------------
+// DyT: y = w * tanh(alpha * x) + b over rows x (n, d); alpha (1,), w and b (d,) or absent.
+// ---------------------------------------------------------------------------
+
+Tensor dyt_run(const Tensor& x, const Tensor& alpha, const Tensor& w, const Tensor& b) {
+  Tensor y = torch::empty_like(x);
+  const int64_t d = x.size(1), code = dtype_code(x.scalar_type());
+  over_rows(x.size(0), d, [&](int64_t lo, int64_t hi) {
+    kernels.dyt_forward(code, hi - lo, d, row_address(x, lo, d), address(alpha), address(w), address(b),
+                        row_address(y, lo, d));
+  });
+  return y;
+}
+
+// (an absent weight or bias travels as an empty optional: autograd takes an undefined
+// tensor among a node's inputs for a tensor, and fails on its device)
+struct DyT : public torch::autograd::Function<DyT> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& alpha,
+                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
+    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    ctx->save_for_backward({x, alpha, w, b});
+    return dyt_run(x, alpha, w, b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &alpha = saved[1], &w = saved[2], &b = saved[3];
+    Tensor dy = grads[0];
+    if (needs_math(dy)) return call_math(dyt_backward_math, dy, x, alpha, w, b);
+    const int64_t n = x.size(0), d = x.size(1), blocks = (n + kernels.row_block - 1) / kernels.row_block;
+    // work worth threads: numba's backward across them (its sums per block of rows then
+    // run in one order whatever the split), called back in Python
+    if (n * d >= kernels.serial_below) return call_math(dyt_backward_threaded, dy, x, alpha, w, b);
+    dy = dy.contiguous();  // (autograd gives it the output's dtype)
+    Tensor dx = torch::empty_like(x), dalpha = torch::empty_like(alpha);
+    Tensor part = torch::empty({3, blocks, d}, x.options().dtype(acc_type(x.scalar_type())));
+    Tensor dw = w.defined() ? torch::empty_like(w) : Tensor();
+    Tensor db = b.defined() ? torch::empty_like(b) : Tensor();
+    kernels.dyt_backward(dtype_code(x.scalar_type()), n, d, blocks, address(dy), address(x), address(alpha),
+                         address(w), address(dx), address(part), address(dalpha), address(dw), address(db));
+    return {dx, dalpha, dw, db};
+  }
+};
+
+// None where this path does not serve the call (see the top of the file)
+py::object dyt(const Tensor& x, const Tensor& alpha, const c10::optional<Tensor>& weight,
+               const c10::optional<Tensor>& bias) {
+  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  const at::ScalarType t = x.scalar_type();
+  if (kernels.dyt_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 ||
+      (x.numel() >= kernels.serial_below && !threaded()) ||
+      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from || !x.is_contiguous() ||
+      !plain(x, t) || !plain(alpha, t) || alpha.numel() != 1 || !optional_plain(w, t) || !optional_plain(b, t))
+    return py::none();
+  const Tensor wc = w.defined() ? w.contiguous() : w, bc = b.defined() ? b.contiguous() : b;
+  if ((wc.defined() && wc.numel() != x.size(1)) || (bc.defined() && bc.numel() != x.size(1))) return py::none();
+  if (recording({x, alpha, wc, bc})) return py::cast(DyT::apply(x, alpha, maybe(wc), maybe(bc)));
+  return py::cast(dyt_run(x, alpha, wc, bc));
+}
+
+// ---------------------------------------------------------------------------
+// ScaleNorm: y = g * x / max(||x||, eps) over rows x (n, d); g (1,).
+// ---------------------------------------------------------------------------
 
 Tensor scale_norm_run(const Tensor& x, const Tensor& g, double eps, Tensor* rnorm) {
   Tensor y = torch::empty_like(x);
@@ -394,10 +407,12 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t p
   kernels.row_block = row_block;
 }
 
-void register_math(const py::object& dyt_math, const py::object& scale_norm_math, const py::object& row_norm_math) {
+void register_math(const py::object& dyt_math, const py::object& scale_norm_math, const py::object& row_norm_math,
+                   const py::object& dyt_threaded) {
   if (dyt_backward_math != nullptr) return;  // once: each op's first call registers them
   // leaked on purpose: a backward may run while the interpreter shuts down
   dyt_backward_math = new py::object(dyt_math);
+  dyt_backward_threaded = new py::object(dyt_threaded);
   scale_norm_backward_math = new py::object(scale_norm_math);
   row_norm_backward_math = new py::object(row_norm_math);
 }
