@@ -1674,8 +1674,9 @@ def _own_float32_tanh() -> int:
     return own_tanh.address
 
 
-llvm.add_symbol(_TANH_SYMBOL, _torch_float32_tanh() or _own_float32_tanh())
-TORCH_FLOAT32_TANH = _torch_float32_tanh() is not None  # DyT's float32 forward is torch's, bit for bit
+_torch_tanh_address = _torch_float32_tanh()
+TORCH_FLOAT32_TANH = _torch_tanh_address is not None  # DyT's float32 forward is torch's, bit for bit
+llvm.add_symbol(_TANH_SYMBOL, _torch_tanh_address or _own_float32_tanh())
 
 
 def _dyt_fwd_rows(x, alpha, w, b, y, lo, hi):
