@@ -180,6 +180,14 @@ void over_rows(int64_t n, int64_t d, const F& f) {
       &task, static_cast<unsigned>(threads), 0);
 }
 
+// Whether x's size is one this file serves by rows (DyT's and ScaleNorm's calls): below
+// serial_below elements on this thread, else across threads where it can start them,
+// below python_from bytes (from there the Python path's outputs come on huge pages)
+bool rows_sized(const Tensor& x) {
+  return (x.numel() < kernels.serial_below || threaded()) &&
+         x.numel() * static_cast<int64_t>(x.element_size()) < kernels.python_from;
+}
+
 // t's storage from row lo on, rows of d values
 int64_t row_address(const Tensor& t, int64_t lo, int64_t d) {
   return t.defined() ? address(t) + lo * d * static_cast<int64_t>(t.element_size()) : 0;
@@ -234,9 +242,7 @@ py::object dyt(const Tensor& x, const Tensor& alpha, const c10::optional<Tensor>
                const c10::optional<Tensor>& bias) {
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   const at::ScalarType t = x.scalar_type();
-  if (kernels.dyt_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 ||
-      (x.numel() >= kernels.serial_below && !threaded()) ||
-      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from || !x.is_contiguous() ||
+  if (kernels.dyt_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 || !rows_sized(x) || !x.is_contiguous() ||
       !plain(x, t) || !plain(alpha, t) || alpha.numel() != 1 || !optional_plain(w, t) || !optional_plain(b, t))
     return py::none();
   const Tensor wc = w.defined() ? w.contiguous() : w, bc = b.defined() ? b.contiguous() : b;
@@ -295,10 +301,8 @@ struct ScaleNorm : public torch::autograd::Function<ScaleNorm> {
 // (y, None), ops.scale_norm's eager contract; None where this path does not serve the call
 py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
   const at::ScalarType t = x.scalar_type();
-  if (kernels.scale_norm_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 ||
-      (x.numel() >= kernels.serial_below && !threaded()) ||
-      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from || !x.is_contiguous() ||
-      !plain(x, t) || !plain(g, t) || g.numel() != 1)
+  if (kernels.scale_norm_forward == nullptr || dtype_code(t) < 0 || x.dim() != 2 || !rows_sized(x) ||
+      !x.is_contiguous() || !plain(x, t) || !plain(g, t) || g.numel() != 1)
     return py::none();
   Tensor y = recording({x, g}) ? ScaleNorm::apply(x, g, eps) : scale_norm_run(x, g, eps, nullptr);
   return py::make_tuple(y, py::none());

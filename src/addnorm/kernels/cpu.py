@@ -1695,9 +1695,8 @@ def _dyt_fwd_rows(x, alpha, w, b, y, lo, hi):
 
 @overload(_dyt_fwd_rows)
 def _dyt_fwd_rows_by_dtype(x, alpha, w, b, y, lo, hi):
-    if x.dtype == types.float32:
-        return lambda x, alpha, w, b, y, lo, hi: _dyt_fwd_rows_f32(x, alpha, w, b, y, lo, hi)
-    return lambda x, alpha, w, b, y, lo, hi: _dyt_fwd_rows_own(x, alpha, w, b, y, lo, hi)
+    kernel = _dyt_fwd_rows_f32 if x.dtype == types.float32 else _dyt_fwd_rows_own
+    return lambda x, alpha, w, b, y, lo, hi: kernel(x, alpha, w, b, y, lo, hi)
 
 
 @njit(inline="always")
