@@ -112,10 +112,7 @@ def test_float32_tanh_without_mkl_is_ours():
     from addnorm.kernels import cpu
 
     own = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)(cpu._own_float32_tanh())
-    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
-    low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
-    x = ((bits << 16) | low).view(torch.float32)
-    x = x[x.isfinite()].contiguous()
+    x = _float32_spread()
     y = torch.empty_like(x)
     own(len(x), x.data_ptr(), y.data_ptr())
     exact = torch.tanh(x.double()).float()
@@ -132,6 +129,15 @@ def test_dyt_saturates_and_propagates_nan(backend):
     assert y[0, 7].isnan()
 
 
+def _float32_spread():
+    """2^16 finite float32 values over every exponent: each high half of 16 bits, with a
+    random low half."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
+    x = ((bits << 16) | low).view(torch.float32)
+    return x[x.isfinite()].contiguous()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dyt_tanh_of_every_value(backend, dtype):
     """tanh, DyT without affine, of every finite float16 and bfloat16 value (and of 2^16
@@ -144,13 +150,11 @@ def test_dyt_tanh_of_every_value(backend, dtype):
     its code by CPU: 31 of these 98,048 on an Intel Xeon, fewer than 10 on an AMD EPYC)."""
     from addnorm.kernels import cpu
 
-    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
-    if dtype == torch.float32:  # the high 16 bits of float32 values, a random low half
-        low = torch.randint(0, 2**16, bits.shape, generator=torch.Generator().manual_seed(0))
-        x = ((bits << 16) | low).view(torch.float32)
+    if dtype == torch.float32:
+        x = _float32_spread()
     else:
-        x = bits.to(torch.int16).view(dtype)
-    x = x[x.isfinite()]
+        x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        x = x[x.isfinite()]
     y = AF.dyt(x[None], torch.ones(1, dtype=dtype))[0]
     exact = torch.tanh(x.double()).to(dtype)
     assert torch.equal(torch.signbit(y), torch.signbit(exact))
