@@ -1,11 +1,12 @@
 """The C++ eager path (csrc/eager.cpp): built here, serving small DyT, ScaleNorm and
-RMSNorm (and add+RMSNorm) calls, bit for bit what the Python path computes, in every
-autograd mode it meets.
+RMSNorm (and add+RMSNorm) calls and channels-last GroupNorm's, bit for bit what the
+Python path computes, in every autograd mode it meets.
 
 The other test files meet the path wherever they call these ops small on the numba
 backend (against torch and the float64 reference); this one pins down that it is there,
 which calls it takes and turns down, and that both paths agree."""
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -15,7 +16,7 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import addnorm
@@ -56,6 +57,15 @@ OPS = {
     "add_rms_norm_plain": lambda x, p, w, b: AF.add_rms_norm(x, b, x.shape[-1:], casting_mode="llama"),
 }
 RESIDUAL = {"add_rms_norm", "add_rms_norm_plain"}
+# GroupNorm of a channels-last input, of (x, w, b) (``_gn_inputs``): 4 groups, with its
+# affine parameters, each alone, none
+GN_OPS = {
+    "group_norm": lambda x, w, b: AF.group_norm(x, 4, w, b),
+    "group_norm_weight": lambda x, w, b: AF.group_norm(x, 4, w),
+    "group_norm_bias": lambda x, w, b: AF.group_norm(x, 4, None, b),
+    "group_norm_plain": lambda x, w, b: AF.group_norm(x, 4),
+}
+ALL_OPS = {**OPS, **GN_OPS}
 
 
 def _node(y):
@@ -79,11 +89,20 @@ def _inputs(shape, dtype, seed, spread=2.0, residual=False):
     return x, p, w, b
 
 
+def _gn_inputs(shape, dtype, seed, spread=2.0):
+    """(x, w, b) of a GroupNorm: x of ``shape`` (4 or 5 dims) channels-last, w and b per channel"""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + 0.5).to(dtype)
+    w = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype)
+    return x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d), w, b
+
+
 def _run(name, inputs, dy_seed=1, wanted=(True, True, True, True)):
     """The op's outputs and the gradients of the ``wanted`` inputs, with the name of the
-    node that made its first output."""
+    node that made its first output; ``name`` an op's in ``ALL_OPS``, or the op itself."""
     leaves = [t.clone().requires_grad_(bool(want)) for t, want in zip(inputs, wanted)]
-    out = OPS[name](*leaves)
+    out = (ALL_OPS[name] if isinstance(name, str) else name)(*leaves)
     out = out if isinstance(out, tuple) else (out,)
     g = torch.Generator().manual_seed(dy_seed)
     dys = [torch.randn(y.shape, generator=g).to(y.dtype) for y in out]
@@ -169,9 +188,12 @@ def _in_forked_child():
     import numpy as np
 
     c = _FORK_CASE
-    y = OPS[c["name"]](*c["leaves"])
+    y = ALL_OPS[c["name"]](*c["leaves"])
     grads = torch.autograd.grad(y, [t for t in c["leaves"] if t.requires_grad], c["dy"])
-    same = [np.array_equal(a.detach().numpy(), b.numpy()) for a, b in zip((y, *grads), c["expected"])]
+    def bits(t):  # (numpy has no bfloat16)
+        return (t.view(torch.int16) if t.element_size() == 2 else t).detach().numpy()
+
+    same = [np.array_equal(bits(a), bits(b)) for a, b in zip((y, *grads), c["expected"])]
     return _node(y), same
 
 
@@ -185,11 +207,17 @@ def test_rows_across_threads_give_the_python_paths_bits(name, wanted, shape):
     the Python path's threaded kernels.  A child forked after those threads ran, where
     OpenMP cannot start them (a team started there would hang), turns such calls down to
     the Python path, whose kernels run on its one thread there: the same bits again."""
+    _across_threads_same_bits(name, _inputs(shape, torch.float32, 11), wanted)
+
+
+def _across_threads_same_bits(name, inputs, wanted):
+    """The op on ``inputs`` (work worth threads) on the C++ path against the Python
+    path's bits: here, in three Python threads at once, and in a forked child."""
     from addnorm.kernels import _torch_threads
 
     if _torch_threads.openmp_runtime() is None:
         pytest.skip("torch runs on no OpenMP runtime here: the Python path serves these calls")
-    inputs = _inputs(shape, torch.float32, 11)
+    shape = inputs[0].shape
     with addnorm.backend("numba"):
         node, ours = _run(name, inputs, wanted=wanted)
         with python_path_only():
@@ -200,7 +228,9 @@ def test_rows_across_threads_give_the_python_paths_bits(name, wanted, shape):
         results = _in_threads(3, lambda: _run(name, inputs, wanted=wanted)[1])  # each its own team
     for r in results:
         _same_bits(r, ours)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))  # (``_run``'s)
+    # ``_run``'s, in x's layout: the child's backward makes no copy (torch's parallel copy
+    # would hang there)
+    dy = torch.empty_like(inputs[0]).copy_(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
     leaves = [t.clone().requires_grad_(want) for t, want in zip(inputs, wanted)]
     _FORK_CASE.update(name=name, leaves=leaves, dy=dy, expected=[ours[0], *(g for g in ours[1:] if g is not None)])
     try:
@@ -215,7 +245,8 @@ def _same_bits(ours, theirs):
     for a, b in zip(ours, theirs):
         assert (a is None) == (b is None)
         if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            a, b = a.reshape(-1), b.reshape(-1)  # (a channels-last output: its values in one order)
             assert torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
 
 
@@ -429,3 +460,123 @@ def test_backward_under_a_dispatch_mode_is_made_of_torch_ops():
         (got,) = torch.autograd.grad(y, xl, dy)
     assert "tanh" in mode.ops
     torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm of a channels-last input: the rule's "group_norm_ours" calls
+# ---------------------------------------------------------------------------
+
+
+@needs_cpp
+@settings(max_examples=60, deadline=None)
+@given(
+    affine=st.sampled_from(sorted(GN_OPS)),
+    n=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    per_group=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 6), min_size=2, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_group_norm_same_bits_as_the_python_path(affine, n, groups, per_group, spatial, dtype, seed):
+    """Every dtype, 4 and 5 dims, each affine parameter present or not and each input's
+    gradient wanted or not: the C++ node's outputs and gradients are the Python path's
+    bits.  A channels-last tensor that is contiguous as well (one channel or one
+    position) is the contiguous kernel's: the Python path's."""
+    assume(n * per_group * math.prod(spatial) > 1)  # (more than one value per group)
+    c = groups * per_group
+    inputs = _gn_inputs((n, c, *spatial), dtype, seed)
+    wanted = [True] * 3 if seed % 3 else [i == seed % 3 for i in range(3)]
+
+    def op(x, w, b):
+        return GN_OPS[affine](x, w, b) if groups == 4 else AF.group_norm(
+            x, groups, w if "weight" in affine or affine == "group_norm" else None,
+            b if "bias" in affine or affine == "group_norm" else None)
+
+    with addnorm.backend("numba"):
+        node, ours = _run(op, inputs, wanted=wanted)
+        with python_path_only():
+            python_node, theirs = _run(op, inputs, wanted=wanted)
+    _same_bits(ours, theirs)
+    reads = [True, affine in ("group_norm", "group_norm_weight"), affine in ("group_norm", "group_norm_bias")]
+    if not any(want and read for want, read in zip(wanted, reads)):
+        assert node is None and python_node is None  # nothing recorded
+    else:
+        assert (node == "CppFunction") == (not inputs[0].is_contiguous()) and python_node != "CppFunction"
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["group_norm", "group_norm_bias"])
+@pytest.mark.parametrize("wanted", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)])
+def test_group_norm_gradients_asked_for(name, wanted):
+    """Each input's gradient alone and in pairs, with a bias beside a weight and a bias
+    alone (autograd counts the node's inputs present: the bias is its second there)."""
+    inputs = _gn_inputs((2, 8, 3, 5), torch.float32, 3)
+    with addnorm.backend("numba"):
+        node, ours = _run(name, inputs, wanted=wanted)
+        with python_path_only():
+            _, theirs = _run(name, inputs, wanted=wanted)
+    assert node in ("CppFunction", None)
+    _same_bits(ours, theirs)
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape, dtype", [((4, 64, 32, 32), torch.float32), ((3, 36, 33, 31), torch.float32),
+                                          ((2, 320, 16, 16), torch.bfloat16), ((2, 24, 8, 16, 24), torch.float16)])
+def test_group_norm_samples_across_threads_give_the_python_paths_bits(shape, dtype):
+    """From ``C_SERIAL_BELOW`` elements on, samples shared out to torch's threads (more
+    samples than threads, an odd count): the Python path's bits, whose kernel runs a
+    sample a thread as well; in Python threads at once, and in a forked child."""
+    if shape[0] < torch.get_num_threads():
+        pytest.skip("fewer samples than threads: the Python path's split kernel serves these")
+    _across_threads_same_bits("group_norm", _gn_inputs(shape, dtype, 5), (True, True, True))
+
+
+@needs_cpp
+def test_which_group_norm_calls_it_serves():
+    from addnorm.kernels import cpu
+
+    x, w, b = _gn_inputs((2, 8, 4, 4), torch.float32, 0)
+    leaf = x.clone().requires_grad_()
+    with addnorm.backend("numba"):
+        assert _node(AF.group_norm(leaf, 4, w, b)) == "CppFunction"
+        x5, w5, b5 = _gn_inputs((2, 8, 2, 3, 4), torch.bfloat16, 1)
+        assert _node(AF.group_norm(x5.requires_grad_(), 2, w5, b5)) == "CppFunction"
+        # turned down, to the Python path: a contiguous input, parameters of another
+        # dtype (float32 beside bfloat16), 32 MB and more
+        assert _node(AF.group_norm(leaf.contiguous(), 4, w, b)) != "CppFunction"
+        half = leaf.detach().bfloat16().requires_grad_()
+        assert _node(AF.group_norm(half, 4, w, b)) != "CppFunction"
+        huge = torch.empty(2, 64, 256, cpu._FRESH_MMAP_BYTES // 4 // (2 * 64 * 256)).to(
+            memory_format=torch.channels_last).requires_grad_()
+        assert _node(AF.group_norm(huge, 4)) != "CppFunction"
+        # work worth threads with fewer samples than threads: the Python path splits each
+        # sample's rows there
+        one = torch.randn(1, 64, 64, 64).to(memory_format=torch.channels_last).requires_grad_()
+        assert (_node(AF.group_norm(one, 4)) == "CppFunction") == (torch.get_num_threads() == 1)
+    with addnorm.backend("torch"):
+        assert _node(AF.group_norm(leaf, 4, w, b)) != "CppFunction"
+    # addnorm's choice: a half-precision UNet shape recording its graph runs our kernel
+    # (functional's rule), one sample a thread
+    unet = torch.randn(2, 64, 64, 64).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
+    served = unet.shape[0] >= torch.get_num_threads()
+    assert (_node(AF.group_norm(unet, 32, torch.ones(64).bfloat16(), torch.zeros(64).bfloat16()))
+            == "CppFunction") == served
+    with torch.no_grad():
+        with addnorm.backend("numba"):
+            y = AF.group_norm(leaf, 4, w, b)
+    assert y.grad_fn is None and not y.requires_grad
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", sorted(GN_OPS))
+def test_group_norm_gradcheck_and_gradgradcheck_through_it(name):
+    """float64 on the C++ node, 4 and 5 dims; the double backward is the reference's
+    torch ops, called back (create_graph=True)."""
+    for shape in ((2, 8, 3, 2), (2, 4, 2, 1, 3)):
+        leaves = [t.clone().requires_grad_() for t in _gn_inputs(shape, torch.float64, 2)]
+        with addnorm.backend("numba"):
+            assert _node(GN_OPS[name](*leaves)) == "CppFunction"
+            assert torch.autograd.gradcheck(GN_OPS[name], leaves)
+            assert torch.autograd.gradgradcheck(GN_OPS[name], leaves)

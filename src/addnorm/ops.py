@@ -248,7 +248,8 @@ def _eager_cpp():
 
     ext = cpp.module()
     if ext is not None:
-        ext.register_math(_dyt_backward_math, _scale_norm_backward_math, _row_norm_gradients, _dyt_backward_threaded)
+        ext.register_math(_dyt_backward_math, _scale_norm_backward_math, _row_norm_gradients, _dyt_backward_threaded,
+                          _group_norm_grads)
     return ext
 
 
@@ -496,7 +497,7 @@ group_norm = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_n
 # for its running ones): in eager the statistics stay saved intermediates, not outputs
 # (each output costs autograd ~0.4 µs a call)
 group_norm_y = _Entry(group_norm_fwd, _group_norm_fwd, _group_norm_setup, _group_norm_backward, _group_norm_eager,
-                      visible=1)
+                      visible=1, cpp="group_norm")
 
 
 def _group_norm_fwd_aten(

@@ -1,5 +1,6 @@
-// The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, in C++:
-// the autograd node and the kernel call without Python between them.
+// The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, and of a
+// channels-last GroupNorm, in C++: the autograd node and the kernel call without Python
+// between them.
 //
 // In Python a small call pays for its layers: an autograd.Function's C apply alone costs
 // ~3 µs, and the whole forward of a DyT over 64 values recording its graph ~12 µs, where
@@ -20,7 +21,10 @@
 // rows this file shares out to torch's threads: there the Python path's
 // autograd.Function cost ~7 µs of a 20 µs call; DyT's backward there is numba's threaded
 // kernel, called back), LayerNorm (whose small calls run torch's kernel: functional's
-// rule).
+// rule).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there Python's
+// layers cost more than their few µs each, because the kernel before them has evicted
+// them from the caches: the whole Python path of a recorded float16 2x640x32x32 call
+// took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
 
 // the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
 // frontend (modules, optimizers, data loaders) and took most of the compiler's ~30 s
@@ -49,6 +53,8 @@ using ScaleNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, 
                                    int64_t, double);
 using RmsNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                 double, double, int64_t, int64_t);
+using GroupNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t, int64_t, double);
 
 struct Kernels {
   DytForward dyt_forward = nullptr;
@@ -56,6 +62,7 @@ struct Kernels {
   ScaleNormForward scale_norm_forward = nullptr;
   ScaleNormBackward scale_norm_backward = nullptr;
   RmsNormForward rms_norm_forward = nullptr;
+  GroupNormForward group_norm_cl_forward = nullptr;
   int64_t serial_below = 0;  // elements: kernels/cpu.py's C_SERIAL_BELOW
   // bytes of x from which ScaleNorm takes the Python path (kernels/cpu.py's
   // _FRESH_MMAP_BYTES: there its outputs come on huge pages)
@@ -80,6 +87,7 @@ py::object* dyt_backward_math = nullptr;
 py::object* dyt_backward_threaded = nullptr;  // ops.py's ``_dyt_backward_threaded``: numba's, across threads
 py::object* scale_norm_backward_math = nullptr;
 py::object* row_norm_backward_math = nullptr;
+py::object* group_norm_backward_math = nullptr;  // ops.py's ``_group_norm_grads``: numba's, or the reference's
 
 // dtype code of the C entry points (kernels/cpu.py's ``C_DTYPES``), -1: not served here
 int dtype_code(at::ScalarType t) {
@@ -390,6 +398,87 @@ py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, cons
   return py::make_tuple(out.y, as_py(out.r), py::none(), py::none());
 }
 
+// ---------------------------------------------------------------------------
+// GroupNorm of a channels-last input x (N, C, *spatial): statistics per (sample, group of
+// C / groups channels), then y = (x - mean) * rstd * w + b per channel; w and b (C,) or
+// absent.  Only channels-last: there functional's rule runs our kernel (a contiguous
+// GroupNorm runs torch's); samples across torch's threads, one sample a thread's work.
+// ---------------------------------------------------------------------------
+
+struct GroupNormOutputs {
+  Tensor y, mean, var;
+};
+
+GroupNormOutputs group_norm_run(const Tensor& x, const Tensor& w, const Tensor& b, int64_t groups, double eps) {
+  const int64_t n = x.size(0), c = x.size(1), sample = x.numel() / n, length = sample / c;
+  const auto stats = x.options().dtype(acc_type(x.scalar_type()));
+  GroupNormOutputs out{torch::empty_like(x), torch::empty({n, groups}, stats), torch::empty({n, groups}, stats)};
+  const int64_t code = dtype_code(x.scalar_type());
+  over_rows(n, sample, [&](int64_t lo, int64_t hi) {
+    kernels.group_norm_cl_forward(code, hi - lo, c, length, groups, row_address(x, lo, sample), address(w),
+                                  address(b), row_address(out.y, lo, sample), row_address(out.mean, lo, groups),
+                                  row_address(out.var, lo, groups), eps);
+  });
+  return out;
+}
+
+struct GroupNorm : public torch::autograd::Function<GroupNorm> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, int64_t groups, double eps) {
+    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    GroupNormOutputs out = group_norm_run(x, w, b, groups, eps);
+    ctx->save_for_backward({x, w, b, out.mean, out.var});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    return out.y;
+  }
+
+  // ops._group_norm_grads, in Python: numba's kernel across its threads, or the
+  // reference's torch ops where the backward must be differentiable
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2];
+    variable_list g = call_math(group_norm_backward_math, grads[0], x, w, b, saved[3], saved[4],
+                                ctx->saved_data["groups"].toInt(), ctx->saved_data["eps"].toDouble(), "numba");
+    // (needs_input_grad counts the tensor inputs present: x, then the weight and bias given)
+    const bool needs_w = w.defined() && ctx->needs_input_grad(1);
+    const bool needs_b = b.defined() && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    return {ctx->needs_input_grad(0) ? g[0] : Tensor(), needs_w ? g[1] : Tensor(), needs_b ? g[2] : Tensor(),
+            Tensor(), Tensor()};
+  }
+};
+
+// Whether x is channels-last (4D) or channels-last-3d (5D), and not contiguous as well
+// (one channel, or one position: reference.memory_format's call, the contiguous kernel's)
+bool channels_last(const Tensor& x) {
+  if (x.is_contiguous()) return false;
+  return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+bool per_channel(const Tensor& p, at::ScalarType t, int64_t c) {
+  return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == c && p.is_contiguous());
+}
+
+// (y, None, None), ops.group_norm_y's eager contract; None where this path does not serve
+// the call: another layout, dtype or device, parameters of another dtype than x, fewer
+// samples than threads in work worth threads (the Python path splits each sample's rows
+// there), or python_from bytes and more
+py::object group_norm(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                      int64_t groups, double eps) {
+  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  const at::ScalarType t = x.scalar_type();
+  if (kernels.group_norm_cl_forward == nullptr || dtype_code(t) < 0 || !plain(x, t) || !channels_last(x) ||
+      x.numel() == 0 || groups <= 0 || x.size(1) % groups != 0 || !per_channel(w, t, x.size(1)) ||
+      !per_channel(b, t, x.size(1)) ||
+      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from ||
+      (x.numel() >= kernels.serial_below && (!threaded() || x.size(0) < at::get_num_threads())))
+    return py::none();
+  Tensor y = recording({x, w, b}) ? GroupNorm::apply(x, maybe(w), maybe(b), groups, eps)
+                                  : group_norm_run(x, w, b, groups, eps).y;
+  return py::make_tuple(y, py::none(), py::none());
+}
+
 void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t python_from, int64_t forked,
                       int64_t row_block, int64_t float_lanes, int64_t double_lanes) {
   auto get = [&](const char* name) { return reinterpret_cast<void*>(addresses[name].cast<int64_t>()); };
@@ -398,6 +487,7 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t p
   kernels.scale_norm_forward = reinterpret_cast<ScaleNormForward>(get("scale_norm_forward"));
   kernels.scale_norm_backward = reinterpret_cast<ScaleNormBackward>(get("scale_norm_backward"));
   kernels.rms_norm_forward = reinterpret_cast<RmsNormForward>(get("rms_norm_forward"));
+  kernels.group_norm_cl_forward = reinterpret_cast<GroupNormForward>(get("group_norm_cl_forward"));
   kernels.float_lanes = float_lanes;
   kernels.double_lanes = double_lanes;
   kernels.serial_below = serial_below;
@@ -412,13 +502,14 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t p
 }
 
 void register_math(const py::object& dyt_math, const py::object& scale_norm_math, const py::object& row_norm_math,
-                   const py::object& dyt_threaded) {
+                   const py::object& dyt_threaded, const py::object& group_norm_math) {
   if (dyt_backward_math != nullptr) return;  // once: each op's first call registers them
   // leaked on purpose: a backward may run while the interpreter shuts down
   dyt_backward_math = new py::object(dyt_math);
   dyt_backward_threaded = new py::object(dyt_threaded);
   scale_norm_backward_math = new py::object(scale_norm_math);
   row_norm_backward_math = new py::object(row_norm_math);
+  group_norm_backward_math = new py::object(group_norm_math);
 }
 
 }  // namespace
@@ -429,6 +520,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_norm", &scale_norm, "ScaleNorm's eager forward, as dyt's; (y, None) or None");
   m.def("row_norm", &row_norm, "RMSNorm's eager forward (with or without the residual add), as dyt's; "
         "(y, r or None, None, None) or None");
+  m.def("group_norm", &group_norm, "GroupNorm's eager forward of a channels-last input, as dyt's; "
+        "(y, None, None) or None");
   m.def("register_kernels", &register_kernels);
   m.def("register_math", &register_math);
 }

@@ -3,9 +3,9 @@ first call that can use it.
 
 A small DyT, ScaleNorm or RMSNorm call in Python costs more than its kernel (an
 ``autograd.Function`` alone ~3 µs); the extension runs the same numba kernels, through
-their C entry points (``cpu.c_entry_points``), behind a C++ autograd node (ScaleNorm's
-larger calls too, their rows across torch's OpenMP threads: ``_load`` hands it the
-runtime's functions).  It needs a
+their C entry points (``cpu.c_entry_points``), behind a C++ autograd node (DyT's and
+ScaleNorm's larger calls too, and channels-last GroupNorm's, their rows or samples across
+torch's OpenMP threads: ``_load`` hands it the runtime's functions).  It needs a
 C++ compiler and ninja, and it is built by ``addnorm build`` (``make install`` runs it)
 with ``torch.utils.cpp_extension`` into ``addnorm/_build/<key>`` beside the package
 (or ``~/.cache/addnorm/build/<key>`` where the package's folder is read-only), ``key``

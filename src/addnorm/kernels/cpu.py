@@ -1316,21 +1316,35 @@ def _cl_group_affine(x, mean, m2, length, w, b, mean_out, var_out, centre, scale
             scale[g * cpg + k], bias[g * cpg + k] = _channel_affine(w, b, g * cpg + k, rstd, acc(x, mg - ctr))
 
 
+@njit(inline="always")
+def _cl_group_norm_sample(x, w, b, y, mean_out, var_out, coef, groups, eps_):
+    """One channels-last sample x, y (L, C): per-channel moments along L in one pass,
+    folded into coef = (centre, scale, bias) per channel, then the output while x is in
+    cache; mean_out and var_out (G,)."""
+    length, channels = x.shape
+    mean, m2 = np.empty(channels, dtype=np.float64), np.empty(channels, dtype=np.float64)
+    _column_moments(x, 0, length, mean, m2)
+    _cl_group_affine(x, mean, m2, length, w, b, mean_out, var_out, coef[0], coef[1], coef[2], groups, eps_)
+    numbers = _finite_map(coef[1], coef[2])
+    for l in range(length):
+        _affine_row_cl(x[l], y[l], coef[0], coef[1], coef[2], numbers)
+
+
 @njit(**_JIT)
 def _group_norm_cl_fwd(x, w, b, y, mean_out, var_out, coef, groups, eps):
-    """x, y: (N, L, C), one sample per parallel step: per-channel moments along L in one
-    pass, folded into coef[n] = (centre, scale, bias) per channel, then the sample's
-    output while its block is in cache."""
-    n, length, channels = x.shape
+    """x, y: (N, L, C), one sample per parallel step (``_cl_group_norm_sample``)."""
     eps_ = acc(x, eps)
-    for i in prange(n):
-        mean, m2 = np.empty(channels, dtype=np.float64), np.empty(channels, dtype=np.float64)
-        _column_moments(x[i], 0, length, mean, m2)
-        _cl_group_affine(x, mean, m2, length, w, b, mean_out[i], var_out[i], coef[i, 0], coef[i, 1], coef[i, 2],
-                         groups, eps_)
-        numbers = _finite_map(coef[i, 1], coef[i, 2])
-        for l in range(length):  # the sample's block is still in cache
-            _affine_row_cl(x[i, l], y[i, l], coef[i, 0], coef[i, 1], coef[i, 2], numbers)
+    for i in prange(x.shape[0]):
+        _cl_group_norm_sample(x[i], w, b, y[i], mean_out[i], var_out[i], coef[i], groups, eps_)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)  # (the flags of the parallel kernel's: its bits)
+def _group_norm_cl_samples(x, w, b, y, mean_out, var_out, coef, groups, eps):
+    """``_group_norm_cl_fwd`` on the calling thread (the C++ eager path's, which shares
+    samples out to threads itself), one coef (3, C) for every sample."""
+    eps_ = acc(x, eps)
+    for i in range(x.shape[0]):
+        _cl_group_norm_sample(x[i], w, b, y[i], mean_out[i], var_out[i], coef, groups, eps_)
 
 
 @njit(inline="always")
@@ -2536,6 +2550,30 @@ def scale_norm_backward_c(code, n, d, dy, x, w, rnorm, dx, dots, eps):
 
 
 @njit(inline="always")
+def _group_norm_cl_fwd_c(t, s, n, c, length, groups, x, w, b, y, mean, var, eps):
+    shape = (n, length, c)
+    xs, ys = at(x, t, shape), at(y, t, shape)
+    means, variances = at(mean, s, (n, groups)), at(var, s, (n, groups))
+    wa, ba = _acc_param(w, t, t, c), _acc_param(b, t, t, c)
+    _group_norm_cl_samples(xs, wa, ba, ys, means, variances, scratch(t, (3, c)), groups, eps)
+
+
+def group_norm_cl_forward_c(code, n, c, length, groups, x, w, b, y, mean, var, eps):
+    """``group_norm_forward`` of n channels-last samples on the calling thread: x, y
+    (n, L, C); the weight and bias of x's dtype, each absent at address 0; mean and var
+    (n, groups) of the accumulation type.  The Python path's kernel, a sample at a time
+    (``_group_norm_cl_fwd``): the same bits."""
+    if code == 0:
+        _group_norm_cl_fwd_c(_F32, _F32, n, c, length, groups, x, w, b, y, mean, var, eps)
+    elif code == 1:
+        _group_norm_cl_fwd_c(_F64, _F64, n, c, length, groups, x, w, b, y, mean, var, eps)
+    elif code == 2:
+        _group_norm_cl_fwd_c(_BF16, _F32, n, c, length, groups, x, w, b, y, mean, var, eps)
+    else:
+        _group_norm_cl_fwd_c(_F16, _F32, n, c, length, groups, x, w, b, y, mean, var, eps)
+
+
+@njit(inline="always")
 def _rms_norm_rows_c(t, s, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes):
     # the by-address entry's serial call: the same ``_row_norm_fwd_rows`` specializations
     # as the Python path's, shared in numba's cache
@@ -2588,6 +2626,7 @@ C_SIGNATURES = {  # what eager.cpp declares for each
     "dyt_backward": types.void(*[_i64] * 13),
     "scale_norm_forward": types.void(*[_i64] * 7, _f64),
     "scale_norm_backward": types.void(*[_i64] * 9, _f64),
+    "group_norm_cl_forward": types.void(*[_i64] * 11, _f64),
 }
 
 
