@@ -556,12 +556,6 @@ def test_which_group_norm_calls_it_serves():
         assert (_node(AF.group_norm(one, 4)) == "CppFunction") == (torch.get_num_threads() == 1)
     with addnorm.backend("torch"):
         assert _node(AF.group_norm(leaf, 4, w, b)) != "CppFunction"
-    # addnorm's choice: a half-precision UNet shape recording its graph runs our kernel
-    # (functional's rule), one sample a thread
-    unet = torch.randn(2, 64, 64, 64).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
-    served = unet.shape[0] >= torch.get_num_threads()
-    assert (_node(AF.group_norm(unet, 32, torch.ones(64).bfloat16(), torch.zeros(64).bfloat16()))
-            == "CppFunction") == served
     with torch.no_grad():
         with addnorm.backend("numba"):
             y = AF.group_norm(leaf, 4, w, b)
@@ -580,3 +574,111 @@ def test_group_norm_gradcheck_and_gradgradcheck_through_it(name):
             assert _node(GN_OPS[name](*leaves)) == "CppFunction"
             assert torch.autograd.gradcheck(GN_OPS[name], leaves)
             assert torch.autograd.gradgradcheck(GN_OPS[name], leaves)
+
+
+@needs_cpp
+def test_group_norm_node_saves_as_torchs_nodes_do():
+    """GroupNorm's node (a Node with saved variables, as torch's generated ones):
+    saved-tensor hooks see what it saves, both kinds of checkpointing give the same
+    gradients, an in-place change of a saved input is caught, a second backward needs
+    retain_graph, and autograd.grad of the weight alone asks the kernel for no more."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, b = _gn_inputs((2, 8, 4, 4), torch.float32, 4)
+    conv = torch.nn.Conv2d(8, 8, 1).to(memory_format=torch.channels_last)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+
+    def block(t):
+        return torch.nn.functional.silu(AF.group_norm(conv(t), 4, w, b))
+
+    def grads(run):
+        for t in leaves:
+            t.grad = None
+        run().square().sum().backward()
+        return [t.grad.clone() for t in leaves]
+
+    with addnorm.backend("numba"):
+        y = AF.group_norm(x, 4, w, b)
+        assert _node(y) == "CppFunction" and y.grad_fn.name() == "GroupNormBackward"
+        expected = grads(lambda: block(x))
+        for reentrant in (False, True):
+            got = grads(lambda: checkpoint(block, x, use_reentrant=reentrant))
+            assert all(torch.equal(a, e) for a, e in zip(got, expected))
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t.clone(), lambda t: t):
+            AF.group_norm(x, 4, w, b)
+        assert packed == [(2, 8, 4, 4), (8,), (8,), (2, 4), (2, 4)]  # x, w, b, mean, var
+        with torch.autograd.graph.save_on_cpu():
+            assert all(torch.equal(a, e) for a, e in zip(grads(lambda: block(x)), expected))
+        (dw,) = torch.autograd.grad(AF.group_norm(x, 4, w, b).sum(), [w])
+        # (torch 2.13's own channels-last backward, asked for the weight's gradient alone,
+        # crashes the process: against its contiguous one)
+        flat = torch.nn.functional.group_norm(x.contiguous(), 4, w, b)
+        torch.testing.assert_close(dw, torch.autograd.grad(flat.sum(), [w])[0])
+        h = x * 1.0
+        y = AF.group_norm(h, 4, w, b)
+        h.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        y = AF.group_norm(x, 4, w, b)
+        y.sum().backward(retain_graph=True)
+        y.sum().backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            y.sum().backward()
+
+
+@needs_cpp
+@pytest.mark.native_rule
+def test_group_norm_rule_calls_go_there_only_in_plain_eager():
+    """addnorm's choice of our kernel (a bfloat16 channels-last call recording its graph,
+    2 channels a group: functional's rule) goes straight to the C++ path, past
+    functional's layers, in plain eager execution only: a forward-AD dual input gets its
+    tangent (the reference's ops), a dispatch mode sees the custom op, torch.func
+    differentiates it."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from addnorm import functional, ops
+
+    x, w, b = _gn_inputs((2, 64, 16, 16), torch.bfloat16, 6)
+    leaf = x.clone().requires_grad_()
+    assert functional._group_norm_rule(leaf, 32, w, b) == "group_norm_ours"
+    served = []
+    eager_cpp = ops._Entry.eager_cpp
+
+    def seen(entry, *args):
+        served.append(entry is ops.group_norm_y)
+        return eager_cpp(entry, *args)
+
+    ops._Entry.eager_cpp = seen
+    try:
+        assert _node(AF.group_norm(leaf, 32, w, b)) == "CppFunction" and served == [True]
+    finally:
+        ops._Entry.eager_cpp = eager_cpp
+    # a UNet's shape, one sample a thread where there are as many threads
+    unet = torch.randn(2, 64, 64, 64).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
+    assert (_node(AF.group_norm(unet, 32, w, b)) == "CppFunction") == (torch.get_num_threads() <= 2)
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        y = AF.group_norm(fwAD.make_dual(x, tangent), 32, w, b)
+        jvp = fwAD.unpack_dual(y).tangent
+    # (torch 2.13's own forward AD fails on a channels-last input: its contiguous one)
+    _, expected = torch.func.jvp(lambda t: torch.nn.functional.group_norm(t, 32, w.double(), b.double()),
+                                 (x.double().contiguous(),), (tangent.double().contiguous(),))
+    torch.testing.assert_close(jvp.double(), expected, atol=0.1, rtol=0.05)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        AF.group_norm(leaf, 32, w, b)
+    assert any(op.startswith("addnorm.group_norm_fwd") for op in mode.ops), mode.ops
+    grad = torch.func.grad(lambda t: AF.group_norm(t, 32, w, b).float().square().sum())(x)
+    (plain,) = torch.autograd.grad(AF.group_norm(leaf, 32, w, b).float().square().sum(), [leaf])
+    torch.testing.assert_close(grad.float(), plain.float(), atol=0.1, rtol=0.05)

@@ -218,6 +218,12 @@ class _Entry:
         self.cpp = None if ext is None else getattr(ext, self.cpp_name)
         return None if self.cpp is None else self.cpp(*args)
 
+    def eager_cpp(self, *args):
+        """The op's C++ eager path on ``args`` (without the backend) of a call that a
+        caller has found plain eager, on the numba backend: its outputs, or None where
+        the path does not serve the call (or there is none)."""
+        return None if self.cpp is None else self.cpp(*args)
+
     def __call__(self, *args):
         if _traced(args):
             return self.op(*args)
