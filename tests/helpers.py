@@ -1,10 +1,11 @@
 """The tolerance rule of DESIGN.md section 6, a relative-error check for other
-backends and devices, ways to make test inputs, and one compiled training step checked
-against eager."""
+backends and devices, ways to make test inputs, one compiled training step checked
+against eager, and a dispatch mode that lists the ops it sees."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import addnorm.reference as R
 
@@ -101,3 +102,16 @@ def assert_same_step(eager, model, compiled, x, rtol=1e-4, grad_rtol=1e-3):
     yc.square().sum().backward()
     for (name, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=grad_rtol, atol=1e-4, msg=name)
+
+
+class SeenOps(TorchDispatchMode):
+    """A dispatch mode (as a tracer or FlopCounterMode is one) that runs each op and
+    keeps its name in ``seen``: "aten.tanh.default", "addnorm.group_norm_fwd.default"."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))

@@ -8,21 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import addnorm
 import addnorm.functional as AF
 from addnorm import ops
-
-
-class _SeenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
+from helpers import SeenOps
 
 
 def _ours(name, monkeypatch):
@@ -59,7 +49,7 @@ def test_eager_calls_skip_the_dispatcher_and_match_the_op(monkeypatch):
         m.setattr(ops, "row_norm_bwd", dispatched)
         ye = AF.rms_norm(xe, (16,), w)
         ye.sum().backward()
-    with _SeenOps() as mode:  # a dispatch mode counts as tracing: the op runs
+    with SeenOps() as mode:  # a dispatch mode counts as tracing: the op runs
         xt = x.clone().requires_grad_()
         yt = AF.rms_norm(xt, (16,), w)
     assert "addnorm.row_norm_fwd.default" in mode.seen
