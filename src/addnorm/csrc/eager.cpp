@@ -424,8 +424,9 @@ GroupNormOutputs group_norm_run(const Tensor& x, const Tensor& w, const Tensor& 
 }
 
 // GroupNorm's node, written as torch's generated ones are (a Node with its saved
-// variables), not as a custom autograd::Function: ~10 µs less a call where the kernel has
-// evicted autograd's code and data from the caches (float16 2x640x32x32 recording its graph)
+// variables), not as a custom autograd::Function: recording the graph costs ~10 µs a call
+// where the Function's took ~24, the kernel having evicted autograd's code and data from
+// the caches (float16 2x640x32x32; 1.2 µs against 2.5 at 2x64x4x4, in cache)
 struct GroupNormBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable x, w, b, mean, var;
   int64_t groups = 0;
