@@ -481,18 +481,16 @@ def test_group_norm_same_bits_as_the_python_path(affine, n, groups, per_group, s
     c = groups * per_group
     inputs = _gn_inputs((n, c, *spatial), dtype, seed)
     wanted = [True] * 3 if seed % 3 else [i == seed % 3 for i in range(3)]
+    reads = [True, affine in ("group_norm", "group_norm_weight"), affine in ("group_norm", "group_norm_bias")]
 
-    def op(x, w, b):
-        return GN_OPS[affine](x, w, b) if groups == 4 else AF.group_norm(
-            x, groups, w if "weight" in affine or affine == "group_norm" else None,
-            b if "bias" in affine or affine == "group_norm" else None)
+    def op(x, w, b):  # ``affine``'s parameters, ``groups`` groups
+        return AF.group_norm(x, groups, w if reads[1] else None, b if reads[2] else None)
 
     with addnorm.backend("numba"):
         node, ours = _run(op, inputs, wanted=wanted)
         with python_path_only():
             python_node, theirs = _run(op, inputs, wanted=wanted)
     _same_bits(ours, theirs)
-    reads = [True, affine in ("group_norm", "group_norm_weight"), affine in ("group_norm", "group_norm_bias")]
     if not any(want and read for want, read in zip(wanted, reads)):
         assert node is None and python_node is None  # nothing recorded
     else:

@@ -216,7 +216,7 @@ class _Entry:
     def _first_cpp(self, *args):
         ext = _eager_cpp()
         self.cpp = None if ext is None else getattr(ext, self.cpp_name)
-        return None if self.cpp is None else self.cpp(*args)
+        return self.eager_cpp(*args)
 
     def eager_cpp(self, *args):
         """The op's C++ eager path on ``args`` (without the backend) of a call that a

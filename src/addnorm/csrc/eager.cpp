@@ -189,9 +189,10 @@ void over_rows(int64_t n, int64_t d, const F& f) {
       &task, static_cast<unsigned>(threads), 0);
 }
 
-// Whether x's size is one this file serves by rows (DyT's and ScaleNorm's calls): below
-// serial_below elements on this thread, else across threads where it can start them,
-// below python_from bytes (from there the Python path's outputs come on huge pages)
+// Whether x's size is one this file serves by rows or samples (DyT's, ScaleNorm's and
+// GroupNorm's calls): below serial_below elements on this thread, else across threads
+// where it can start them, below python_from bytes (from there the Python path's outputs
+// come on huge pages)
 bool rows_sized(const Tensor& x) {
   return (x.numel() < kernels.serial_below || threaded()) &&
          x.numel() * static_cast<int64_t>(x.element_size()) < kernels.python_from;
@@ -492,9 +493,8 @@ py::object group_norm(const Tensor& x, const c10::optional<Tensor>& weight, cons
   const at::ScalarType t = x.scalar_type();
   if (kernels.group_norm_cl_forward == nullptr || dtype_code(t) < 0 || !plain(x, t) || !channels_last(x) ||
       x.numel() == 0 || groups <= 0 || x.size(1) % groups != 0 || !per_channel(w, t, x.size(1)) ||
-      !per_channel(b, t, x.size(1)) ||
-      x.numel() * static_cast<int64_t>(x.element_size()) >= kernels.python_from ||
-      (x.numel() >= kernels.serial_below && (!threaded() || x.size(0) < at::get_num_threads())))
+      !per_channel(b, t, x.size(1)) || !rows_sized(x) ||
+      (x.numel() >= kernels.serial_below && x.size(0) < at::get_num_threads()))
     return py::none();
   Tensor y = recording({x, w, b}) ? group_norm_recorded(x, w, b, groups, eps) : group_norm_run(x, w, b, groups, eps).y;
   return py::make_tuple(y, py::none(), py::none());
