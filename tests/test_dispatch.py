@@ -23,8 +23,10 @@ def _ours(name, monkeypatch):
     for attr in ("eager", "lean"):
         real = getattr(entry, attr)
         monkeypatch.setattr(entry, attr, lambda *a, real=real: calls.append(1) or real(*a))
-    if entry.cpp is not None:  # the C++ eager path: ours too, where it serves the call
-        real_cpp = entry.cpp
+    # the C++ eager path: ours too, where it serves the call (found here: the entry's own
+    # first lookup would put the function in the spy's place)
+    real_cpp = entry.cpp and ops._cpp_function(entry.cpp_name)
+    if real_cpp is not None:
 
         def cpp(*args):
             out = real_cpp(*args)
@@ -163,9 +165,10 @@ def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypat
 @pytest.mark.native_rule
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_layer_norm_runs_ours_from_its_dtypes_bound(monkeypatch, dtype):
-    """LayerNorm runs ours from 2^20 elements in float16/bfloat16 and add+LayerNorm from
-    2^19; in float32/float64 both from 2^23 (``_NATIVE_BELOW``); the result is torch's
-    either side of the bound."""
+    """Where autograd records the graph, LayerNorm runs ours from 2^20 elements in
+    float16/bfloat16 and add+LayerNorm from 2^19; in float32/float64 both from 2^23
+    (``_NATIVE_BELOW``); where it records nothing, ours at every size.  The result is
+    torch's either side of the bound."""
     calls = _ours("row_norm", monkeypatch)
     half = dtype in (torch.float16, torch.bfloat16)
 
@@ -191,8 +194,11 @@ def test_layer_norm_runs_ours_from_its_dtypes_bound(monkeypatch, dtype):
     assert ran(8191, 1024, add=False) is half  # below 2^23
     assert ran(8192, 1024, add=False)
     assert ran(8192, 1024, add=True)
-    with torch.no_grad():  # the same with autograd off
-        assert ran(1024, 1024, add=False) is half
+    with torch.no_grad():  # autograd off: ours at every size, every dtype (the C++ eager path's)
+        assert ran(1, 64, add=False) and ran(1, 64, add=True)
+        assert ran(1023, 1024, add=False) and ran(1023, 512, add=True)
+    with torch.inference_mode():
+        assert ran(8, 64, add=False)
 
 
 @pytest.mark.native_rule

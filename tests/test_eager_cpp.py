@@ -1,11 +1,13 @@
 """The C++ eager path (csrc/eager.cpp): built here, serving small DyT, ScaleNorm and
-RMSNorm (and add+RMSNorm) calls and channels-last GroupNorm's, bit for bit what the
-Python path computes, in every autograd mode it meets.
+RMSNorm (and add+RMSNorm) calls, LayerNorm's (and add+LayerNorm's) where autograd records
+nothing, and channels-last GroupNorm's, bit for bit what the Python path computes, in
+every autograd mode it meets.
 
 The other test files meet the path wherever they call these ops small on the numba
 backend (against torch and the float64 reference); this one pins down that it is there,
 which calls it takes and turns down, and that both paths agree."""
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 
 import addnorm
 import addnorm.functional as AF
+from addnorm import ops
 from addnorm.kernels import cpp
 from conftest import DTYPES, python_path_only
 from helpers import SeenOps
@@ -66,7 +69,18 @@ GN_OPS = {
     "group_norm_bias": lambda x, w, b: AF.group_norm(x, 4, None, b),
     "group_norm_plain": lambda x, w, b: AF.group_norm(x, 4),
 }
-ALL_OPS = {**OPS, **GN_OPS}
+# LayerNorm of (x, p, w, b), served where autograd records nothing: with its weight and
+# bias, each alone, none; add+LayerNorm's residual of x's shape (``_inputs``' b there)
+LN_OPS = {
+    "layer_norm": lambda x, p, w, b: AF.layer_norm(x, x.shape[-1:], w, b),
+    "layer_norm_weight": lambda x, p, w, b: AF.layer_norm(x, x.shape[-1:], w),
+    "layer_norm_bias": lambda x, p, w, b: AF.layer_norm(x, (x.shape[-1],), None, b),
+    "layer_norm_plain": lambda x, p, w, b: AF.layer_norm(x, x.shape[-1]),
+    "add_layer_norm": lambda x, p, w, b: AF.add_layer_norm(x, b, x.shape[-1:], w, w.flip(0), 1e-6),
+    "add_layer_norm_plain": lambda x, p, w, b: AF.add_layer_norm(x, b, x.shape[-1:]),
+}
+RESIDUAL |= {"add_layer_norm", "add_layer_norm_plain"}
+ALL_OPS = {**OPS, **GN_OPS, **LN_OPS}
 
 
 def _node(y):
@@ -189,8 +203,11 @@ def _in_forked_child():
     import numpy as np
 
     c = _FORK_CASE
-    y = ALL_OPS[c["name"]](*c["leaves"])
-    grads = torch.autograd.grad(y, [t for t in c["leaves"] if t.requires_grad], c["dy"])
+    with addnorm.backend("numba"):  # (as the parent's)
+        out = ALL_OPS[c["name"]](*c["leaves"])
+    y = out[0] if isinstance(out, tuple) else out
+    wanted = [t for t in c["leaves"] if t.requires_grad]
+    grads = torch.autograd.grad(y, wanted, c["dy"]) if wanted else ()
     def bits(t):  # (numpy has no bfloat16)
         return (t.view(torch.int16) if t.element_size() == 2 else t).detach().numpy()
 
@@ -213,17 +230,22 @@ def test_rows_across_threads_give_the_python_paths_bits(name, wanted, shape):
 
 def _across_threads_same_bits(name, inputs, wanted):
     """The op on ``inputs`` (work worth threads) on the C++ path against the Python
-    path's bits: here, in three Python threads at once, and in a forked child."""
+    path's bits: here, in three Python threads at once, and in a forked child.  Nothing
+    ``wanted``: a call that records no graph (LayerNorm's), which the path serves too."""
     from addnorm.kernels import _torch_threads
 
     if _torch_threads.openmp_runtime() is None:
         pytest.skip("torch runs on no OpenMP runtime here: the Python path serves these calls")
     shape = inputs[0].shape
     with addnorm.backend("numba"):
-        node, ours = _run(name, inputs, wanted=wanted)
+        with _served_by_cpp(ops.row_norm) as served:
+            node, ours = _run(name, inputs, wanted=wanted)
         with python_path_only():
             python_node, theirs = _run(name, inputs, wanted=wanted)
-    assert node == "CppFunction" and python_node != "CppFunction"
+    if any(wanted):
+        assert node == "CppFunction" and python_node != "CppFunction"
+    else:
+        assert node is python_node is None and served == [True]
     _same_bits(ours, theirs)
     with addnorm.backend("numba"):  # (process-wide: entered here, not in each thread)
         results = _in_threads(3, lambda: _run(name, inputs, wanted=wanted)[1])  # each its own team
@@ -240,6 +262,25 @@ def _across_threads_same_bits(name, inputs, wanted):
     finally:
         _FORK_CASE.clear()
     assert child_node != "CppFunction" and same == [True] * (1 + sum(wanted))  # the Python path's, on one thread
+
+
+@contextlib.contextmanager
+def _served_by_cpp(entry):
+    """Whether the C++ eager path served each call offered it of ``entry`` (an op of
+    ``ops``) in the block: a list of bools."""
+    real = ops._cpp_function(entry.cpp_name)
+    served, saved = [], entry.cpp
+
+    def spy(*args):
+        out = real(*args)
+        served.append(out is not None)
+        return out
+
+    entry.cpp = spy
+    try:
+        yield served
+    finally:
+        entry.cpp = saved
 
 
 def _same_bits(ours, theirs):
@@ -648,3 +689,101 @@ def test_group_norm_rule_calls_go_there_only_in_plain_eager():
     grad = torch.func.grad(lambda t: AF.group_norm(t, 32, w, b).float().square().sum())(x)
     (plain,) = torch.autograd.grad(AF.group_norm(leaf, 32, w, b).float().square().sum(), [leaf])
     torch.testing.assert_close(grad.float(), plain.float(), atol=0.1, rtol=0.05)
+
+
+@needs_cpp
+@pytest.mark.native_rule
+@pytest.mark.xdist_group("row_norm_kernels")
+@settings(max_examples=80, deadline=None)
+@given(
+    name=st.sampled_from(sorted(LN_OPS)),
+    rows=st.lists(st.integers(0, 9), max_size=2),
+    d=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_unrecorded_layer_norm_same_bits_as_the_python_path(name, rows, d, dtype, seed):
+    """LayerNorm and add+LayerNorm where autograd records nothing, on the C++ path both
+    by addnorm's choice (functional's rule: ours where nothing is recorded, at every size)
+    and on a forced numba backend: the Python path's bits, each affine combination (the
+    path stands ones and -0.0 in for an absent weight and bias: the same bits, the sign of
+    a zero included)."""
+    inputs = _inputs((*rows, d), dtype, seed, residual=name in RESIDUAL)
+    if seed % 2:
+        inputs = (inputs[0].round(), *inputs[1:])  # rows with repeated values, zeros among the outputs
+    with torch.no_grad():
+        with _served_by_cpp(ops.row_norm) as served:
+            chosen = LN_OPS[name](*inputs)
+            with addnorm.backend("numba"):
+                forced = LN_OPS[name](*inputs)
+        with python_path_only(), addnorm.backend("numba"):
+            theirs = LN_OPS[name](*inputs)
+    assert served == [True, True]
+    for ours in (chosen, forced):
+        ours, theirs_ = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
+        _same_bits(ours, theirs_)
+        assert torch.equal(ours[0].signbit(), theirs_[0].signbit())
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm_plain"])
+@pytest.mark.parametrize("shape", [(2, 8192), (8, 16384), (3, 30000), (5100, 13), (1, 70000)])
+def test_unrecorded_layer_norm_rows_across_threads_give_the_python_paths_bits(name, shape):
+    """LayerNorm's rows go to torch's threads from 16K elements (a row alone: one
+    thread): the Python path's bits, in Python threads at once, and in a forked child,
+    which turns the threads down (its one thread: the same bits)."""
+    _across_threads_same_bits(name, _inputs(shape, torch.bfloat16, 5, residual=name in RESIDUAL), (False,) * 4)
+
+
+@needs_cpp
+@pytest.mark.native_rule
+def test_which_layer_norm_calls_it_serves():
+    """addnorm's choice: our kernel on the C++ path where autograd records nothing, torch's
+    kernel and node where it records the graph (small calls: functional's rule); a forced
+    numba backend, the Python path's node there.  What the path turns down runs as
+    before: torch's kernel (a weight of another dtype, strided input, a normalized shape of
+    two dims), the reference's ops where a transform or a tracer watches."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, _, w, b = _inputs((6, 64), torch.float32, 3)
+    leaf = x.clone().requires_grad_()
+    with _served_by_cpp(ops.row_norm) as served:
+        with torch.no_grad():
+            y = AF.layer_norm(leaf, (64,), w, b)
+        assert y.grad_fn is None and served == [True]
+        with torch.inference_mode():
+            AF.add_layer_norm(x, x, 64, w, b)
+        assert served == [True, True]
+        assert _node(AF.layer_norm(leaf, (64,), w, b)) == "NativeLayerNormBackward0"
+        with addnorm.backend("numba"):
+            assert _node(AF.layer_norm(leaf, (64,), w, b)) == "row_norm_fwdBackward"
+        assert served == [True, True, False]  # (the forced backend's offer, turned down)
+        served.clear()
+        with torch.no_grad():
+            half = x.bfloat16()
+            y = AF.layer_norm(half, (64,), w, b)  # float32 parameters beside bfloat16 input
+            torch.testing.assert_close(y, torch.nn.functional.layer_norm(half, (64,), w, b), rtol=0, atol=0)
+            strided = x.t().contiguous().t()
+            torch.testing.assert_close(AF.layer_norm(strided, (64,), w, b),
+                                       torch.nn.functional.layer_norm(strided, (64,), w, b), rtol=0, atol=0)
+            squares = x.reshape(6, 8, 8)
+            torch.testing.assert_close(AF.layer_norm(squares, (8, 8)),
+                                       torch.nn.functional.layer_norm(squares, (8, 8)), rtol=0, atol=0)
+        assert served == [False, False]  # (the two-dim shape was never offered)
+        # transforms and tracers: what the path cannot see, so it turns the call down
+        tangent = torch.randn_like(x)
+        with torch.no_grad(), fwAD.dual_level():
+            jvp = fwAD.unpack_dual(AF.layer_norm(fwAD.make_dual(x, tangent), (64,), w, b)).tangent
+        _, expected = torch.func.jvp(lambda t: torch.nn.functional.layer_norm(t, (64,), w, b), (x,), (tangent,))
+        torch.testing.assert_close(jvp, expected)
+        with torch.no_grad():
+            batched = torch.vmap(lambda t: AF.add_layer_norm(t, t, (64,), w, b)[0])(x.reshape(2, 3, 64))
+            torch.testing.assert_close(batched, torch.nn.functional.layer_norm(2 * x, (64,), w, b).reshape(2, 3, 64))
+            with SeenOps() as mode:
+                AF.layer_norm(x, (64,), w, b)
+            assert "addnorm.row_norm_fwd.default" in mode.seen, mode.seen
+        assert not any(served)
+        with torch.no_grad():  # (the trace's own check then runs the function untraced: served)
+            traced = torch.jit.trace(lambda t: AF.layer_norm(t, (64,), w, b), x)
+            other = torch.randn(6, 64)
+            torch.testing.assert_close(traced(other), torch.nn.functional.layer_norm(other, (64,), w, b))

@@ -1,5 +1,6 @@
 """Bad input: a clear error naming the argument, raised before any work, nothing modified."""
 
+import inspect
 import re
 
 import numpy as np
@@ -50,6 +51,23 @@ def test_not_a_tensor_while_autograd_records(fn, input_requires_grad):
     anything that is not a tensor through to them, not raise an AttributeError."""
     with raises(TypeError, "weight", "torch.Tensor", "list"):
         fn(torch.randn(3, 2, requires_grad=input_requires_grad), [1.0, 2.0])
+
+
+@pytest.mark.native_rule  # addnorm's own choice of path, the rule's included
+@pytest.mark.parametrize("fn", [
+    lambda x, w: AF.rms_norm(x, (2,), w),
+    lambda x, w: AF.layer_norm(x, (2,), w),
+    lambda x, w: AF.add_layer_norm(x, x, (2,), None, w),
+    lambda x, w: AF.group_norm(x.reshape(1, 2, 3, 1).bfloat16().to(memory_format=torch.channels_last), 1, w),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_not_a_tensor_on_the_cpp_paths(fn, grad):
+    """The calls that go to the C++ eager path before the checks (small row norms, the
+    rule's LayerNorm without autograd and channels-last GroupNorm) get the checks' error
+    for a parameter that is no tensor, not the extension's own TypeError."""
+    name = "bias" if "add_layer_norm" in inspect.getsource(fn) else "weight"
+    with torch.set_grad_enabled(grad), raises(TypeError, name, "torch.Tensor", "list"):
+        fn(torch.randn(3, 2, requires_grad=grad), [1.0, 2.0])
 
 
 def test_not_a_tensor_input_while_autograd_records():

@@ -282,12 +282,19 @@ def _inlined(x: Tensor) -> bool:
 # torch's in every pass at 1M-8M; at 512K 0.9x-1.15x) and the fused add+LayerNorm from
 # 512K (one pass less than torch's add then LayerNorm: 1.0x-1.3x at 512K, 0.87x-1.1x at
 # 256K); in float32/float64 both from 8M (between, torch's float32 kernel and ours are
-# even, 0.5x-1.3x by cell).  ``_float_twin`` reads the dtype only for inputs
-# at or above the first bound, so a small call pays nothing for it.  A bias alone:
-# LayerNorm takes torch's kernel only where torch can also differentiate the call
-# (``weight is not None or bias is None or bias.dtype is input.dtype``, inline in
-# ``layer_norm`` and ``add_layer_norm``: a call costs ~0.1 µs, a tenth of a small call's
-# checks); its CPU backward fails ("expected scalar type BFloat16 but found Float") for a
+# even, 0.5x-1.3x by cell).  That is where autograd records the graph (torch's node and
+# backward are the cheap ones there); where it records nothing (no_grad, inference_mode:
+# decoding, serving), ours runs at every size, below 32 MB on the C++ eager path
+# (``_unrecorded_layer_norm``), which costs ~1 µs less a call than torch's wrapper and
+# kernel and shares rows out to torch's threads from 16K elements: 1.1x-1.3x torch's at
+# 1-16K elements, 1.0x-1.6x from 16K to 2M (float32 at 4M-8M 0.97x-1.0x, where both
+# stream from memory); add+LayerNorm 1.2x-2.1x (2-core Intel Xeon).  ``_float_twin``
+# reads the dtype only for inputs at or above the first bound, so a small call pays
+# nothing for it.  A bias alone: LayerNorm takes torch's kernel only where torch can also
+# differentiate the call (``weight is not None or bias is None or bias.dtype is
+# input.dtype``, inline in ``layer_norm`` and ``add_layer_norm``, the dtype read by getattr:
+# a bias that is no tensor goes on to our checks; a call costs ~0.1 µs, a tenth of a small
+# call's checks); its CPU backward fails ("expected scalar type BFloat16 but found Float") for a
 # bias without a weight in another dtype than a float16/bfloat16 input's, ours computes it.
 #
 # RMSNorm has a twin, ``torch.rms_norm``, but always runs ours: without autograd ours is
@@ -410,10 +417,8 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     if ops.memory_format(input) is torch.contiguous_format:  # other strides: both copy to it
         return "group_norm"
     recorded = torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
+        input.requires_grad or getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False)
+    )  # (getattr: what is no tensor goes on to the checks, which say so)
     if numel >= _NATIVE_BELOW["group_norm"]:
         # one sample: torch's forward (ours 0.6x-1.0x at 1x128x256x256 .. 1x512x256x256),
         # our backward where torch's is slow
@@ -437,7 +442,7 @@ def _parameter_grads_only(input: Tensor, weight: Tensor | None, bias: Tensor | N
     every dtype), so torch's forward runs with our backward."""
     return (
         not input.requires_grad
-        and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+        and (getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False))
         and torch.is_grad_enabled()
         and input.ndim in (4, 5)
         and not input.is_contiguous()
@@ -502,6 +507,7 @@ def _numba_eager(args: tuple) -> bool:
 
 
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 # torch.backends.cudnn.enabled, read in C (~0.06 µs against ~0.27): the twins' last
 # argument, which torch.nn.functional's wrappers pass (``_native``'s calls skip those
@@ -541,6 +547,21 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
     # (an int, as torch takes it and patched families pass it, or a torch.Size: x.shape[-1:])
     ns = normalized_shape
     d = ns if type(ns) is int else ns[0] if type(ns) in _SHAPES and len(ns) == 1 else None
+    if (
+        xs
+        and xs[-1] == d
+        and type(eps) is float
+        and x.numel() < _CPP_ROWS_BELOW
+        and type(offset) is float
+        and _numba_eager((x, residual, weight, bias))
+    ):
+        # a small call in plain eager on addnorm's backend, straight to the op's C++ eager
+        # path (what ``_forward`` and the op's entry would reach, ~1.2 µs later), which
+        # checks the tensors as the checks below would take them, and turns the rest
+        # down: they then take those checks
+        out = op.eager_cpp(x, residual, weight, bias, eps, offset, rms, cast if dtype in _REDUCED else cast & _TORCH_ORDER)
+        if out is not None:
+            return out[0], out[1]
     if not (
         xs
         and type(d) is int
@@ -581,6 +602,11 @@ def _row_norm(x, residual, normalized_shape, weight, bias, eps, offset, rms, cas
 
 
 _SHAPES = (tuple, torch.Size)
+_TORCH_ORDER = reference.TORCH_ORDER
+# the calls ``_row_norm`` offers the C++ eager path itself: kernels/cpu.py's C_SERIAL_BELOW
+# (or less: a call between goes the op's way to the same path); a larger call would pay
+# ~1 µs for the offer, 5% of its time
+_CPP_ROWS_BELOW = 1 << 16
 
 
 def _row_norm_math(*args):
@@ -638,8 +664,12 @@ def layer_norm(
     """LayerNorm over the trailing ``normalized_shape`` dims: y = (x - mean) * rstd * w + b."""
     # (a bias alone: the rule's exception, above ``_native``)
     if _native("layer_norm", input, (weight, bias)) and (
-        weight is not None or bias is None or bias.dtype is input.dtype
+        weight is not None or bias is None or getattr(bias, "dtype", None) is input.dtype
     ):
+        if not _grad_enabled():
+            out = _unrecorded_layer_norm(input, None, normalized_shape, weight, bias, eps)
+            if out is not None:
+                return out[0]
         try:
             # normalized_shape as torch takes it, never an int (inline: a call costs ~60 ns)
             shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
@@ -676,6 +706,20 @@ def rms_norm(
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, _casting(casting_mode))[0]
 
 
+def _unrecorded_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> tuple | None:
+    """The rule's LayerNorm (add+LayerNorm with a ``residual``) where autograd records
+    nothing, for a call ``_native`` has found plain eager on addnorm's choice of backend:
+    our kernel, on the op's C++ eager path, (y, r or None, ...), or None where that path
+    does not serve the call (32 MB and more, ...).  That path checks the tensors as our
+    checks would take them and whether a transform watches (``_transformed``), and turns
+    down the rest: here only what it cannot see."""
+    ns = normalized_shape  # normalized over the last dim only: an int, or a one-int sequence
+    d = ns if type(ns) is int else ns[0] if type(ns) in _SHAPES and len(ns) == 1 else None
+    if x.shape[-1] != d or type(eps) is not float or _DEFAULT.get("cpu") != "numba":
+        return None
+    return ops.row_norm.eager_cpp(x, residual, weight, bias, eps, 0.0, False, reference.CAST_ONCE)
+
+
 def add_layer_norm(
     x: Tensor,
     residual: Tensor,
@@ -687,13 +731,17 @@ def add_layer_norm(
     """Fused ``r = x + residual; (layer_norm(r), r)`` in one pass."""
     if (
         _native("add_layer_norm", x, (residual, weight, bias))
-        and (weight is not None or bias is None or bias.dtype is x.dtype)  # (a bias alone: the rule)
+        and (weight is not None or bias is None or getattr(bias, "dtype", None) is x.dtype)  # (a bias alone: the rule)
         # x + residual must neither broadcast nor promote (``_check_same``'s fast path,
         # inlined: x is known a CPU tensor here, and the add refuses another device)
         and type(residual) is Tensor
         and residual.dtype is x.dtype
         and residual.shape == x.shape
     ):
+        if not _grad_enabled():
+            out = _unrecorded_layer_norm(x, residual, normalized_shape, weight, bias, eps)
+            if out is not None:
+                return out[0], out[1]
         try:
             r = x + residual
             shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape

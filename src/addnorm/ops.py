@@ -214,15 +214,21 @@ class _Entry:
         self.cpp = self._first_cpp if cpp else None
 
     def _first_cpp(self, *args):
-        ext = _eager_cpp()
-        self.cpp = None if ext is None else getattr(ext, self.cpp_name)
+        self.cpp = _cpp_function(self.cpp_name)
         return self.eager_cpp(*args)
 
     def eager_cpp(self, *args):
         """The op's C++ eager path on ``args`` (without the backend) of a call that a
-        caller has found plain eager, on the numba backend: its outputs, or None where
-        the path does not serve the call (or there is none)."""
-        return None if self.cpp is None else self.cpp(*args)
+        caller has found plain eager, on the numba backend, before its own checks: its
+        outputs, or None where the path does not serve the call (or there is none), an
+        argument it cannot take as its type included (a list for a weight: the caller's
+        checks then say what is wrong)."""
+        if self.cpp is None:
+            return None
+        try:
+            return self.cpp(*args)
+        except TypeError:  # (pybind11's: "incompatible function arguments")
+            return None
 
     def __call__(self, *args):
         if _traced(args):
@@ -244,6 +250,12 @@ class _Entry:
                     out = (out,) if type(out) is Tensor else out
                     return out + self.missing[len(out)]
         return self.lean(*args)
+
+
+def _cpp_function(name: str):
+    """The C++ eager path's function ``name``; None where the path is not there."""
+    ext = _eager_cpp()
+    return None if ext is None else getattr(ext, name)
 
 
 def _eager_cpp():

@@ -1,6 +1,6 @@
-// The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, and of a
-// channels-last GroupNorm, in C++: the autograd node and the kernel call without Python
-// between them.
+// The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, of a
+// LayerNorm (and add+LayerNorm) that records no graph, and of a channels-last GroupNorm,
+// in C++: the autograd node and the kernel call without Python between them.
 //
 // In Python a small call pays for its layers: an autograd.Function's C apply alone costs
 // ~3 µs, and the whole forward of a DyT over 64 values recording its graph ~12 µs, where
@@ -20,8 +20,9 @@
 // threads (serial_below elements and more; but DyT's and ScaleNorm's below 32 MB, whose
 // rows this file shares out to torch's threads: there the Python path's
 // autograd.Function cost ~7 µs of a 20 µs call; DyT's backward there is numba's threaded
-// kernel, called back), LayerNorm (whose small calls run torch's kernel: functional's
-// rule).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there Python's
+// kernel, called back; and LayerNorm's, from 16K elements), a LayerNorm that records its
+// graph (functional's rule runs torch's kernel and node there, a forced backend the
+// Python path's).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there Python's
 // layers cost more than their few µs each, because the kernel before them has evicted
 // them from the caches: the whole Python path of a recorded float16 2x640x32x32 call
 // took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
@@ -29,10 +30,12 @@
 // the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
 // frontend (modules, optimizers, data loaders) and took most of the compiler's ~30 s
 #include <ATen/Parallel.h>
+#include <ATen/TracerMode.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 #include <torch/csrc/utils/pybind.h>
@@ -54,6 +57,8 @@ using ScaleNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, 
                                    int64_t, double);
 using RmsNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                 double, double, int64_t, int64_t);
+using LayerNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t, int64_t, double, double, int64_t);
 using GroupNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                   int64_t, int64_t, double);
 
@@ -63,6 +68,7 @@ struct Kernels {
   ScaleNormForward scale_norm_forward = nullptr;
   ScaleNormBackward scale_norm_backward = nullptr;
   RmsNormForward rms_norm_forward = nullptr;
+  LayerNormForward layer_norm_forward = nullptr;
   GroupNormForward group_norm_cl_forward = nullptr;
   int64_t serial_below = 0;  // elements: kernels/cpu.py's C_SERIAL_BELOW
   // bytes of x from which ScaleNorm takes the Python path (kernels/cpu.py's
@@ -147,6 +153,16 @@ variable_list call_math(const py::object* math, const Args&... args) {
   return grads;
 }
 
+// Whether something but plain eager execution would see a call (functional.py's
+// ``_transformed``, for the callers that come here before it): a functorch transform runs,
+// torch.jit.trace records (neither sees what a kernel here writes), or a forward-AD level
+// is open (a tangent would pass through a kernel here unseen; any level open, whether
+// these tensors carry tangents or not: the Python path then sorts them out)
+bool transformed() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         at::tracer::impl::is_dispatch_enabled() || torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
+}
+
 bool recording(std::initializer_list<Tensor> inputs) {
   if (!c10::GradMode::is_enabled()) return false;
   for (const Tensor& t : inputs)
@@ -169,9 +185,9 @@ bool threaded() { return kernels.omp_parallel != nullptr && !*kernels.forked; }
 // whose runtime could be another than torch's.)  Not in a forked child, where OpenMP has
 // no threads to start (torch's own ops hang there).
 template <typename F>
-void over_rows(int64_t n, int64_t d, const F& f) {
+void over_rows(int64_t n, int64_t d, const F& f, int64_t serial_below = kernels.serial_below) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (n * d < kernels.serial_below || threads <= 1 || !threaded()) {
+  if (n * d < serial_below || threads <= 1 || !threaded()) {
     f(0, n);
     return;
   }
@@ -319,10 +335,24 @@ py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
 }
 
 // ---------------------------------------------------------------------------
-// RMSNorm, with or without the fused residual add: r = x + residual; y = r * rstd * (w + offset)
-// over rows of x's last dim, any leading shape; w (d,) or absent.  No LayerNorm: its small
-// calls run torch's own kernel (functional's rule) but where a backend is forced.
+// The row norms, with or without the fused residual add, over rows of x's last dim (d
+// values), any leading shape: r = x + residual; RMSNorm y = r * rstd * (w + offset), w (d,)
+// or absent; LayerNorm y = (r - mean) * rstd * w + b, w and b (d,) or absent.
 // ---------------------------------------------------------------------------
+
+// Whether this file serves a row norm of these arguments: x of a C dtype, contiguous,
+// plain, below serial_below elements (more is worth threads: the Python path); the
+// parameters and the residual of x's dtype and layout (parameters (d,), the residual x's
+// shape)
+bool rows_served(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, bool across_threads) {
+  const at::ScalarType t = x.scalar_type();
+  const auto row_param = [&](const Tensor& p) {
+    return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == x.size(-1) && p.is_contiguous());
+  };
+  return dtype_code(t) >= 0 && x.dim() > 0 && x.size(-1) > 0 &&
+         (across_threads ? rows_sized(x) : x.numel() < kernels.serial_below) && x.is_contiguous() && plain(x, t) && row_param(w) && row_param(b) &&
+         (!res.defined() || (plain(res, t) && res.sizes() == x.sizes() && res.is_contiguous()));
+}
 
 constexpr int64_t torch_order = 4;  // reference.TORCH_ORDER: a bit of ``cast``
 constexpr int64_t rounding = 3;     // reference.ROUNDING: the others
@@ -381,17 +411,66 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 };
 
+// Per thread and dtype code, what LayerNorm's kernel is given in place of what a call
+// lacks: ones for an absent weight and -0.0 for an absent bias (h * 1 and h + -0.0 are h,
+// bit for bit and sign of zero: one compiled kernel serves every affine combination,
+// kernels/cpu.py's ``layer_norm_forward_c``), and room for the means it stores, which no
+// call here reads.  Grown to the largest call seen (the means to kept_means rows; more
+// get their own).
+// LayerNorm's rows go across threads from this many elements (the others' from
+// serial_below): torch's kernel splits its rows from 2 on, and ours on one thread, 1.1x-1.6x
+// faster than torch's on one, fell behind its two there from ~16K elements (0.8x-0.9x at
+// 16K-32K; across threads from 16K: 1.0x-1.6x from 16K to 2M elements, every dtype; 2-core
+// Intel Xeon)
+constexpr int64_t layer_norm_threads_from = 1 << 14;
+constexpr int64_t kept_means = 1 << 16;  // rows whose means room is kept between calls
+struct LayerNormStandIns {
+  Tensor ones, negative_zeros, means;
+};
+thread_local LayerNormStandIns stand_ins[4];
+
+const Tensor& stand_in(Tensor& kept, int64_t n, at::ScalarType t, double value) {
+  if (!kept.defined() || kept.numel() < n) kept = at::full({std::max<int64_t>(n, 1024)}, value, at::dtype(t));
+  return kept;
+}
+
+// LayerNorm's forward without statistics (no gradient is recorded): y, and the residual
+// sum into *r where there is a residual
+Tensor layer_norm_run(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, double eps, Tensor* r) {
+  const at::ScalarType t = x.scalar_type();
+  const int code = dtype_code(t);
+  const int64_t d = x.size(-1), n = x.numel() / d;
+  LayerNormStandIns& kept = stand_ins[code];
+  const Tensor& weight = w.defined() ? w : stand_in(kept.ones, d, t, 1.0);
+  const Tensor& bias = b.defined() ? b : stand_in(kept.negative_zeros, d, t, -0.0);
+  const Tensor means = n <= kept_means ? stand_in(kept.means, n, acc_type(t), 0.0)
+                                       : torch::empty({n}, x.options().dtype(acc_type(t)));
+  Tensor y = torch::empty_like(x);
+  if (res.defined()) *r = torch::empty_like(x);
+  const int64_t w_at = address(weight), b_at = address(bias);
+  over_rows(n, d, [&](int64_t lo, int64_t hi) {
+    kernels.layer_norm_forward(code, hi - lo, d, row_address(x, lo, d), row_address(res, lo, d), w_at, b_at,
+                               row_address(y, lo, d), res.defined() ? row_address(*r, lo, d) : 0,
+                               row_address(means, lo, 1), 0, eps, 0.0, 0);
+  }, layer_norm_threads_from);
+  return y;
+}
+
 // ops.row_norm's eager contract, (y, r or None, None, None); None where this path does
-// not serve the call (LayerNorm, a bias, see the top of the file)
+// not serve the call (see the top of the file): an RMSNorm with a bias, or a LayerNorm
+// whose graph is recorded (its node would be the Python path's, called back; where this
+// is reached, a backend is forced, and the Python path's autograd.Function serves it)
 py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
                     const c10::optional<Tensor>& bias, double eps, double offset, bool rms, int64_t cast) {
-  const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor());
-  const at::ScalarType t = x.scalar_type();
-  if (kernels.rms_norm_forward == nullptr || !rms || bias.has_value() || dtype_code(t) < 0 ||
-      x.dim() == 0 || x.size(-1) == 0 || x.numel() >= kernels.serial_below || !x.is_contiguous() || !plain(x, t) ||
-      !optional_plain(w, t) || (w.defined() && (w.dim() != 1 || w.size(0) != x.size(-1) || !w.is_contiguous())) ||
-      !optional_plain(res, t) || (res.defined() && (res.sizes() != x.sizes() || !res.is_contiguous())))
+  const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  if (kernels.rms_norm_forward == nullptr || (rms && b.defined()) || !rows_served(x, res, w, b, !rms) || transformed())
     return py::none();
+  if (!rms) {
+    if (recording({x, res, w, b})) return py::none();
+    Tensor r;
+    Tensor y = layer_norm_run(x, res, w, b, eps, &r);
+    return py::make_tuple(y, as_py(r), py::none(), py::none());
+  }
   if (recording({x, res, w})) {
     variable_list out = RmsNorm::apply(x, residual, weight, eps, offset, cast);
     return py::make_tuple(out[0], out.size() > 1 ? py::cast(out[1]) : py::none(), py::none(), py::none());
@@ -508,6 +587,7 @@ void register_kernels(const py::dict& addresses, int64_t serial_below, int64_t p
   kernels.scale_norm_forward = reinterpret_cast<ScaleNormForward>(get("scale_norm_forward"));
   kernels.scale_norm_backward = reinterpret_cast<ScaleNormBackward>(get("scale_norm_backward"));
   kernels.rms_norm_forward = reinterpret_cast<RmsNormForward>(get("rms_norm_forward"));
+  kernels.layer_norm_forward = reinterpret_cast<LayerNormForward>(get("layer_norm_forward"));
   kernels.group_norm_cl_forward = reinterpret_cast<GroupNormForward>(get("group_norm_cl_forward"));
   kernels.float_lanes = float_lanes;
   kernels.double_lanes = double_lanes;
@@ -539,8 +619,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "addnorm's eager CPU path of small DyT, ScaleNorm and RMSNorm calls (addnorm/csrc/eager.cpp)";
   m.def("dyt", &dyt, "DyT's eager forward, recording its C++ autograd node where a gradient is wanted; None: not served");
   m.def("scale_norm", &scale_norm, "ScaleNorm's eager forward, as dyt's; (y, None) or None");
-  m.def("row_norm", &row_norm, "RMSNorm's eager forward (with or without the residual add), as dyt's; "
-        "(y, r or None, None, None) or None");
+  m.def("row_norm", &row_norm, "RMSNorm's and LayerNorm's eager forward (with or without the residual add), as "
+        "dyt's; (y, r or None, None, None) or None");
   m.def("group_norm", &group_norm, "GroupNorm's eager forward of a channels-last input, as dyt's; "
         "(y, None, None) or None");
   m.def("register_kernels", &register_kernels);

@@ -2450,13 +2450,13 @@ def scale_norm_backward(dy, x, weight, rnorm, eps):
 
 
 # ---------------------------------------------------------------------------
-# C entry points: the serial kernels of DyT, ScaleNorm and RMSNorm's forward as C
-# functions (numba cfuncs), which the C++ eager path (``addnorm/csrc/eager.cpp``, loaded
-# by ``kernels/cpp.py``) calls by address, with no Python between the call and the
-# kernel.  One function per op and pass serves x of every dtype (its code: ``C_DTYPES``)
-# with parameters of x's dtype, an absent one a null address: numba compiles each
-# combination into it (the by-address entries above with constant tokens, pruned as
-# there).  Compiled by ``addnorm build`` (``c_entry_points``), then loaded from numba's
+# C entry points: the serial kernels of DyT, ScaleNorm, RMSNorm's and LayerNorm's forward
+# and channels-last GroupNorm's forward as C functions (numba cfuncs), which the C++
+# eager path (``addnorm/csrc/eager.cpp``, loaded by ``kernels/cpp.py``) calls by
+# address, with no Python between the call and the kernel.  One function per op and
+# pass serves x of every dtype (its code: ``C_DTYPES``) with parameters of x's dtype, an
+# absent one a null address: numba compiles each combination into it (the by-address
+# entries above with constant tokens, pruned as there).  Compiled by ``addnorm build`` (``c_entry_points``), then loaded from numba's
 # cache like every kernel here.
 # ---------------------------------------------------------------------------
 
@@ -2606,9 +2606,7 @@ def rms_norm_forward_c(code, n, d, x, res, w, y, r_out, rstd_out, eps, offset, c
     """``row_norm_forward`` of RMSNorm on the calling thread: y (and r_out = x + res with
     a residual) of (n, d) rows, the weight of x's dtype or absent; rstd_out null: no
     statistics wanted; ``cast`` the rounding bits of ``reference``'s, ``lanes`` as
-    ``_torch_mean_square``'s (0: the kernel's own order).  Only RMSNorm: a small
-    LayerNorm runs torch's kernel (``functional``'s rule) but where a backend is forced,
-    and each variant here is 8 kernels to compile (~2 s each)."""
+    ``_torch_mean_square``'s (0: the kernel's own order)."""
     if code == 0:
         _rms_norm_fwd_c(_F32, _F32, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
     elif code == 1:
@@ -2619,9 +2617,40 @@ def rms_norm_forward_c(code, n, d, x, res, w, y, r_out, rstd_out, eps, offset, c
         _rms_norm_fwd_c(_F16, _F32, n, d, x, res, w, y, r_out, rstd_out, eps, offset, cast, lanes)
 
 
+@njit(inline="always")
+def _layer_norm_fwd_c(t, s, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast):
+    # the Python path's call of a LayerNorm with a weight and a bias, so that both share
+    # numba's cache (offset and cast come in as arguments: the literals 0.0 and 0 would be
+    # other types, other specializations)
+    if res:
+        _row_norm_fwd_at(n, d, x, t, res, w, t, b, t, y, t, r_out, mean_out, rstd_out, s, eps, offset, cast, None,
+                         None)
+    else:
+        _row_norm_fwd_at(n, d, x, t, None, w, t, b, t, y, t, None, mean_out, rstd_out, s, eps, offset, cast, None,
+                         None)
+
+
+def layer_norm_forward_c(code, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast):
+    """``row_norm_forward`` of LayerNorm on the calling thread: y (and r_out = x + res
+    with a residual) of (n, d) rows; w and b of x's dtype, both always given (eager.cpp
+    stands ones and -0.0 in for absent ones: ``h * 1`` and ``h + -0.0`` are h, bit for bit
+    and sign of zero, in ``_normalize_into``'s unfused arithmetic), so that only the
+    residual makes a variant: 8 kernels to compile, not 32; mean_out (n,) always, rstd_out
+    null: no statistics wanted; offset 0.0, cast 0 (a LayerNorm's)."""
+    if code == 0:
+        _layer_norm_fwd_c(_F32, _F32, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
+    elif code == 1:
+        _layer_norm_fwd_c(_F64, _F64, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
+    elif code == 2:
+        _layer_norm_fwd_c(_BF16, _F32, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
+    else:
+        _layer_norm_fwd_c(_F16, _F32, n, d, x, res, w, b, y, r_out, mean_out, rstd_out, eps, offset, cast)
+
+
 _i64, _f64 = types.int64, types.float64
 C_SIGNATURES = {  # what eager.cpp declares for each
     "rms_norm_forward": types.void(*[_i64] * 9, _f64, _f64, _i64, _i64),
+    "layer_norm_forward": types.void(*[_i64] * 11, _f64, _f64, _i64),
     "dyt_forward": types.void(*[_i64] * 8),
     "dyt_backward": types.void(*[_i64] * 13),
     "scale_norm_forward": types.void(*[_i64] * 7, _f64),
