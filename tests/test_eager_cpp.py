@@ -140,14 +140,16 @@ def test_same_bits_as_the_python_path(name, rows, d, dtype, seed):
     inputs = _inputs((*rows, d), dtype, seed, residual=name in RESIDUAL)
     # which inputs need a gradient: all, or one (a norm's weight alone, over a frozen trunk)
     wanted = [True] * 4 if seed % 3 else [i == seed % 4 for i in range(4)]
+    chosen_node, chosen = _run(name, inputs, wanted=wanted)  # addnorm's choice: functional's own offer
     with addnorm.backend("numba"):
         node, ours = _run(name, inputs, wanted=wanted)
         with python_path_only():
             python_node, theirs = _run(name, inputs, wanted=wanted)
+    _same_bits(chosen, ours)
     if node is None:  # no input that the op reads needs a gradient: nothing recorded
-        assert python_node is None
+        assert python_node is None and chosen_node is None
         return
-    assert node == "CppFunction" and python_node != "CppFunction"
+    assert node == chosen_node == "CppFunction" and python_node != "CppFunction"
     _same_bits(ours, theirs)
 
 
@@ -787,3 +789,40 @@ def test_which_layer_norm_calls_it_serves():
             traced = torch.jit.trace(lambda t: AF.layer_norm(t, (64,), w, b), x)
             other = torch.randn(6, 64)
             torch.testing.assert_close(traced(other), torch.nn.functional.layer_norm(other, (64,), w, b))
+
+
+@needs_cpp
+def test_small_row_norm_calls_go_there_from_functional_in_plain_eager_only():
+    """functional offers a small row norm's call to the C++ path itself, past ``_forward``
+    and the op's entry (``_Entry.eager_cpp``), in plain eager execution on addnorm's own
+    choice of backend only: a forced backend goes the op's way, a forward-AD dual input
+    gets its tangent, a dispatch mode sees the custom op."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, _, w, res = _inputs((3, 64), torch.float32, 4, residual=True)
+    offered = []
+    eager_cpp = ops._Entry.eager_cpp
+
+    def seen(entry, *args):
+        offered.append(entry is ops.row_norm)
+        return eager_cpp(entry, *args)
+
+    ops._Entry.eager_cpp = seen
+    try:
+        y = AF.rms_norm(x.clone().requires_grad_(), (64,), w)
+        assert _node(y) == "CppFunction" and offered == [True]
+        AF.add_rms_norm(x, res, 64, w)
+        assert offered == [True, True]
+        with addnorm.backend("numba"):
+            assert _node(AF.rms_norm(x.clone().requires_grad_(), (64,), w)) == "CppFunction"
+        tangent = torch.randn_like(x)
+        with fwAD.dual_level():
+            jvp = fwAD.unpack_dual(AF.rms_norm(fwAD.make_dual(x, tangent), (64,), w, 1e-6)).tangent
+        with SeenOps() as mode:
+            AF.rms_norm(x, (64,), w)
+        assert offered == [True, True]
+    finally:
+        ops._Entry.eager_cpp = eager_cpp
+    assert "addnorm.row_norm_fwd.default" in mode.seen, mode.seen
+    _, expected = torch.func.jvp(lambda t: torch.nn.functional.rms_norm(t, (64,), w, 1e-6), (x,), (tangent,))
+    torch.testing.assert_close(jvp, expected)

@@ -22,9 +22,9 @@
 // autograd.Function cost ~7 µs of a 20 µs call; DyT's backward there is numba's threaded
 // kernel, called back; and LayerNorm's, from 16K elements), a LayerNorm that records its
 // graph (functional's rule runs torch's kernel and node there, a forced backend the
-// Python path's).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there Python's
-// layers cost more than their few µs each, because the kernel before them has evicted
-// them from the caches: the whole Python path of a recorded float16 2x640x32x32 call
+// Python path's).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there
+// Python's layers cost more than their few µs each, because the kernel before them has
+// evicted them from the caches: the whole Python path of a recorded float16 2x640x32x32 call
 // took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
 
 // the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
@@ -341,7 +341,8 @@ py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
 // ---------------------------------------------------------------------------
 
 // Whether this file serves a row norm of these arguments: x of a C dtype, contiguous,
-// plain, below serial_below elements (more is worth threads: the Python path); the
+// plain, below serial_below elements (more is worth threads: the Python path), or where
+// its rows can go ``across_threads`` (LayerNorm's), of a size ``rows_sized`` takes; the
 // parameters and the residual of x's dtype and layout (parameters (d,), the residual x's
 // shape)
 bool rows_served(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, bool across_threads) {
@@ -350,7 +351,8 @@ bool rows_served(const Tensor& x, const Tensor& res, const Tensor& w, const Tens
     return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == x.size(-1) && p.is_contiguous());
   };
   return dtype_code(t) >= 0 && x.dim() > 0 && x.size(-1) > 0 &&
-         (across_threads ? rows_sized(x) : x.numel() < kernels.serial_below) && x.is_contiguous() && plain(x, t) && row_param(w) && row_param(b) &&
+         (across_threads ? rows_sized(x) : x.numel() < kernels.serial_below) && x.is_contiguous() &&
+         plain(x, t) && row_param(w) && row_param(b) &&
          (!res.defined() || (plain(res, t) && res.sizes() == x.sizes() && res.is_contiguous()));
 }
 
@@ -411,12 +413,6 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 };
 
-// Per thread and dtype code, what LayerNorm's kernel is given in place of what a call
-// lacks: ones for an absent weight and -0.0 for an absent bias (h * 1 and h + -0.0 are h,
-// bit for bit and sign of zero: one compiled kernel serves every affine combination,
-// kernels/cpu.py's ``layer_norm_forward_c``), and room for the means it stores, which no
-// call here reads.  Grown to the largest call seen (the means to kept_means rows; more
-// get their own).
 // LayerNorm's rows go across threads from this many elements (the others' from
 // serial_below): torch's kernel splits its rows from 2 on, and ours on one thread, 1.1x-1.6x
 // faster than torch's on one, fell behind its two there from ~16K elements (0.8x-0.9x at
@@ -424,6 +420,13 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
 // Intel Xeon)
 constexpr int64_t layer_norm_threads_from = 1 << 14;
 constexpr int64_t kept_means = 1 << 16;  // rows whose means room is kept between calls
+
+// Per thread and dtype code, what LayerNorm's kernel is given in place of what a call
+// lacks: ones for an absent weight and -0.0 for an absent bias (h * 1 and h + -0.0 are h,
+// bit for bit and sign of zero: one compiled kernel serves every affine combination,
+// kernels/cpu.py's ``layer_norm_forward_c``), and room for the means it stores, which no
+// call here reads.  Grown to the largest call seen (the means to kept_means rows; more
+// get their own).
 struct LayerNormStandIns {
   Tensor ones, negative_zeros, means;
 };
@@ -463,7 +466,8 @@ Tensor layer_norm_run(const Tensor& x, const Tensor& res, const Tensor& w, const
 py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
                     const c10::optional<Tensor>& bias, double eps, double offset, bool rms, int64_t cast) {
   const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-  if (kernels.rms_norm_forward == nullptr || (rms && b.defined()) || !rows_served(x, res, w, b, !rms) || transformed())
+  if ((rms ? kernels.rms_norm_forward == nullptr : kernels.layer_norm_forward == nullptr) || (rms && b.defined()) ||
+      !rows_served(x, res, w, b, !rms) || transformed())
     return py::none();
   if (!rms) {
     if (recording({x, res, w, b})) return py::none();
