@@ -126,16 +126,20 @@ def _run(name, inputs, dy_seed=1, wanted=(True, True, True, True)):
     return _node(out[0]), [y.detach() for y in out] + [t.grad for t in leaves]
 
 
-@needs_cpp
-@pytest.mark.xdist_group("row_norm_kernels")  # one xdist worker compiles them (as test_row_norms)
-@settings(max_examples=100)
-@given(
-    name=st.sampled_from(sorted(OPS)),
+# a row norm's call: leading dims (none, or up to two of 0-9), d values a row, the dtype
+# and the inputs' seed (``_inputs``)
+ROW_CASES = dict(
     rows=st.lists(st.integers(0, 9), max_size=2),
     d=st.integers(1, 300),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
 )
+
+
+@needs_cpp
+@pytest.mark.xdist_group("row_norm_kernels")  # one xdist worker compiles them (as test_row_norms)
+@settings(max_examples=100)
+@given(name=st.sampled_from(sorted(OPS)), **ROW_CASES)
 def test_same_bits_as_the_python_path(name, rows, d, dtype, seed):
     inputs = _inputs((*rows, d), dtype, seed, residual=name in RESIDUAL)
     # which inputs need a gradient: all, or one (a norm's weight alone, over a frozen trunk)
@@ -264,6 +268,23 @@ def _across_threads_same_bits(name, inputs, wanted):
     finally:
         _FORK_CASE.clear()
     assert child_node != "CppFunction" and same == [True] * (1 + sum(wanted))  # the Python path's, on one thread
+
+
+@contextlib.contextmanager
+def _offered_by_functional(entry):
+    """The calls functional offered the C++ path itself in the block (``_Entry.eager_cpp``,
+    past ``_forward`` and the op's entry), each whether it was ``entry``'s: a list."""
+    offered, eager_cpp = [], ops._Entry.eager_cpp
+
+    def seen(e, *args):
+        offered.append(e is entry)
+        return eager_cpp(e, *args)
+
+    ops._Entry.eager_cpp = seen
+    try:
+        yield offered
+    finally:
+        ops._Entry.eager_cpp = eager_cpp
 
 
 @contextlib.contextmanager
@@ -662,18 +683,8 @@ def test_group_norm_rule_calls_go_there_only_in_plain_eager():
     x, w, b = _gn_inputs((2, 64, 16, 16), torch.bfloat16, 6)
     leaf = x.clone().requires_grad_()
     assert functional._group_norm_rule(leaf, 32, w, b) == "group_norm_ours"
-    served = []
-    eager_cpp = ops._Entry.eager_cpp
-
-    def seen(entry, *args):
-        served.append(entry is ops.group_norm_y)
-        return eager_cpp(entry, *args)
-
-    ops._Entry.eager_cpp = seen
-    try:
+    with _offered_by_functional(ops.group_norm_y) as served:
         assert _node(AF.group_norm(leaf, 32, w, b)) == "CppFunction" and served == [True]
-    finally:
-        ops._Entry.eager_cpp = eager_cpp
     # a UNet's shape, one sample a thread where there are as many threads
     unet = torch.randn(2, 64, 64, 64).bfloat16().to(memory_format=torch.channels_last).requires_grad_()
     assert (_node(AF.group_norm(unet, 32, w, b)) == "CppFunction") == (torch.get_num_threads() <= 2)
@@ -697,13 +708,7 @@ def test_group_norm_rule_calls_go_there_only_in_plain_eager():
 @pytest.mark.native_rule
 @pytest.mark.xdist_group("row_norm_kernels")
 @settings(max_examples=80, deadline=None)
-@given(
-    name=st.sampled_from(sorted(LN_OPS)),
-    rows=st.lists(st.integers(0, 9), max_size=2),
-    d=st.integers(1, 300),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**16),
-)
+@given(name=st.sampled_from(sorted(LN_OPS)), **ROW_CASES)
 def test_unrecorded_layer_norm_same_bits_as_the_python_path(name, rows, d, dtype, seed):
     """LayerNorm and add+LayerNorm where autograd records nothing, on the C++ path both
     by addnorm's choice (functional's rule: ours where nothing is recorded, at every size)
@@ -800,15 +805,7 @@ def test_small_row_norm_calls_go_there_from_functional_in_plain_eager_only():
     import torch.autograd.forward_ad as fwAD
 
     x, _, w, res = _inputs((3, 64), torch.float32, 4, residual=True)
-    offered = []
-    eager_cpp = ops._Entry.eager_cpp
-
-    def seen(entry, *args):
-        offered.append(entry is ops.row_norm)
-        return eager_cpp(entry, *args)
-
-    ops._Entry.eager_cpp = seen
-    try:
+    with _offered_by_functional(ops.row_norm) as offered:
         y = AF.rms_norm(x.clone().requires_grad_(), (64,), w)
         assert _node(y) == "CppFunction" and offered == [True]
         AF.add_rms_norm(x, res, 64, w)
@@ -821,8 +818,6 @@ def test_small_row_norm_calls_go_there_from_functional_in_plain_eager_only():
         with SeenOps() as mode:
             AF.rms_norm(x, (64,), w)
         assert offered == [True, True]
-    finally:
-        ops._Entry.eager_cpp = eager_cpp
     assert "addnorm.row_norm_fwd.default" in mode.seen, mode.seen
     _, expected = torch.func.jvp(lambda t: torch.nn.functional.rms_norm(t, (64,), w, 1e-6), (x,), (tangent,))
     torch.testing.assert_close(jvp, expected)

@@ -215,7 +215,7 @@ class _Entry:
 
     def _first_cpp(self, *args):
         self.cpp = _cpp_function(self.cpp_name)
-        return self.eager_cpp(*args)
+        return None if self.cpp is None else self.cpp(*args)
 
     def eager_cpp(self, *args):
         """The op's C++ eager path on ``args`` (without the backend) of a call that a
