@@ -24,8 +24,8 @@
 // graph (functional's rule runs torch's kernel and node there, a forced backend the
 // Python path's).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there
 // Python's layers cost more than their few µs each, because the kernel before them has
-// evicted them from the caches: the whole Python path of a recorded float16 2x640x32x32 call
-// took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
+// evicted them from the caches: the whole Python path of a recorded float16 2x640x32x32
+// call took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
 
 // the headers this file uses, not <torch/extension.h>: that one brings all of torch's C++
 // frontend (modules, optimizers, data loaders) and took most of the compiler's ~30 s
@@ -124,6 +124,12 @@ bool plain(const Tensor& x, at::ScalarType t) {
 c10::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
 bool optional_plain(const Tensor& p, at::ScalarType t) { return !p.defined() || plain(p, t); }
+
+// An absent parameter, or a plain contiguous vector of n values of dtype t (a row norm's
+// weight or bias over its d values, GroupNorm's over its C channels)
+bool optional_vector(const Tensor& p, at::ScalarType t, int64_t n) {
+  return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == n && p.is_contiguous());
+}
 
 // Whether a backward must be made of torch ops (ops.py's ``_differentiable_backward``,
 // and what its ``_traced`` hands to the custom op): autograd records it
@@ -347,12 +353,9 @@ py::object scale_norm(const Tensor& x, const Tensor& g, double eps) {
 // shape)
 bool rows_served(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, bool across_threads) {
   const at::ScalarType t = x.scalar_type();
-  const auto row_param = [&](const Tensor& p) {
-    return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == x.size(-1) && p.is_contiguous());
-  };
   return dtype_code(t) >= 0 && x.dim() > 0 && x.size(-1) > 0 &&
          (across_threads ? rows_sized(x) : x.numel() < kernels.serial_below) && x.is_contiguous() &&
-         plain(x, t) && row_param(w) && row_param(b) &&
+         plain(x, t) && optional_vector(w, t, x.size(-1)) && optional_vector(b, t, x.size(-1)) &&
          (!res.defined() || (plain(res, t) && res.sizes() == x.sizes() && res.is_contiguous()));
 }
 
@@ -562,10 +565,6 @@ bool channels_last(const Tensor& x) {
          (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
-bool per_channel(const Tensor& p, at::ScalarType t, int64_t c) {
-  return !p.defined() || (plain(p, t) && p.dim() == 1 && p.size(0) == c && p.is_contiguous());
-}
-
 // (y, None, None), ops.group_norm_y's eager contract; None where this path does not serve
 // the call: another layout, dtype or device, parameters of another dtype than x, fewer
 // samples than threads in work worth threads (the Python path splits each sample's rows
@@ -575,8 +574,8 @@ py::object group_norm(const Tensor& x, const c10::optional<Tensor>& weight, cons
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   const at::ScalarType t = x.scalar_type();
   if (kernels.group_norm_cl_forward == nullptr || dtype_code(t) < 0 || !plain(x, t) || !channels_last(x) ||
-      x.numel() == 0 || groups <= 0 || x.size(1) % groups != 0 || !per_channel(w, t, x.size(1)) ||
-      !per_channel(b, t, x.size(1)) || !rows_sized(x) ||
+      x.numel() == 0 || groups <= 0 || x.size(1) % groups != 0 || !optional_vector(w, t, x.size(1)) ||
+      !optional_vector(b, t, x.size(1)) || !rows_sized(x) ||
       (x.numel() >= kernels.serial_below && x.size(0) < at::get_num_threads()))
     return py::none();
   Tensor y = recording({x, w, b}) ? group_norm_recorded(x, w, b, groups, eps) : group_norm_run(x, w, b, groups, eps).y;
