@@ -37,14 +37,19 @@ def python_path_only():
     from addnorm import ops
 
     entries = [e for e in vars(ops).values() if isinstance(e, ops._Entry) and e.cpp_name]
-    saved = [e.cpp for e in entries]
+    paths = [p for p in vars(ops).values() if isinstance(p, ops._CppPath)]
+    saved = [e.cpp for e in entries], [p.function for p in paths]
     for e in entries:
         e.cpp = None
+    for p in paths:
+        p.function = None
     try:
         yield
     finally:
-        for e, c in zip(entries, saved):
+        for e, c in zip(entries, saved[0]):
             e.cpp = c
+        for p, f in zip(paths, saved[1]):
+            p.function = f
 
 
 @pytest.fixture

@@ -74,27 +74,53 @@ def test_eager_no_grad_runs_no_autograd_node():
     torch.testing.assert_close(y_add, F.layer_norm(2 * x, (8,)))
 
 
+def _served(path, monkeypatch):
+    """Count the calls a C++ eager path function of ``ops`` (``ops.layer_norm_cpp``)
+    served."""
+    real, calls = ops._cpp_function(path.name), []
+
+    def spy(*args):
+        out = real(*args)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(path, "function", spy)
+    return calls
+
+
 @pytest.mark.native_rule
-def test_small_layer_norm_runs_torchs_kernel(monkeypatch):
-    calls = _ours("row_norm", monkeypatch)
-    x, w, b = torch.randn(8, 64, requires_grad=True), torch.randn(64), torch.randn(64)
+def test_small_layer_norm_runs_our_forward_with_torchs_backward(monkeypatch):
+    """Below the rule's bounds a LayerNorm that records its graph runs our forward kernel
+    and torch's backward kernel (given our statistics), not our Python path's node."""
+    calls, rule = _ours("row_norm", monkeypatch), _served(ops.layer_norm_cpp, monkeypatch)
+    x = torch.randn(8, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
     y = AF.layer_norm(x, (64,), w, b)
-    assert not calls and type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
-    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), rtol=0, atol=0)
+    assert not calls and rule == [1] and y.grad_fn.name() == "LayerNormBackward"
+    expected = F.layer_norm(x, (64,), w, b)
+    torch.testing.assert_close(y, expected)
+    dy = torch.randn_like(y)
+    ours, theirs = torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(expected, (x, w, b), dy)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e)
 
 
 @pytest.mark.native_rule
-def test_small_add_layer_norm_runs_torchs_add_and_kernel(monkeypatch):
-    calls = _ours("row_norm", monkeypatch)
+def test_small_add_layer_norm_runs_our_fused_forward_with_torchs_backward(monkeypatch):
+    calls, rule = _ours("row_norm", monkeypatch), _served(ops.layer_norm_cpp, monkeypatch)
     x, res = torch.randn(8, 64, requires_grad=True), torch.randn(8, 64).to(torch.bfloat16)
     w, b = torch.randn(64), torch.randn(64)
     y, r = AF.add_layer_norm(x.to(torch.bfloat16), res, (64,), w.bfloat16(), b.bfloat16())
-    assert not calls and type(y.grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert not calls and rule == [1] and y.grad_fn.name() == "LayerNormBackward"
     r_torch = x.to(torch.bfloat16) + res
     torch.testing.assert_close(r, r_torch, rtol=0, atol=0)
-    torch.testing.assert_close(y, F.layer_norm(r_torch, (64,), w.bfloat16(), b.bfloat16()), rtol=0, atol=0)
-    y.float().sum().backward()
-    assert x.grad is not None
+    torch.testing.assert_close(y, F.layer_norm(r_torch, (64,), w.bfloat16(), b.bfloat16()))
+    (y.float().sum() + r.float().square().sum()).backward()
+    expected = torch.autograd.grad(
+        F.layer_norm(r_torch, (64,), w.bfloat16(), b.bfloat16()).float().sum() + r_torch.float().square().sum(), x
+    )[0]
+    torch.testing.assert_close(x.grad, expected)
     with pytest.raises(AF.ArgumentError, match="residual must have the shape of x"):
         AF.add_layer_norm(x, torch.randn(1, 64), (64,))  # x + residual would broadcast
 
@@ -165,40 +191,48 @@ def test_the_rule_stays_out_of_traces_forced_backends_and_large_inputs(monkeypat
 @pytest.mark.native_rule
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_layer_norm_runs_ours_from_its_dtypes_bound(monkeypatch, dtype):
-    """Where autograd records the graph, LayerNorm runs ours from 2^20 elements in
-    float16/bfloat16 and add+LayerNorm from 2^19; in float32/float64 both from 2^23
-    (``_NATIVE_BELOW``); where it records nothing, ours at every size.  The result is
-    torch's either side of the bound."""
-    calls = _ours("row_norm", monkeypatch)
+    """Where autograd records the graph, LayerNorm runs our Python path's node (our
+    backward kernel) from 2^20 elements in float16/bfloat16 and add+LayerNorm from 2^19;
+    in float32/float64 both from 2^23 (``_NATIVE_BELOW``); below, our forward kernel on
+    the C++ eager path with torch's backward kernel, below 32 MB (a float64 input of
+    more: torch's kernel).  Where autograd records nothing, the C++ path below 32 MB at
+    every size.  The result is torch's either side of the bound."""
+    calls, rule = _ours("row_norm", monkeypatch), _served(ops.layer_norm_cpp, monkeypatch)
     half = dtype in (torch.float16, torch.bfloat16)
 
     def ran(rows, d, add):
-        x = torch.randn(rows, d, dtype=dtype)
+        x = torch.randn(rows, d, dtype=dtype, requires_grad=torch.is_grad_enabled())
         w, b = torch.randn(d, dtype=dtype), torch.randn(d, dtype=dtype)
-        before = len(calls)
+        before = len(calls), len(rule)
         if add:
             res = torch.randn(rows, d, dtype=dtype)
             y, r = AF.add_layer_norm(x, res, (d,), w, b)
             torch.testing.assert_close(r, x + res, rtol=0, atol=0)
             torch.testing.assert_close(y, F.layer_norm(x + res, (d,), w, b))
         else:
-            torch.testing.assert_close(AF.layer_norm(x, (d,), w, b), F.layer_norm(x, (d,), w, b))
-        return len(calls) > before
+            y = AF.layer_norm(x, (d,), w, b)
+            torch.testing.assert_close(y, F.layer_norm(x, (d,), w, b))
+        ours, cpp = len(calls) > before[0], len(rule) > before[1]
+        assert not (ours and cpp)
+        if cpp and y.grad_fn is not None:
+            assert y.grad_fn.name() == "LayerNormBackward"
+        return "ours" if ours else "cpp" if cpp else "torch"
 
-    assert not ran(1023, 1024, add=False)  # below 2^20
-    assert ran(1024, 1024, add=False) is half
-    assert ran(64, 16384, add=False) is half
-    assert not ran(1023, 512, add=True)  # below 2^19
-    assert ran(1024, 512, add=True) is half
-    assert ran(1024, 1024, add=True) is half
-    assert ran(8191, 1024, add=False) is half  # below 2^23
-    assert ran(8192, 1024, add=False)
-    assert ran(8192, 1024, add=True)
+    assert ran(1023, 1024, add=False) == "cpp"  # below 2^20
+    assert ran(1024, 1024, add=False) == ("ours" if half else "cpp")
+    assert ran(64, 16384, add=False) == ("ours" if half else "cpp")
+    assert ran(1023, 512, add=True) == "cpp"  # below 2^19
+    assert ran(1024, 512, add=True) == ("ours" if half else "cpp")
+    assert ran(1024, 1024, add=True) == ("ours" if half else "cpp")
+    # below 2^23 (float64: 64 MB, the C++ path's limit is 32 MB)
+    assert ran(8191, 1024, add=False) == ("ours" if half else "torch" if dtype is torch.float64 else "cpp")
+    assert ran(8192, 1024, add=False) == "ours"
+    assert ran(8192, 1024, add=True) == "ours"
     with torch.no_grad():  # autograd off: ours at every size, every dtype (the C++ eager path's)
-        assert ran(1, 64, add=False) and ran(1, 64, add=True)
-        assert ran(1023, 1024, add=False) and ran(1023, 512, add=True)
+        assert ran(1, 64, add=False) == ran(1, 64, add=True) == "cpp"
+        assert ran(1023, 1024, add=False) == ran(1023, 512, add=True) == "cpp"
     with torch.inference_mode():
-        assert ran(8, 64, add=False)
+        assert ran(8, 64, add=False) == "cpp"
 
 
 @pytest.mark.native_rule

@@ -18,6 +18,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -288,22 +289,28 @@ def _offered_by_functional(entry):
 
 
 @contextlib.contextmanager
-def _served_by_cpp(entry):
-    """Whether the C++ eager path served each call offered it of ``entry`` (an op of
-    ``ops``) in the block: a list of bools."""
-    real = ops._cpp_function(entry.cpp_name)
-    served, saved = [], entry.cpp
+def _served_by_cpp(*entries):
+    """Whether the C++ eager path served each call offered it of ``entries`` (ops of
+    ``ops``, or its functions no op fronts: ``ops.layer_norm_cpp``) in the block: a list
+    of bools, in the calls' order."""
+    served, saved = [], []
+    for entry in entries:
+        path = isinstance(entry, ops._CppPath)
+        attr = "function" if path else "cpp"
+        real = ops._cpp_function(entry.name if path else entry.cpp_name)
 
-    def spy(*args):
-        out = real(*args)
-        served.append(out is not None)
-        return out
+        def spy(*args, real=real):
+            out = real(*args)
+            served.append(out is not None)
+            return out
 
-    entry.cpp = spy
+        saved.append((entry, attr, getattr(entry, attr)))
+        setattr(entry, attr, spy)
     try:
         yield served
     finally:
-        entry.cpp = saved
+        for entry, attr, was in saved:
+            setattr(entry, attr, was)
 
 
 def _same_bits(ours, theirs):
@@ -719,7 +726,7 @@ def test_unrecorded_layer_norm_same_bits_as_the_python_path(name, rows, d, dtype
     if seed % 2:
         inputs = (inputs[0].round(), *inputs[1:])  # rows with repeated values, zeros among the outputs
     with torch.no_grad():
-        with _served_by_cpp(ops.row_norm) as served:
+        with _served_by_cpp(ops.row_norm, ops.layer_norm_cpp) as served:
             chosen = LN_OPS[name](*inputs)
             with addnorm.backend("numba"):
                 forced = LN_OPS[name](*inputs)
@@ -745,26 +752,30 @@ def test_unrecorded_layer_norm_rows_across_threads_give_the_python_paths_bits(na
 @needs_cpp
 @pytest.mark.native_rule
 def test_which_layer_norm_calls_it_serves():
-    """addnorm's choice: our kernel on the C++ path where autograd records nothing, torch's
-    kernel and node where it records the graph (small calls: functional's rule); a forced
-    numba backend, the Python path's node there.  What the path turns down runs as
-    before: torch's kernel (a weight of another dtype, strided input, a normalized shape of
-    two dims), the reference's ops where a transform or a tracer watches."""
+    """addnorm's choice (small calls: functional's rule): our kernel on the C++ path, with
+    a node whose backward is torch's kernel where autograd records the graph; a forced
+    numba backend, the Python path's node there (our backward kernel).  What the path
+    turns down runs as before: torch's kernel (a weight of another dtype, strided input, a
+    normalized shape of two dims), the reference's ops where a transform or a tracer
+    watches."""
     import torch.autograd.forward_ad as fwAD
 
     x, _, w, b = _inputs((6, 64), torch.float32, 3)
     leaf = x.clone().requires_grad_()
-    with _served_by_cpp(ops.row_norm) as served:
+    with _served_by_cpp(ops.row_norm, ops.layer_norm_cpp) as served:
         with torch.no_grad():
             y = AF.layer_norm(leaf, (64,), w, b)
         assert y.grad_fn is None and served == [True]
         with torch.inference_mode():
             AF.add_layer_norm(x, x, 64, w, b)
         assert served == [True, True]
-        assert _node(AF.layer_norm(leaf, (64,), w, b)) == "NativeLayerNormBackward0"
+        assert AF.layer_norm(leaf, (64,), w, b).grad_fn.name() == "LayerNormBackward"
+        y, r = AF.add_layer_norm(leaf, x, [64], w, b)
+        assert y.grad_fn is r.grad_fn and y.grad_fn.name() == "LayerNormBackward"
+        assert AF.layer_norm(x, 64, w, b).grad_fn is None  # (nothing to record)
         with addnorm.backend("numba"):
             assert _node(AF.layer_norm(leaf, (64,), w, b)) == "row_norm_fwdBackward"
-        assert served == [True, True, False]  # (the forced backend's offer, turned down)
+        assert served == [True] * 5 + [False]  # (the forced backend's offer, turned down)
         served.clear()
         with torch.no_grad():
             half = x.bfloat16()
@@ -776,7 +787,7 @@ def test_which_layer_norm_calls_it_serves():
             squares = x.reshape(6, 8, 8)
             torch.testing.assert_close(AF.layer_norm(squares, (8, 8)),
                                        torch.nn.functional.layer_norm(squares, (8, 8)), rtol=0, atol=0)
-        assert served == [False, False]  # (the two-dim shape was never offered)
+        assert served == [False, False, False]
         # transforms and tracers: what the path cannot see, so it turns the call down
         tangent = torch.randn_like(x)
         with torch.no_grad(), fwAD.dual_level():
@@ -794,6 +805,178 @@ def test_which_layer_norm_calls_it_serves():
             traced = torch.jit.trace(lambda t: AF.layer_norm(t, (64,), w, b), x)
             other = torch.randn(6, 64)
             torch.testing.assert_close(traced(other), torch.nn.functional.layer_norm(other, (64,), w, b))
+
+
+# torch.nn's counterpart of each of LN_OPS
+LN_TORCH = {
+    "layer_norm": lambda x, p, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+    "layer_norm_weight": lambda x, p, w, b: F.layer_norm(x, x.shape[-1:], w),
+    "layer_norm_bias": lambda x, p, w, b: F.layer_norm(x, x.shape[-1:], None, b),
+    "layer_norm_plain": lambda x, p, w, b: F.layer_norm(x, x.shape[-1:]),
+    "add_layer_norm": lambda x, p, w, b: (F.layer_norm(x + b, x.shape[-1:], w, w.flip(0), 1e-6), x + b),
+    "add_layer_norm_plain": lambda x, p, w, b: (F.layer_norm(x + b, x.shape[-1:]), x + b),
+}
+
+
+@needs_cpp
+@pytest.mark.native_rule
+@pytest.mark.xdist_group("row_norm_kernels")
+@settings(max_examples=80, deadline=None)
+@given(name=st.sampled_from(sorted(LN_OPS)), **ROW_CASES)
+def test_recorded_layer_norm_runs_our_forward_and_torchs_backward(name, rows, d, dtype, seed):
+    """LayerNorm and add+LayerNorm recording their graph, by addnorm's choice below the
+    rule's bounds (the C++ path's node): the forward has the Python path's bits (our
+    kernel), the gradients are torch.nn's (torch's backward kernel, given our statistics,
+    whose last bit may differ from torch's: within a few units of the last place of the
+    largest), for each affine combination and whichever inputs want a gradient."""
+    inputs = _inputs((*rows, d), dtype, seed, residual=name in RESIDUAL)
+    wanted = (seed % 4 != 0, False, seed % 3 != 0, seed % 4 != 1)  # x, (p), w, b or the residual
+    assume(inputs[0].numel() and any(wanted))
+    with _served_by_cpp(ops.layer_norm_cpp) as served:
+        node, ours = _run(name, inputs, wanted=wanted)
+    assert served == [True]
+    _, theirs = _run(LN_TORCH[name], inputs, wanted=wanted)
+    with python_path_only(), addnorm.backend("numba"):
+        _, python = _run(name, inputs, wanted=wanted)
+    outputs = 2 if name in RESIDUAL else 1
+    _same_bits(ours[:outputs], python[:outputs])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    for got, expected in zip(ours[outputs:], theirs[outputs:]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+@needs_cpp
+@pytest.mark.native_rule
+@pytest.mark.parametrize("name", sorted(LN_OPS))
+def test_recorded_layer_norm_gradcheck_and_gradgradcheck(name):
+    """float64 on the rule's node, whose backward is torch's kernel, a torch op: autograd
+    records its double backward (create_graph=True)."""
+    x, p, w, b = _inputs((3, 7), torch.float64, 2, residual=name in RESIDUAL)
+    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate((x, p, w, b))]
+    out = LN_OPS[name](*leaves)
+    assert (out[0] if isinstance(out, tuple) else out).grad_fn.name() == "LayerNormBackward"
+    assert torch.autograd.gradcheck(LN_OPS[name], leaves)
+    assert torch.autograd.gradgradcheck(LN_OPS[name], leaves)
+
+
+@needs_cpp
+@pytest.mark.native_rule
+def test_recorded_layer_norm_node_behaves_as_torchs():
+    """The rule's LayerNorm node, a Node with saved variables as torch's generated ones:
+    saved-tensor hooks see what it saves (torch's: the input, the parameters, the
+    statistics of its shape and dtype), both kinds of checkpointing give the same
+    gradients, an in-place change of a saved input is caught, a second backward needs
+    retain_graph, a batched gradient (vmap over the backward) and a dispatch mode
+    watching it see torch's backward op, an input made under inference_mode is
+    normalized with a trainable weight, and the residual sum's own gradient flows to
+    both addends."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, _, w, b = _inputs((4, 64), torch.bfloat16, 11)
+    lin = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+
+    def block(t):
+        return AF.layer_norm(lin(t), 64, w, b).float().square()
+
+    def grads(run):
+        for t in leaves:
+            t.grad = None
+        run().sum().backward()
+        return [t.grad.clone() for t in leaves]
+
+    assert AF.layer_norm(x, 64, w, b).grad_fn.name() == "LayerNormBackward"
+    expected = grads(lambda: block(x))
+    for reentrant in (False, True):
+        assert all(torch.equal(a, e) for a, e in zip(grads(lambda: checkpoint(block, x, use_reentrant=reentrant)),
+                                                     expected))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((t.shape, t.dtype)) or t.clone(),
+                                                  lambda t: t):
+        AF.layer_norm(x, 64, w, b)
+    _, mean, rstd = torch.native_layer_norm(x.detach(), (64,), w.detach(), b.detach(), 1e-5)
+    assert packed == [(x.shape, x.dtype), (w.shape, w.dtype), (b.shape, b.dtype), (mean.shape, mean.dtype),
+                      (rstd.shape, rstd.dtype)]
+    with torch.autograd.graph.save_on_cpu():
+        assert all(torch.equal(a, e) for a, e in zip(grads(lambda: block(x)), expected))
+    h = x * 1.0
+    y = AF.layer_norm(h, 64, w, b)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = AF.layer_norm(x, 64, w, b)
+    y.float().sum().backward(retain_graph=True)
+    y.float().sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.float().sum().backward()
+    # a batched incoming gradient, and a dispatch mode: torch's backward op sees both
+    xf = torch.randn(2, 5, requires_grad=True)
+    y = AF.layer_norm(xf, 5)
+    basis = torch.eye(y.numel()).reshape(-1, *y.shape)
+    (jac,) = torch.autograd.grad(y, xf, basis, is_grads_batched=True, retain_graph=True)
+    rows = [torch.autograd.grad(y, xf, e, retain_graph=True)[0] for e in basis]
+    torch.testing.assert_close(jac, torch.stack(rows))
+    with SeenOps() as mode:
+        torch.autograd.grad(y, xf, basis[3])
+    assert "aten.native_layer_norm_backward.default" in mode.seen, mode.seen
+    with torch.inference_mode():
+        made = torch.randn(3, 64)
+    y = AF.layer_norm(made, 64, w.detach().float().requires_grad_())
+    assert y.grad_fn.name() == "LayerNormBackward"
+    y.sum().backward()
+    a, r0 = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    y, r = AF.add_layer_norm(a, r0, 8)
+    (y.sum() * 0 + r.square().sum()).backward()
+    torch.testing.assert_close(a.grad, 2 * (a + r0).detach())
+    torch.testing.assert_close(r0.grad, a.grad)
+    a.grad = r0.grad = None
+    r.sum().backward()  # (only the residual sum's gradient: y's is none)
+    torch.testing.assert_close(a.grad, torch.ones_like(a))
+
+
+def _recorded_layer_norm(x, w, b):
+    """A LayerNorm recording its graph on the rule's node: its node's name, y, and the
+    gradients of x, w and b from a fixed cotangent."""
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = AF.layer_norm(leaves[0], x.shape[-1], leaves[1], leaves[2])
+    dy = torch.empty_like(y).copy_(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    return (y.grad_fn.name(), y.detach(), *torch.autograd.grad(y, leaves, dy))
+
+
+def _recorded_forward_in_forked_child():
+    """``_recorded_layer_norm``'s forward of ``_FORK_CASE``'s inputs in a forked child (no
+    torch op that would share out work: ``_in_forked_child``): its node's name, and
+    whether y has the parent's bits."""
+    import numpy as np
+
+    x, w, b = (t.detach().requires_grad_() for t in _FORK_CASE["inputs"])
+    y = AF.layer_norm(x, x.shape[-1], w, b)
+    return y.grad_fn.name(), np.array_equal(y.detach().numpy(), _FORK_CASE["expected"].numpy())
+
+
+@needs_cpp
+@pytest.mark.native_rule
+@pytest.mark.parametrize("shape", [(8, 4096), (3, 30000)])
+def test_recorded_layer_norm_rows_across_threads_and_in_a_forked_child(shape):
+    """The rule's node with its forward's rows across torch's threads (16K elements and
+    more): the same bits in Python threads at once; a small one's forward in a forked
+    child (torch's backward kernel, as torch.nn's LayerNorm's, would hang there: GNU
+    OpenMP starts no team in a child forked after one ran)."""
+    x, _, w, b = _inputs(shape, torch.float32, 8)
+    expected = _recorded_layer_norm(x, w, b)
+    assert expected[0] == "LayerNormBackward"
+    for got in _in_threads(3, lambda: _recorded_layer_norm(x, w, b)):
+        _same_bits(got[1:], expected[1:])
+    # (a call worth threads is turned down there: torch's kernel, which would hang too)
+    small = [t[..., :512].contiguous() for t in (x[:2], w, b)]
+    _FORK_CASE.update(inputs=small, expected=_recorded_layer_norm(*small)[1])
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_recorded_forward_in_forked_child).get(120) == ("LayerNormBackward", True)
+    finally:
+        _FORK_CASE.clear()
 
 
 @needs_cpp

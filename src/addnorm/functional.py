@@ -282,13 +282,19 @@ def _inlined(x: Tensor) -> bool:
 # torch's in every pass at 1M-8M; at 512K 0.9x-1.15x) and the fused add+LayerNorm from
 # 512K (one pass less than torch's add then LayerNorm: 1.0x-1.3x at 512K, 0.87x-1.1x at
 # 256K); in float32/float64 both from 8M (between, torch's float32 kernel and ours are
-# even, 0.5x-1.3x by cell).  That is where autograd records the graph (torch's node and
-# backward are the cheap ones there); where it records nothing (no_grad, inference_mode:
-# decoding, serving), ours runs at every size, below 32 MB on the C++ eager path
-# (``_unrecorded_layer_norm``), which costs ~1 µs less a call than torch's wrapper and
-# kernel and shares rows out to torch's threads from 16K elements: 1.1x-1.3x torch's at
-# 1-16K elements, 1.0x-1.6x from 16K to 2M (float32 at 4M-8M 0.97x-1.0x, where both
-# stream from memory); add+LayerNorm 1.2x-2.1x (2-core Intel Xeon).  ``_float_twin``
+# even, 0.5x-1.3x by cell).  From there on our Python path runs, our backward kernel
+# included.  Below, our forward kernel runs on the C++ eager path (``ops.layer_norm_cpp``,
+# below 32 MB; what it turns down, torch's kernel), which costs ~1 µs less a call than
+# torch's wrapper and kernel and shares rows out to torch's threads from 16K elements:
+# where autograd records nothing (no_grad, inference_mode: decoding, serving) 1.1x-1.3x
+# torch's at 1-16K elements, 1.0x-1.6x from 16K to 2M (float32 at 4M-8M 0.97x-1.0x,
+# where both stream from memory), add+LayerNorm 1.2x-2.1x; where it records the graph,
+# the path's node calls torch's own backward kernel (``at::native_layer_norm_backward``,
+# given our statistics, as torch's node is given its own), so that a forward+backward
+# costs our forward and torch's backward: the forward recording its graph 1.0x-1.4x
+# torch's, forward+backward 1.0x-1.3x (2-core Intel Xeon).  (Our backward kernel behind
+# that node would need a C entry with its variants to compile; through Python it was
+# ~10 µs behind torch's at (1, 64).)  ``_float_twin``
 # reads the dtype only for inputs at or above the first bound, so a small call pays
 # nothing for it.  A bias alone: LayerNorm takes torch's kernel only where torch can also
 # differentiate the call (``weight is not None or bias is None or bias.dtype is
@@ -666,8 +672,13 @@ def layer_norm(
     if _native("layer_norm", input, (weight, bias)) and (
         weight is not None or bias is None or getattr(bias, "dtype", None) is input.dtype
     ):
-        if not _grad_enabled():
-            out = _unrecorded_layer_norm(input, None, normalized_shape, weight, bias, eps)
+        # below the bounds, our forward kernel on the C++ eager path where it serves the
+        # call (with torch's backward kernel where autograd records the graph), which
+        # reads the arguments itself and turns down the rest (32 MB and more, a transform
+        # that watches: ``_transformed``), ~1 µs less a call than checking them here
+        cpp = ops.layer_norm_cpp.function
+        if cpp is not None and _DEFAULT.get("cpu") == "numba":
+            out = cpp(input, None, normalized_shape, weight, bias, eps)
             if out is not None:
                 return out[0]
         try:
@@ -706,20 +717,6 @@ def rms_norm(
     return _row_norm(input, None, normalized_shape, weight, None, eps, offset, True, _casting(casting_mode))[0]
 
 
-def _unrecorded_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> tuple | None:
-    """The rule's LayerNorm (add+LayerNorm with a ``residual``) where autograd records
-    nothing, for a call ``_native`` has found plain eager on addnorm's choice of backend:
-    our kernel, on the op's C++ eager path, (y, r or None, ...), or None where that path
-    does not serve the call (32 MB and more, ...).  That path checks the tensors as our
-    checks would take them and whether a transform watches (``_transformed``), and turns
-    down the rest: here only what it cannot see."""
-    ns = normalized_shape  # normalized over the last dim only: an int, or a one-int sequence
-    d = ns if type(ns) is int else ns[0] if type(ns) in _SHAPES and len(ns) == 1 else None
-    if x.shape[-1] != d or type(eps) is not float or _DEFAULT.get("cpu") != "numba":
-        return None
-    return ops.row_norm.eager_cpp(x, residual, weight, bias, eps, 0.0, False, reference.CAST_ONCE)
-
-
 def add_layer_norm(
     x: Tensor,
     residual: Tensor,
@@ -738,10 +735,11 @@ def add_layer_norm(
         and residual.dtype is x.dtype
         and residual.shape == x.shape
     ):
-        if not _grad_enabled():
-            out = _unrecorded_layer_norm(x, residual, normalized_shape, weight, bias, eps)
+        cpp = ops.layer_norm_cpp.function  # (as in ``layer_norm``)
+        if cpp is not None and _DEFAULT.get("cpu") == "numba":
+            out = cpp(x, residual, normalized_shape, weight, bias, eps)
             if out is not None:
-                return out[0], out[1]
+                return out
         try:
             r = x + residual
             shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape

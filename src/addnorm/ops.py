@@ -252,6 +252,19 @@ class _Entry:
         return self.lean(*args)
 
 
+class _CppPath:
+    """A function of the C++ eager path that no op's entry fronts (functional's rule's
+    LayerNorm, ``layer_norm_cpp``): ``function``, found on its first call; None where
+    the path is not there (or is turned off, as the tests' ``python_path_only`` does)."""
+
+    def __init__(self, name: str):
+        self.name, self.function = name, self._first
+
+    def _first(self, *args):
+        self.function = _cpp_function(self.name)
+        return None if self.function is None else self.function(*args)
+
+
 def _cpp_function(name: str):
     """The C++ eager path's function ``name``; None where the path is not there."""
     ext = _eager_cpp()
@@ -433,6 +446,11 @@ row_norm = _Entry(
     row_norm_fwd, _row_norm_fwd, _row_norm_setup, _row_norm_backward, _row_norm, _row_norm_lean, visible=2,
     cpp="row_norm",
 )
+# functional's rule's LayerNorm (add+LayerNorm with a residual) below its bounds: our
+# forward kernel, and where autograd records the graph a C++ node whose backward is
+# torch's kernel (csrc/eager.cpp's ``layer_norm``: ``function(x, residual,
+# normalized_shape, weight, bias, eps)``, (y, r or None) or None)
+layer_norm_cpp = _CppPath("layer_norm")
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // The eager CPU path of a small DyT, ScaleNorm or RMSNorm (and add+RMSNorm) call, of a
-// LayerNorm (and add+LayerNorm) that records no graph, and of a channels-last GroupNorm,
-// in C++: the autograd node and the kernel call without Python between them.
+// LayerNorm (and add+LayerNorm) below functional's bounds, and of a channels-last
+// GroupNorm, in C++: the autograd node and the kernel call without Python between them.
 //
 // In Python a small call pays for its layers: an autograd.Function's C apply alone costs
 // ~3 µs, and the whole forward of a DyT over 64 values recording its graph ~12 µs, where
@@ -20,9 +20,10 @@
 // threads (serial_below elements and more; but DyT's and ScaleNorm's below 32 MB, whose
 // rows this file shares out to torch's threads: there the Python path's
 // autograd.Function cost ~7 µs of a 20 µs call; DyT's backward there is numba's threaded
-// kernel, called back; and LayerNorm's, from 16K elements), a LayerNorm that records its
-// graph (functional's rule runs torch's kernel and node there, a forced backend the
-// Python path's).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there
+// kernel, called back; and LayerNorm's, from 16K elements).  A LayerNorm that records its
+// graph is served on functional's rule alone (``layer_norm``: its node's backward is
+// torch's kernel); a forced numba backend gets the Python path's node (``row_norm``
+// turns it down).  GroupNorm's channels-last calls are large (a UNet's, 1-3 MB): there
 // Python's layers cost more than their few µs each, because the kernel before them has
 // evicted them from the caches: the whole Python path of a recorded float16 2x640x32x32
 // call took ~70 µs besides its ~190 µs kernel (Intel Xeon, 2 cores), torch's own ~20.
@@ -31,6 +32,9 @@
 // frontend (modules, optimizers, data loaders) and took most of the compiler's ~30 s
 #include <ATen/Parallel.h>
 #include <ATen/TracerMode.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/native_layer_norm_backward.h>
+#include <ATen/ops/ones.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/stl.h>
@@ -38,6 +42,7 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
@@ -422,16 +427,17 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
 // 16K-32K; across threads from 16K: 1.0x-1.6x from 16K to 2M elements, every dtype; 2-core
 // Intel Xeon)
 constexpr int64_t layer_norm_threads_from = 1 << 14;
-constexpr int64_t kept_means = 1 << 16;  // rows whose means room is kept between calls
+constexpr int64_t kept_stats = 1 << 16;  // rows whose statistics' room is kept between calls
 
 // Per thread and dtype code, what LayerNorm's kernel is given in place of what a call
 // lacks: ones for an absent weight and -0.0 for an absent bias (h * 1 and h + -0.0 are h,
 // bit for bit and sign of zero: one compiled kernel serves every affine combination,
-// kernels/cpu.py's ``layer_norm_forward_c``), and room for the means it stores, which no
-// call here reads.  Grown to the largest call seen (the means to kept_means rows; more
-// get their own).
+// kernels/cpu.py's ``layer_norm_forward_c``), and room for the float32/float64
+// statistics it stores where no call here reads them (the means of a call that records
+// nothing) or reads them rounded (a float16/bfloat16 call's, ``stats_in``).  Grown to
+// the largest call seen (the statistics to kept_stats rows; more get their own).
 struct LayerNormStandIns {
-  Tensor ones, negative_zeros, means;
+  Tensor ones, negative_zeros, means, rstds;
 };
 thread_local LayerNormStandIns stand_ins[4];
 
@@ -440,32 +446,183 @@ const Tensor& stand_in(Tensor& kept, int64_t n, at::ScalarType t, double value) 
   return kept;
 }
 
-// LayerNorm's forward without statistics (no gradient is recorded): y, and the residual
-// sum into *r where there is a residual
-Tensor layer_norm_run(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, double eps, Tensor* r) {
-  const at::ScalarType t = x.scalar_type();
+// Room for n statistics of dtype t: the kept room, or their own past kept_stats rows
+Tensor stats_room(Tensor& kept, int64_t n, at::ScalarType t) {
+  return n <= kept_stats ? stand_in(kept, n, t, 0.0) : torch::empty({n}, at::dtype(t));
+}
+
+// The float32 statistics in room, rounded to out's float16/bfloat16 (to nearest even,
+// as torch's forward stores them)
+template <typename T>
+void rounded_into(const Tensor& room, Tensor& out) {
+  const float* from = room.data_ptr<float>();
+  T* to = out.data_ptr<T>();
+  for (int64_t i = 0, n = out.numel(); i < n; ++i) to[i] = T(from[i]);
+}
+
+// LayerNorm's forward: y, and the residual sum into *r where there is a residual; where
+// *mean and *rstd are given (a call that records its graph), the statistics, as torch's
+// forward stores them: x's dtype, x's dims with the last 1 (float16/bfloat16 ones
+// rounded from the kernel's float32)
+Tensor layer_norm_run(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, double eps, Tensor* r,
+                      Tensor* mean = nullptr, Tensor* rstd = nullptr) {
+  const at::ScalarType t = x.scalar_type(), acc = acc_type(t);
   const int code = dtype_code(t);
   const int64_t d = x.size(-1), n = x.numel() / d;
   LayerNormStandIns& kept = stand_ins[code];
   const Tensor& weight = w.defined() ? w : stand_in(kept.ones, d, t, 1.0);
   const Tensor& bias = b.defined() ? b : stand_in(kept.negative_zeros, d, t, -0.0);
-  const Tensor means = n <= kept_means ? stand_in(kept.means, n, acc_type(t), 0.0)
-                                       : torch::empty({n}, x.options().dtype(acc_type(t)));
+  Tensor means, rstds;  // what the kernel writes
+  if (mean != nullptr) {
+    std::vector<int64_t> stat_sizes = x.sizes().vec();
+    stat_sizes.back() = 1;
+    *mean = torch::empty(stat_sizes, x.options());
+    *rstd = torch::empty(stat_sizes, x.options());
+    const bool rounded = acc != t;
+    means = rounded ? stats_room(kept.means, n, acc) : *mean;
+    rstds = rounded ? stats_room(kept.rstds, n, acc) : *rstd;
+  } else {
+    means = stats_room(kept.means, n, acc);
+  }
   Tensor y = torch::empty_like(x);
   if (res.defined()) *r = torch::empty_like(x);
   const int64_t w_at = address(weight), b_at = address(bias);
   over_rows(n, d, [&](int64_t lo, int64_t hi) {
     kernels.layer_norm_forward(code, hi - lo, d, row_address(x, lo, d), row_address(res, lo, d), w_at, b_at,
                                row_address(y, lo, d), res.defined() ? row_address(*r, lo, d) : 0,
-                               row_address(means, lo, 1), 0, eps, 0.0, 0);
+                               row_address(means, lo, 1), row_address(rstds, lo, 1), eps, 0.0, 0);
   }, layer_norm_threads_from);
+  if (mean != nullptr && acc != t) {
+    if (t == at::kBFloat16) {
+      rounded_into<c10::BFloat16>(means, *mean);
+      rounded_into<c10::BFloat16>(rstds, *rstd);
+    } else {
+      rounded_into<c10::Half>(means, *mean);
+      rounded_into<c10::Half>(rstds, *rstd);
+    }
+  }
   return y;
+}
+
+// LayerNorm's node where functional's rule runs our forward kernel and autograd records
+// the graph: torch's own backward kernel (at::native_layer_norm_backward, what torch's
+// NativeLayerNormBackward0 calls), given the statistics our forward stored, in a node
+// written as torch's generated ones are.  That backward is a torch op: it records its
+// own double backward (create_graph=True), is batched under vmap and seen by dispatch
+// modes, as torch's LayerNorm's is.  Inputs x, the residual where there is one, w, b;
+// outputs y, and r = x + residual where there is a residual (its gradient flows to both).
+struct LayerNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable source, w, b, mean, rstd;  // source: x, or r (an output)
+  bool has_residual = false;
+
+  std::string name() const override { return "LayerNormBackward"; }
+
+  void release_variables() override {
+    source.reset_data();
+    w.reset_data();
+    b.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const int64_t k = has_residual ? 1 : 0;  // the parameters' input index past the residual
+    const bool needs_w = should_compute_output(1 + k), needs_b = should_compute_output(2 + k);
+    const bool needs_x = should_compute_output(0) || (has_residual && should_compute_output(1));
+    Tensor dx, dw, db;
+    if (grads[0].defined() && (needs_x || needs_w || needs_b)) {
+      // (r, an output of this node, is unpacked with it)
+      const Tensor x =
+          source.unpack(has_residual ? c10::intrusive_ptr<Node>::unsafe_reclaim_from_nonowning(this) : nullptr);
+      // Where autograd records this backward (create_graph=True), a bias without a weight
+      // is given ones for the weight: torch's double backward of the call without one drops
+      // the bias gradient's part (torch 2.13: gradgradcheck fails on
+      // torch.nn.functional.layer_norm(x, shape, None, b)); with ones it is right.
+      Tensor weight = w.unpack();
+      if (!weight.defined() && needs_b && c10::GradMode::is_enabled()) weight = at::ones({x.size(-1)}, x.options());
+      std::tie(dx, dw, db) = at::native_layer_norm_backward(grads[0], x, {x.size(-1)}, mean.unpack(), rstd.unpack(),
+                                                            weight, b.unpack(), {needs_x, needs_w, needs_b});
+    }
+    if (has_residual && grads[1].defined()) dx = dx.defined() ? at::add(dx, grads[1]) : grads[1];
+    variable_list out{should_compute_output(0) ? dx : Tensor()};
+    if (has_residual) out.push_back(should_compute_output(1) ? dx : Tensor());
+    out.push_back(dw);
+    out.push_back(db);
+    return out;
+  }
+};
+
+// LayerNorm (add+LayerNorm with a residual) recording its node: y, and r where there is a
+// residual
+Tensor layer_norm_recorded(const Tensor& x, const Tensor& res, const Tensor& w, const Tensor& b, double eps,
+                           Tensor* r) {
+  auto node = c10::make_intrusive<LayerNormBackward>();
+  node->has_residual = res.defined();
+  node->set_next_edges(res.defined() ? torch::autograd::collect_next_edges(x, res, w, b)
+                                     : torch::autograd::collect_next_edges(x, w, b));
+  Tensor mean, rstd;
+  Tensor y = layer_norm_run(x, res, w, b, eps, r, &mean, &rstd);
+  torch::autograd::set_history(y, node);
+  if (res.defined()) {
+    torch::autograd::set_history(*r, node);
+    node->source = torch::autograd::SavedVariable(*r, true);
+  } else {
+    // an input made under torch.inference_mode, normalized with a trainable weight, copied
+    // (autograd saves no inference tensor; ops._row_norm_setup)
+    node->source = torch::autograd::SavedVariable(x.is_inference() ? x.clone() : x, false);
+  }
+  node->w = torch::autograd::SavedVariable(w, false);
+  node->b = torch::autograd::SavedVariable(b, false);
+  node->mean = torch::autograd::SavedVariable(mean, false);
+  node->rstd = torch::autograd::SavedVariable(rstd, false);
+  return y;
+}
+
+// Whether normalized_shape names x's last dim (d values) alone, as functional's callers
+// give it: an int, or a tuple (a torch.Size) or list of one int
+bool last_dim_only(py::handle shape, int64_t d) {
+  PyObject* s = shape.ptr();
+  if (PyTuple_Check(s) && PyTuple_GET_SIZE(s) == 1) s = PyTuple_GET_ITEM(s, 0);
+  else if (PyList_Check(s) && PyList_GET_SIZE(s) == 1) s = PyList_GET_ITEM(s, 0);
+  int overflow = 0;
+  return PyLong_CheckExact(s) && PyLong_AsLongLongAndOverflow(s, &overflow) == d && !overflow;
+}
+
+// p as a tensor, where it is one or None (an undefined tensor); false: something else
+bool optional_tensor(py::handle p, Tensor& out) {
+  if (p.is_none()) return true;
+  if (!THPVariable_Check(p.ptr())) return false;
+  out = THPVariable_Unpack(p.ptr());
+  return true;
+}
+
+// functional's rule's LayerNorm (add+LayerNorm with a residual) on our kernel below the
+// rule's bounds, for a call functional has found plain eager on addnorm's choice of
+// backend, with its arguments as the caller gave them (a tensor x; a tensor residual or
+// None): (y, r or None), with our node (torch's backward kernel) where autograd records
+// the graph; None where this path does not serve the call (as row_norm, and arguments of
+// another type: an eps that is no float, a normalized_shape of other dims than x's last).
+// The arguments are read here, not by pybind11: its conversions, and functional's checks
+// of them, cost a small call ~1 µs more.
+py::object layer_norm(const Tensor& x, const c10::optional<Tensor>& residual, py::handle normalized_shape,
+                      py::handle weight, py::handle bias, py::handle eps) {
+  const Tensor res = residual.value_or(Tensor());
+  Tensor w, b;
+  if (kernels.layer_norm_forward == nullptr || !PyFloat_CheckExact(eps.ptr()) || !optional_tensor(weight, w) ||
+      !optional_tensor(bias, b) || !rows_served(x, res, w, b, true) || !last_dim_only(normalized_shape, x.size(-1)) ||
+      transformed())
+    return py::none();
+  const double e = PyFloat_AS_DOUBLE(eps.ptr());
+  Tensor r;
+  Tensor y = recording({x, res, w, b}) ? layer_norm_recorded(x, res, w, b, e, &r) : layer_norm_run(x, res, w, b, e, &r);
+  return py::make_tuple(y, as_py(r));
 }
 
 // ops.row_norm's eager contract, (y, r or None, None, None); None where this path does
 // not serve the call (see the top of the file): an RMSNorm with a bias, or a LayerNorm
-// whose graph is recorded (its node would be the Python path's, called back; where this
-// is reached, a backend is forced, and the Python path's autograd.Function serves it)
+// whose graph is recorded (where this is reached, a backend is forced, and the Python
+// path's autograd.Function serves it with our backward kernel; functional's rule calls
+// ``layer_norm`` above instead)
 py::object row_norm(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
                     const c10::optional<Tensor>& bias, double eps, double offset, bool rms, int64_t cast) {
   const Tensor res = residual.value_or(Tensor()), w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
@@ -624,6 +781,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_norm", &scale_norm, "ScaleNorm's eager forward, as dyt's; (y, None) or None");
   m.def("row_norm", &row_norm, "RMSNorm's and LayerNorm's eager forward (with or without the residual add), as "
         "dyt's; (y, r or None, None, None) or None");
+  m.def("layer_norm", &layer_norm, "LayerNorm's (and add+LayerNorm's) eager forward on functional's rule, our "
+        "kernel with torch's backward kernel where autograd records; (y, r or None) or None");
   m.def("group_norm", &group_norm, "GroupNorm's eager forward of a channels-last input, as dyt's; "
         "(y, None, None) or None");
   m.def("register_kernels", &register_kernels);
