@@ -27,15 +27,20 @@ def _ours(name, monkeypatch):
     # first lookup would put the function in the spy's place)
     real_cpp = entry.cpp and ops._cpp_function(entry.cpp_name)
     if real_cpp is not None:
-
-        def cpp(*args):
-            out = real_cpp(*args)
-            if out is not None:
-                calls.append(1)
-            return out
-
-        monkeypatch.setattr(entry, "cpp", cpp)
+        monkeypatch.setattr(entry, "cpp", _counting(real_cpp, calls))
     return calls
+
+
+def _counting(real, calls):
+    """A C++ eager path function ``real`` that counts in ``calls`` the calls it served."""
+
+    def spy(*args):
+        out = real(*args)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    return spy
 
 
 def test_eager_calls_skip_the_dispatcher_and_match_the_op(monkeypatch):
@@ -77,15 +82,8 @@ def test_eager_no_grad_runs_no_autograd_node():
 def _served(path, monkeypatch):
     """Count the calls a C++ eager path function of ``ops`` (``ops.layer_norm_cpp``)
     served."""
-    real, calls = ops._cpp_function(path.name), []
-
-    def spy(*args):
-        out = real(*args)
-        if out is not None:
-            calls.append(1)
-        return out
-
-    monkeypatch.setattr(path, "function", spy)
+    calls = []
+    monkeypatch.setattr(path, "function", _counting(ops._cpp_function(path.name), calls))
     return calls
 
 

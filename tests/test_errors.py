@@ -63,7 +63,7 @@ def test_not_a_tensor_while_autograd_records(fn, input_requires_grad):
 @pytest.mark.parametrize("grad", [False, True])
 def test_not_a_tensor_on_the_cpp_paths(fn, grad):
     """The calls that go to the C++ eager path before the checks (small row norms, the
-    rule's LayerNorm without autograd and channels-last GroupNorm) get the checks' error
+    rule's LayerNorm, with or without autograd, and channels-last GroupNorm) get the checks' error
     for a parameter that is no tensor, not the extension's own TypeError."""
     name = "bias" if "add_layer_norm" in inspect.getsource(fn) else "weight"
     with torch.set_grad_enabled(grad), raises(TypeError, name, "torch.Tensor", "list"):

@@ -513,7 +513,6 @@ def _numba_eager(args: tuple) -> bool:
 
 
 _is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 # torch.backends.cudnn.enabled, read in C (~0.06 µs against ~0.27): the twins' last
 # argument, which torch.nn.functional's wrappers pass (``_native``'s calls skip those

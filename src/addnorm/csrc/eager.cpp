@@ -434,7 +434,7 @@ constexpr int64_t kept_stats = 1 << 16;  // rows whose statistics' room is kept 
 // bit for bit and sign of zero: one compiled kernel serves every affine combination,
 // kernels/cpu.py's ``layer_norm_forward_c``), and room for the float32/float64
 // statistics it stores where no call here reads them (the means of a call that records
-// nothing) or reads them rounded (a float16/bfloat16 call's, ``stats_in``).  Grown to
+// nothing) or reads them rounded (a float16/bfloat16 call's, ``rounded_into``).  Grown to
 // the largest call seen (the statistics to kept_stats rows; more get their own).
 struct LayerNormStandIns {
   Tensor ones, negative_zeros, means, rstds;
