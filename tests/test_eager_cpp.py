@@ -624,55 +624,67 @@ def test_group_norm_gradcheck_and_gradgradcheck_through_it(name):
             assert torch.autograd.gradgradcheck(GN_OPS[name], leaves)
 
 
-@needs_cpp
-def test_group_norm_node_saves_as_torchs_nodes_do():
-    """GroupNorm's node (a Node with saved variables, as torch's generated ones):
-    saved-tensor hooks see what it saves, both kinds of checkpointing give the same
-    gradients, an in-place change of a saved input is caught, a second backward needs
-    retain_graph, and autograd.grad of the weight alone asks the kernel for no more."""
+def _saves_as_torchs_nodes_do(norm, block, x, leaves, saved):
+    """What a C++ node written as torch's generated ones (a Node with saved variables)
+    does as they do, for ``norm`` (a function of one input recording such a node) and
+    ``block`` (a model around it): saved-tensor hooks see what it saves (``saved``: each
+    tensor's (shape, dtype), in order), both kinds of checkpointing and offloading give
+    the same gradients of ``leaves``, an in-place change of a saved input is caught, a
+    second backward needs retain_graph."""
     from torch.utils.checkpoint import checkpoint
-
-    x, w, b = _gn_inputs((2, 8, 4, 4), torch.float32, 4)
-    conv = torch.nn.Conv2d(8, 8, 1).to(memory_format=torch.channels_last)
-    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
-
-    def block(t):
-        return torch.nn.functional.silu(AF.group_norm(conv(t), 4, w, b))
 
     def grads(run):
         for t in leaves:
             t.grad = None
-        run().square().sum().backward()
+        run().float().square().sum().backward()
         return [t.grad.clone() for t in leaves]
 
+    expected = grads(lambda: block(x))
+    for reentrant in (False, True):
+        got = grads(lambda: checkpoint(block, x, use_reentrant=reentrant))
+        assert all(torch.equal(a, e) for a, e in zip(got, expected))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((t.shape, t.dtype)) or t.clone(),
+                                                  lambda t: t):
+        norm(x)
+    assert packed == saved
+    with torch.autograd.graph.save_on_cpu():
+        assert all(torch.equal(a, e) for a, e in zip(grads(lambda: block(x)), expected))
+    h = x * 1.0
+    y = norm(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.float().sum().backward()
+    y = norm(x)
+    y.float().sum().backward(retain_graph=True)
+    y.float().sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.float().sum().backward()
+
+
+@needs_cpp
+def test_group_norm_node_saves_as_torchs_nodes_do():
+    """GroupNorm's node (a Node with saved variables, as torch's generated ones) does
+    as they do (``_saves_as_torchs_nodes_do``), and autograd.grad of the weight alone
+    asks the kernel for no more."""
+    x, w, b = _gn_inputs((2, 8, 4, 4), torch.float32, 4)
+    conv = torch.nn.Conv2d(8, 8, 1).to(memory_format=torch.channels_last)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+
+    def norm(t):
+        return AF.group_norm(t, 4, w, b)
+
     with addnorm.backend("numba"):
-        y = AF.group_norm(x, 4, w, b)
+        y = norm(x)
         assert _node(y) == "CppFunction" and y.grad_fn.name() == "GroupNormBackward"
-        expected = grads(lambda: block(x))
-        for reentrant in (False, True):
-            got = grads(lambda: checkpoint(block, x, use_reentrant=reentrant))
-            assert all(torch.equal(a, e) for a, e in zip(got, expected))
-        packed = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t.clone(), lambda t: t):
-            AF.group_norm(x, 4, w, b)
-        assert packed == [(2, 8, 4, 4), (8,), (8,), (2, 4), (2, 4)]  # x, w, b, mean, var
-        with torch.autograd.graph.save_on_cpu():
-            assert all(torch.equal(a, e) for a, e in zip(grads(lambda: block(x)), expected))
-        (dw,) = torch.autograd.grad(AF.group_norm(x, 4, w, b).sum(), [w])
+        f32 = torch.float32
+        _saves_as_torchs_nodes_do(norm, lambda t: torch.nn.functional.silu(norm(conv(t))), x, leaves,
+                                  [((2, 8, 4, 4), f32), ((8,), f32), ((8,), f32), ((2, 4), f32), ((2, 4), f32)])
+        (dw,) = torch.autograd.grad(norm(x).sum(), [w])
         # (torch 2.13's own channels-last backward, asked for the weight's gradient alone,
         # crashes the process: against its contiguous one)
         flat = torch.nn.functional.group_norm(x.contiguous(), 4, w, b)
         torch.testing.assert_close(dw, torch.autograd.grad(flat.sum(), [w])[0])
-        h = x * 1.0
-        y = AF.group_norm(h, 4, w, b)
-        h.add_(1.0)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            y.sum().backward()
-        y = AF.group_norm(x, 4, w, b)
-        y.sum().backward(retain_graph=True)
-        y.sum().backward()
-        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-            y.sum().backward()
 
 
 @needs_cpp
@@ -864,53 +876,23 @@ def test_recorded_layer_norm_gradcheck_and_gradgradcheck(name):
 @needs_cpp
 @pytest.mark.native_rule
 def test_recorded_layer_norm_node_behaves_as_torchs():
-    """The rule's LayerNorm node, a Node with saved variables as torch's generated ones:
-    saved-tensor hooks see what it saves (torch's: the input, the parameters, the
-    statistics of its shape and dtype), both kinds of checkpointing give the same
-    gradients, an in-place change of a saved input is caught, a second backward needs
-    retain_graph, a batched gradient (vmap over the backward) and a dispatch mode
-    watching it see torch's backward op, an input made under inference_mode is
-    normalized with a trainable weight, and the residual sum's own gradient flows to
-    both addends."""
-    from torch.utils.checkpoint import checkpoint
-
+    """The rule's LayerNorm node, a Node with saved variables as torch's generated ones,
+    does as they do (``_saves_as_torchs_nodes_do``; what it saves is torch's: the input,
+    the parameters, the statistics of its shape and dtype); a batched gradient (vmap
+    over the backward) and a dispatch mode watching it see torch's backward op, an input
+    made under inference_mode is normalized with a trainable weight, and the residual
+    sum's own gradient flows to both addends."""
     x, _, w, b = _inputs((4, 64), torch.bfloat16, 11)
     lin = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
     leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
 
-    def block(t):
-        return AF.layer_norm(lin(t), 64, w, b).float().square()
+    def norm(t):
+        return AF.layer_norm(t, 64, w, b)
 
-    def grads(run):
-        for t in leaves:
-            t.grad = None
-        run().sum().backward()
-        return [t.grad.clone() for t in leaves]
-
-    assert AF.layer_norm(x, 64, w, b).grad_fn.name() == "LayerNormBackward"
-    expected = grads(lambda: block(x))
-    for reentrant in (False, True):
-        assert all(torch.equal(a, e) for a, e in zip(grads(lambda: checkpoint(block, x, use_reentrant=reentrant)),
-                                                     expected))
-    packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append((t.shape, t.dtype)) or t.clone(),
-                                                  lambda t: t):
-        AF.layer_norm(x, 64, w, b)
+    assert norm(x).grad_fn.name() == "LayerNormBackward"
     _, mean, rstd = torch.native_layer_norm(x.detach(), (64,), w.detach(), b.detach(), 1e-5)
-    assert packed == [(x.shape, x.dtype), (w.shape, w.dtype), (b.shape, b.dtype), (mean.shape, mean.dtype),
-                      (rstd.shape, rstd.dtype)]
-    with torch.autograd.graph.save_on_cpu():
-        assert all(torch.equal(a, e) for a, e in zip(grads(lambda: block(x)), expected))
-    h = x * 1.0
-    y = AF.layer_norm(h, 64, w, b)
-    h.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
-    y = AF.layer_norm(x, 64, w, b)
-    y.float().sum().backward(retain_graph=True)
-    y.float().sum().backward()
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        y.float().sum().backward()
+    _saves_as_torchs_nodes_do(norm, lambda t: norm(lin(t)), x, leaves,
+                              [(t.shape, t.dtype) for t in (x, w, b, mean, rstd)])
     # a batched incoming gradient, and a dispatch mode: torch's backward op sees both
     xf = torch.randn(2, 5, requires_grad=True)
     y = AF.layer_norm(xf, 5)
