@@ -311,7 +311,14 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     assert ran((4, 64, 8, 8), grad=False) == "ours"  # 2^13
     assert ran((4, 64, 8, 8)) == ("ours" if half else "torch")
     assert ran((1, 64, 8, 8)) == "torch"  # 2^11
-    assert ran((4, 64, 16, 16), layout=torch.contiguous_format) == "torch"
+    # contiguous: float16 from 2^16 elements (torch's float16 kernel is slow), else torch's
+    contiguous = torch.contiguous_format
+    assert ran((4, 64, 16, 16), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
+    assert ran((4, 64, 16, 16), grad=False, layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
+    assert ran((4, 64, 16, 15), layout=contiguous) == "torch"  # 61,440 elements
+    assert ran((2, 64, 2048), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")  # (N, C, L)
+    with torch.no_grad():
+        assert ran((2, 320, 32, 32), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
     before = len(ours), len(hybrid)  # strided, neither contiguous nor channels-last: as contiguous
     AF.group_norm(torch.randn(4, 64, 16, 16).to(dtype).transpose(2, 3).requires_grad_(), 32).sum().backward()
     assert (len(ours), len(hybrid)) == before
@@ -383,6 +390,31 @@ def test_group_norm_on_torchs_forward_and_our_backward_is_right(monkeypatch, dty
         ulp = torch.finfo(g.dtype).eps * r.abs().max().item()
         ours, theirs = (g.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
         assert ours <= 1.5 * theirs + 4 * ulp, (ours, theirs)
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("shape", [(4, 64, 16, 16), (2, 96, 33, 21), (2, 32, 1024)])
+def test_contiguous_float16_group_norm_by_the_rule_is_right(affine, shape):
+    """A contiguous float16 GroupNorm from 2^16 elements runs our kernel by the rule: its
+    output and gradients are torch.nn's, as close to float64 as torch's own (within an
+    ulp more)."""
+    x64 = torch.randn(shape, dtype=torch.float64) * 3 + 1.5
+    w64 = torch.randn(shape[1], dtype=torch.float64) if affine != "none" else None
+    b64 = torch.randn(shape[1], dtype=torch.float64) if affine == "both" else None
+    dy = torch.randn(shape, dtype=torch.float64)
+    assert AF._group_norm_rule(x64.half(), 32, None, None) == "group_norm_float16"
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() if t is not None else None for t in (x64, w64, b64)]
+        y = fn(leaves[0], 32, *leaves[1:])
+        return [y, *torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(dt))]
+
+    ours, theirs, exact = run(AF.group_norm, torch.float16), run(F.group_norm, torch.float16), run(F.group_norm, torch.float64)
+    for o, t, r in zip(ours, theirs, exact):
+        assert o.dtype == t.dtype == torch.float16 and o.shape == t.shape and o.is_contiguous()
+        ulp = torch.finfo(torch.float16).eps * r.abs().max().item()
+        assert (o.double() - r).abs().max().item() <= (t.double() - r).abs().max().item() + ulp
 
 
 @pytest.mark.native_rule
