@@ -171,6 +171,18 @@ def test_torch_nn_norms_become_addnorms_twins_in_place():
     assert [type(m) for m in model][1:3] == [nn.BatchNorm2d, nn.GroupNorm] and not hasattr(model[6], "casting_mode")
 
 
+def test_a_sync_batch_norm_becomes_addnorms_which_runs_on_the_cpu():
+    """torch.nn.SyncBatchNorm refuses CPU tensors in a process group, and DDP refuses a CPU
+    model that holds one: patched, it is addnorm's (the same object and tensors)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
+    norm, weight = model[1], model[1].weight
+    assert addnorm.patch(model) == 1
+    assert model[1] is norm and type(norm) is addnorm.SyncBatchNorm and norm.weight is weight
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model(x), nn.functional.batch_norm(model[0](x), None, None, weight, norm.bias, True))
+    assert addnorm.unpatch(model) == 1 and type(norm) is nn.SyncBatchNorm
+
+
 def test_only_the_kinds_asked_for_are_swapped():
     model = _model("bert", torch.float32)
     assert addnorm.patch(model, norms=("rmsnorm",)) == 0

@@ -29,6 +29,7 @@ from .modules import (
     LayerNorm,
     RMSNorm,
     ScaleNorm,
+    SyncBatchNorm,
     weight_norm,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",

@@ -23,6 +23,7 @@ from torch.nn import init
 
 from . import functional as AF
 from . import reference
+from .distributed import check_ranks_agree, sync_batch_norm, sync_group
 
 __all__ = [
     "LayerNorm",
@@ -32,6 +33,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
@@ -236,7 +238,7 @@ class _BatchNorm:
             factor = self.momentum
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep = not self.training or self.track_running_stats
-        y = AF.batch_norm(
+        y = self._batch_norm(
             input,
             running_mean if keep else None,
             running_var if keep else None,
@@ -244,11 +246,13 @@ class _BatchNorm:
             _state(self, "bias"),
             use_batch_stats,
             factor,
-            self.eps,
         )
         if tracking:  # only once the batch went through, so a bad input changes nothing
             batches.add_(1)
         return y
+
+    def _batch_norm(self, input, running_mean, running_var, weight, bias, use_batch_stats, factor):
+        return AF.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -268,6 +272,92 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """BatchNorm over a (N, C, D, H, W) input; as :class:`BatchNorm1d` with statistics
     over (N, D, H, W)."""
+
+
+class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
+    r"""BatchNorm whose training statistics cover the batch split over a torch.distributed
+    process group: on CPU (gloo) as on GPU (nccl), where torch.nn.SyncBatchNorm runs on
+    GPUs only.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    per channel, statistics over (N, *spatial) of every rank's input together: each rank
+    passes its own (N_rank, C, *spatial), N_rank >= 0 and different from rank to rank if
+    need be, and every rank gets the same statistics and running statistics.  In eval
+    mode, outside a process group (torch.distributed not initialised, or one process)
+    it is BatchNorm.  Arguments as :class:`torch.nn.SyncBatchNorm`; ``process_group``
+    None is the default group.  The backward all-reduces two per-channel sums; the
+    weight's and bias's gradients are the rank's own, for DDP to average.
+
+    It is a ``torch.nn.modules.batchnorm._BatchNorm``, as torch's is, but no subclass of
+    ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses a CPU model that holds
+    one ("SyncBatchNorm layers only work with GPU modules").
+    """
+
+    _checked = None  # (id of the group, channels, dtype) the ranks were found to agree on
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        self.process_group = process_group
+
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        nn.SyncBatchNorm._check_input_dim(self, input)  # torch.nn.SyncBatchNorm's checks, its errors
+        self._check_non_zero_input_channels(input)
+
+    def _batch_norm(self, input, running_mean, running_var, weight, bias, use_batch_stats, factor):
+        group = sync_group(self.process_group) if use_batch_stats and self.training else None
+        if group is None:
+            return super()._batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, factor)
+        seen = (id(group), input.shape[1], input.dtype)
+        if self._checked != seen:
+            check_ranks_agree(input, group)
+            self._checked = seen
+        return sync_batch_norm(input, running_mean, running_var, weight, bias, factor, self.eps, group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """``module`` with each BatchNorm1d/2d/3d (torch.nn's, addnorm's, or a SyncBatchNorm)
+        in it replaced by an addnorm.SyncBatchNorm over ``process_group`` that holds the
+        same parameters and buffers (the objects themselves) and training mode; a
+        BatchNorm given as ``module`` comes back as a new SyncBatchNorm."""
+        converted = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                bias=module.bias is not None,
+            )
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight, converted.bias = module.weight, module.bias
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
 
 
 class _InstanceNorm:

@@ -6,7 +6,7 @@
 A patched norm stays the same object with the same parameter tensors (nothing is
 copied: optimizers, tied weights, hooks and references held elsewhere keep working);
 only its class changes.  torch.nn's norms become addnorm's twin class (a subclass of the
-torch.nn one).  A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` whose
+torch.nn one; torch.nn.SyncBatchNorm becomes addnorm's, which runs on CPU tensors too).  A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` whose
 forward takes the input alone, becomes a subclass of itself whose forward runs
 addnorm's RMSNorm or LayerNorm: with its 1-D ``weight`` (and ``bias``) parameters, or
 with none (OLMo's LayerNorm, nanochat's and DeepSeek-V4's RMSNorms), and its ``eps`` /
@@ -45,6 +45,7 @@ _TWINS: dict[type, tuple[str, type]] = {
     nn.BatchNorm1d: ("batchnorm", M.BatchNorm1d),
     nn.BatchNorm2d: ("batchnorm", M.BatchNorm2d),
     nn.BatchNorm3d: ("batchnorm", M.BatchNorm3d),
+    nn.SyncBatchNorm: ("batchnorm", M.SyncBatchNorm),  # (no subclass of torch's: its docstring says why)
     nn.InstanceNorm1d: ("instancenorm", M.InstanceNorm1d),
     nn.InstanceNorm2d: ("instancenorm", M.InstanceNorm2d),
     nn.InstanceNorm3d: ("instancenorm", M.InstanceNorm3d),
