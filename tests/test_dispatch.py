@@ -311,14 +311,20 @@ def test_group_norm_runs_ours_where_torchs_channels_last_kernel_is_slow(monkeypa
     assert ran((4, 64, 8, 8), grad=False) == "ours"  # 2^13
     assert ran((4, 64, 8, 8)) == ("ours" if half else "torch")
     assert ran((1, 64, 8, 8)) == "torch"  # 2^11
-    # contiguous: float16 from 2^16 elements (torch's float16 kernel is slow), else torch's
-    contiguous = torch.contiguous_format
-    assert ran((4, 64, 16, 16), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
-    assert ran((4, 64, 16, 16), grad=False, layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
+    # contiguous: float16 from 2^16 elements (torch's float16 kernel is slow), bfloat16 from
+    # 2^20 where autograd records nothing, else torch's
+    contiguous, f16 = torch.contiguous_format, dtype is torch.float16
+    assert ran((4, 64, 16, 16), layout=contiguous) == ("ours" if f16 else "torch")
+    assert ran((4, 64, 16, 16), grad=False, layout=contiguous) == ("ours" if f16 else "torch")
     assert ran((4, 64, 16, 15), layout=contiguous) == "torch"  # 61,440 elements
-    assert ran((2, 64, 2048), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")  # (N, C, L)
+    assert ran((2, 64, 2048), layout=contiguous) == ("ours" if f16 else "torch")  # (N, C, L)
+    assert ran((4, 256, 32, 32), layout=contiguous) == ("ours" if f16 else "torch")  # 2^20, recording
+    assert ran((4, 256, 32, 32), grad=False, layout=contiguous) == ("torch" if dtype is torch.float32 else "ours")
+    assert ran((4, 256, 32, 31), grad=False, layout=contiguous) == ("ours" if f16 else "torch")
     with torch.no_grad():
-        assert ran((2, 320, 32, 32), layout=contiguous) == ("ours" if dtype is torch.float16 else "torch")
+        assert ran((2, 320, 32, 32), layout=contiguous) == ("ours" if f16 else "torch")
+        assert ran((4, 256, 32, 32), param_grad=True, layout=contiguous) == ("torch" if dtype is torch.float32 else "ours")
+    assert ran((4, 256, 32, 32), grad=False, param_grad=True, layout=contiguous) == ("ours" if f16 else "torch")
     before = len(ours), len(hybrid)  # strided, neither contiguous nor channels-last: as contiguous
     AF.group_norm(torch.randn(4, 64, 16, 16).to(dtype).transpose(2, 3).requires_grad_(), 32).sum().backward()
     assert (len(ours), len(hybrid)) == before
@@ -415,6 +421,23 @@ def test_contiguous_float16_group_norm_by_the_rule_is_right(affine, shape):
         assert o.dtype == t.dtype == torch.float16 and o.shape == t.shape and o.is_contiguous()
         ulp = torch.finfo(torch.float16).eps * r.abs().max().item()
         assert (o.double() - r).abs().max().item() <= (t.double() - r).abs().max().item() + ulp
+
+
+@pytest.mark.native_rule
+@pytest.mark.parametrize("affine", [True, False])
+def test_contiguous_bfloat16_group_norm_by_the_rule_is_right(affine):
+    """A contiguous bfloat16 GroupNorm from 2^20 elements where autograd records nothing
+    runs our kernel by the rule: its output is torch.nn's, as close to float64 as torch's
+    own (within an ulp more)."""
+    x64 = torch.randn(4, 256, 32, 32, dtype=torch.float64) * 3 + 1.5
+    w64, b64 = (torch.randn(256, dtype=torch.float64), torch.randn(256, dtype=torch.float64)) if affine else (None, None)
+    x, w, b = (t.bfloat16() if t is not None else None for t in (x64, w64, b64))
+    assert AF._group_norm_rule(x, 32, w, b) == "group_norm_bfloat16"
+    exact = F.group_norm(x.double(), 32, *(t.double() if t is not None else None for t in (w, b)))
+    ours, theirs = AF.group_norm(x, 32, w, b), F.group_norm(x, 32, w, b)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape and ours.is_contiguous()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert (ours.double() - exact).abs().max().item() <= (theirs.double() - exact).abs().max().item() + ulp
 
 
 @pytest.mark.native_rule

@@ -352,8 +352,10 @@ def _inlined(x: Tensor) -> bool:
 # ("group_norm_float16"): torch's float16 kernel takes ~1 ns a value in both passes where
 # its bfloat16 one takes ~0.35 and ours ~0.3 (ours 1.3x-1.7x in every pass at 2^16,
 # 1.5x-4.9x from 2^17 to 2x320x64x64's 2.6M elements; at 2^15 0.9x-1.1x); a contiguous
-# float32/bfloat16 one, where ours is 0.7x-1.3x (mixed), and everything else below 8M
-# elements (float64) runs torch's kernel.
+# bfloat16 one where autograd records nothing from 2^20 ("group_norm_bfloat16": ours
+# 1.08x-1.17x from 1M to 2.6M elements, 1.04x at 2^19, 0.74x-0.91x at 2^17-2^18);
+# a contiguous float32 one, and bfloat16 recording a graph, where ours is 0.7x-1.3x
+# (mixed), and everything else below 8M elements (float64) runs torch's kernel.
 _EVERY_SIZE = 1 << 62
 _NATIVE_BELOW = {
     "layer_norm": 1 << 20,  # every dtype; float32/float64 up to "layer_norm_float"
@@ -362,6 +364,7 @@ _NATIVE_BELOW = {
     "add_layer_norm_float": 1 << 23,
     "group_norm": 1 << 23,
     "group_norm_float16": 1 << 16,  # contiguous float16, where torch's kernel is slow
+    "group_norm_bfloat16": 1 << 20,  # contiguous bfloat16 where autograd records nothing
     "group_norm_ours": 0,  # channels-last, where torch's kernel is slow: ``_group_norm_rule``
     "group_norm_torch_forward": 0,  # the same, with torch's forward where only its backward is
     "group_norm_torch": _EVERY_SIZE,  # channels-last, one sample, 8M elements and more
@@ -407,9 +410,13 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
     position (D = C / num_groups), the spatial size, the positions (sample, group,
     spatial) and whether autograd records the graph (the comment above ``_EVERY_SIZE``).
     What torch's kernel would refuse gets "group_norm": the twin (or our checks) says why.
-    A contiguous call is decided by its dtype alone: float16 gets its own bound."""
+    A contiguous call is decided by its dtype and, in bfloat16, whether autograd records."""
     if input.is_contiguous():
-        return "group_norm_float16" if input.dtype is torch.float16 else "group_norm"
+        if input.dtype is torch.float16:
+            return "group_norm_float16"
+        if input.dtype is torch.bfloat16 and not _records_group_norm(input, weight, bias):
+            return "group_norm_bfloat16"
+        return "group_norm"
     s = input.shape
     if len(s) < 3 or type(num_groups) is not int or num_groups <= 0 or s[1] % num_groups or not s[1]:
         return "group_norm"
@@ -430,9 +437,7 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
         return "group_norm"
     if ops.memory_format(input) is torch.contiguous_format:  # other strides: both copy to it
         return "group_norm"
-    recorded = torch.is_grad_enabled() and (
-        input.requires_grad or getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False)
-    )  # (getattr: what is no tensor goes on to the checks, which say so)
+    recorded = _records_group_norm(input, weight, bias)
     if numel >= _NATIVE_BELOW["group_norm"]:
         # one sample: torch's forward (ours 0.6x-1.0x at 1x128x256x256 .. 1x512x256x256),
         # our backward where torch's is slow
@@ -445,6 +450,14 @@ def _group_norm_rule(input: Tensor, num_groups: int, weight: Tensor | None, bias
             return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm_torch_forward"
         return "group_norm"
     return "group_norm_ours" if spatial < _TORCH_GN_SPLIT else "group_norm"
+
+
+def _records_group_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd records a GroupNorm of these (getattr: what is no tensor goes on
+    to the checks, which say so)."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad or getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False)
+    )
 
 
 def _parameter_grads_only(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
