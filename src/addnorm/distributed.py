@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as AF
-from .reference import acc_dtype, update_running_stats
+from .reference import acc_dtype, channel_dims, channel_view, update_running_stats
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -78,14 +78,6 @@ def sync_batch_norm(
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, eps, momentum, group)
 
 
-def _reduced_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.ndim)]
-
-
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    return v.view(1, -1, *([1] * (x.ndim - 2)))
-
-
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, group):
@@ -94,7 +86,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         mine = torch.zeros(1 + 2 * c, dtype=torch.float64, device=input.device)
         mine[0] = count
         if count:
-            var, mean = torch.var_mean(input.to(acc), _reduced_dims(input), correction=0)
+            var, mean = torch.var_mean(input.to(acc), channel_dims(input), correction=0)
             mine[1 : 1 + c] = mean
             mine[1 + c :] = var.double() * count
         ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -123,9 +115,9 @@ class _SyncBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         input, weight, mean, invstd = ctx.saved_tensors
-        acc, dims = mean.dtype, _reduced_dims(input)
+        acc, dims = mean.dtype, channel_dims(input)
         dy = grad.to(acc)
-        xmu = input.to(acc) - _per_channel(mean, input)
+        xmu = input.to(acc) - channel_view(mean, input.ndim)
         sum_dy, sum_dy_xmu = dy.sum(dims), (dy * xmu).sum(dims)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -133,10 +125,11 @@ class _SyncBatchNorm(torch.autograd.Function):
             dist.all_reduce(both, dist.ReduceOp.SUM, ctx.group)
             mean_dy, mean_dy_xmu = (both / ctx.n).to(acc).chunk(2)
             scale = invstd if weight is None else invstd * weight.to(acc)
-            grad_input = (
-                (dy - _per_channel(mean_dy, input) - xmu * _per_channel(invstd * invstd * mean_dy_xmu, input))
-                * _per_channel(scale, input)
-            ).to(input.dtype)
+            # dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * invstd * w,
+            # the means over every rank's values
+            per_channel = (channel_view(v, input.ndim) for v in (mean_dy, invstd * invstd * mean_dy_xmu, scale))
+            centre, slope, scale = per_channel
+            grad_input = ((dy - centre - xmu * slope) * scale).to(input.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -280,9 +280,14 @@ def row_norm_backward(
 # ---------------------------------------------------------------------------
 
 
-def _channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
+def channel_view(t: Tensor | None, ndim: int) -> Tensor | None:
     """A per-channel vector (C,) viewed to broadcast over (N, C, *spatial)."""
     return None if t is None else t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def channel_dims(x: Tensor) -> tuple[int, ...]:
+    """The dims of x (N, C, *spatial) that a per-channel statistic reduces: all but C."""
+    return (0,) + tuple(range(2, x.ndim))
 
 
 def _group_view(x: Tensor, num_groups: int) -> Tensor:
@@ -301,8 +306,8 @@ def group_norm_forward(
     """
     xhat, mean, var, _ = standardize(_group_view(x, num_groups), (-1,), eps)
     xhat = xhat.reshape(x.shape)
-    scale = _channel_view(_scale(weight, 0.0, xhat), x.ndim)
-    y = _affine(xhat, scale, _channel_view(bias, x.ndim)).to(x.dtype)
+    scale = channel_view(_scale(weight, 0.0, xhat), x.ndim)
+    y = _affine(xhat, scale, channel_view(bias, x.ndim)).to(x.dtype)
     return y, mean.squeeze(-1), var.squeeze(-1)
 
 
@@ -321,10 +326,10 @@ def group_norm_backward(
     rstd = torch.rsqrt(var + eps).unsqueeze(-1)
     xhat = recenter(_group_view(x.to(acc), num_groups), mean.unsqueeze(-1), (-1,)) * rstd
     dyf = dy.to(acc)
-    scale = _channel_view(_scale(weight, 0.0, dyf), x.ndim)
+    scale = channel_view(_scale(weight, 0.0, dyf), x.ndim)
     dxhat = _group_view(dyf if scale is None else dyf * scale, num_groups)
     dx = standardize_backward(dxhat, xhat, rstd, (-1,)).reshape(x.shape)
-    reduce = (0,) + tuple(range(2, x.ndim))
+    reduce = channel_dims(x)
     xhat = xhat.reshape(x.shape)
     dweight = None if weight is None else _sum_to(dyf * xhat, reduce, weight)
     dbias = None if bias is None else _sum_to(dyf, reduce, bias)
@@ -369,16 +374,16 @@ def batch_norm_forward(
     Returns ``(y, mean (C,), var (C,))`` in the accumulation dtype; the caller updates
     running statistics from them, the backward derives rstd from var.
     """
-    reduce = (0,) + tuple(range(2, x.ndim))
+    reduce = channel_dims(x)
     if training:
         xhat, mean, var, _ = standardize(x, reduce, eps)
     else:
         acc = acc_dtype(x.dtype)
-        mean = _channel_view(running_mean.to(acc, copy=True), x.ndim)
-        var = _channel_view(running_var.to(acc, copy=True), x.ndim)
+        mean = channel_view(running_mean.to(acc, copy=True), x.ndim)
+        var = channel_view(running_var.to(acc, copy=True), x.ndim)
         xhat = (x.to(acc) - mean) * torch.rsqrt(var + eps)
-    scale = _channel_view(_scale(weight, 0.0, xhat), x.ndim)
-    y = _affine(xhat, scale, _channel_view(bias, x.ndim)).to(x.dtype)
+    scale = channel_view(_scale(weight, 0.0, xhat), x.ndim)
+    y = _affine(xhat, scale, channel_view(bias, x.ndim)).to(x.dtype)
     return y, mean.flatten(), var.flatten()
 
 
@@ -398,13 +403,13 @@ def batch_norm_backward(
     are constants and dx = dy * w_c * rstd_c.
     """
     acc = acc_dtype(x.dtype)
-    reduce = (0,) + tuple(range(2, x.ndim))
-    mean = _channel_view(mean, x.ndim)
-    rstd = torch.rsqrt(_channel_view(var, x.ndim) + eps)
+    reduce = channel_dims(x)
+    mean = channel_view(mean, x.ndim)
+    rstd = torch.rsqrt(channel_view(var, x.ndim) + eps)
     xc = recenter(x.to(acc), mean, reduce) if training else x.to(acc) - mean
     xhat = xc * rstd
     dyf = dy.to(acc)
-    scale = _channel_view(_scale(weight, 0.0, dyf), x.ndim)
+    scale = channel_view(_scale(weight, 0.0, dyf), x.ndim)
     dxhat = dyf if scale is None else dyf * scale
     dx = standardize_backward(dxhat, xhat, rstd, reduce) if training else dxhat * rstd
     dweight = None if weight is None else _sum_to(dyf * xhat, reduce, weight)
