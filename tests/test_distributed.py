@@ -15,6 +15,8 @@ import addnorm
 import sync_batch_norm_worker as worker
 
 WORLD = 2
+# one test worker runs them all: the module's fixture starts the two ranks (~10 s) once
+pytestmark = pytest.mark.xdist_group("sync_batch_norm")
 
 
 @pytest.fixture(scope="module")
