@@ -58,10 +58,8 @@ def test_ranks_together_are_one_batch_norm_over_the_whole_batch(ranks, case):
     every rank; eval mode normalises with them."""
     name, sizes, shape, dtype, layout = case
     x, dy, w, b = worker.global_batch(*case)
-    ref = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(shape)](shape[0]).double()
-    with torch.no_grad():
-        ref.weight.copy_(w.double())
-        ref.bias.copy_(b.double())
+    torch_norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(shape)]
+    ref = worker.norm_for(x.double(), w.double(), b.double(), cls=torch_norm)
     whole = x.double().requires_grad_()
     y = ref(whole)
     y.backward(dy.double())

@@ -6,8 +6,9 @@
 A patched norm stays the same object with the same parameter tensors (nothing is
 copied: optimizers, tied weights, hooks and references held elsewhere keep working);
 only its class changes.  torch.nn's norms become addnorm's twin class (a subclass of the
-torch.nn one; torch.nn.SyncBatchNorm becomes addnorm's, which runs on CPU tensors too).  A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` whose
-forward takes the input alone, becomes a subclass of itself whose forward runs
+torch.nn one; torch.nn.SyncBatchNorm becomes addnorm's, which runs on CPU tensors too).
+A model family's own norm class, a ``*RMSNorm`` or ``*LayerNorm`` whose forward takes
+the input alone, becomes a subclass of itself whose forward runs
 addnorm's RMSNorm or LayerNorm: with its 1-D ``weight`` (and ``bias``) parameters, or
 with none (OLMo's LayerNorm, nanochat's and DeepSeek-V4's RMSNorms), and its ``eps`` /
 ``variance_epsilon`` / ``epsilon``, or, where it keeps none, the epsilon its code has.
